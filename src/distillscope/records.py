@@ -1,0 +1,310 @@
+"""Exchange records: one teacher answer per row, in Parquet, with the provenance that keeps it
+honest.
+
+A record set is a folder of Parquet parts sharing one schema. Each part carries the provenance
+(teacher, tokenizer fingerprint, vocab size, exposure, sampling temperature, whether logprobs are
+raw, seed...) in its schema metadata, so a part read on its own still says where it came from, and
+a consumer with another tokenizer is stopped before it can misalign ids.
+
+Layout per row: ``prompt_id``, ``prompt``, ``category``, ``prompt_ids`` (the exact templated ids the
+teacher saw), ``completion_ids`` and ``completion_text``, ``token_logprobs``, ``topk_ids`` and
+``topk_logprobs`` as fixed-size lists of k per position, ``tail_mass`` per position,
+``finish_reason``, ``prompt_tokens``, and ``cached`` (served from the exchange cache, not queried).
+Ids are uint16 when the vocabulary fits (SmolLM2's 49,152 does), logprobs float32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from distillscope.errors import IncompatibleDataError
+from distillscope.exposure import Exposure, Signal, Text, TopK, parse_exposure
+from distillscope.prompts import Prompt
+from distillscope.teachers.base import Completion
+from distillscope.tokens import tokenizer_fingerprint, vocab_size
+
+METADATA_KEY = b"distillscope.provenance"
+RECORDS_DIR = "records"
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Everything that decides whether two records may be trained on together."""
+
+    teacher: str
+    tokenizer_hash: str | None
+    vocab_size: int | None
+    exposure: str
+    sampling_temperature: float
+    max_new_tokens: int
+    max_prompt_tokens: int
+    seed: int
+    #: ``raw``: log-softmax of the model's logits at temperature 1; ``processed``: after
+    #: temperature/top-p; ``unknown``: a remote server that does not say.
+    logprobs: str
+    #: False when a remote teacher's tokens could not be mapped to ids (strings are kept instead).
+    token_ids: bool
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def k(self) -> int | None:
+        level = parse_exposure(self.exposure, max_k=None)
+        return level.k if isinstance(level, TopK) else None
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "k": self.k}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Provenance:
+        data = json.loads(text)
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+    def identity(self) -> dict:
+        """The fields that must agree between parts of one record set (not the creation time)."""
+        data = asdict(self)
+        data.pop("created_at")
+        return data
+
+    def check_tokenizer(self, tokenizer, *, consumer: str = "this run") -> None:
+        """Raise unless ``tokenizer`` assigns exactly the ids these records were written in."""
+        if not self.token_ids:
+            raise IncompatibleDataError(
+                f"these records hold token strings, not ids (teacher {self.teacher} was read "
+                "without a tokenizer); harvest again with --tokenizer to train on them"
+            )
+        theirs = tokenizer_fingerprint(tokenizer)
+        if theirs != self.tokenizer_hash or vocab_size(tokenizer) != self.vocab_size:
+            raise IncompatibleDataError(
+                f"records from teacher {self.teacher} use tokenizer {self.tokenizer_hash} "
+                f"(vocab {self.vocab_size}), but {consumer} uses {theirs} "
+                f"(vocab {vocab_size(tokenizer)}): token ids would silently misalign"
+            )
+
+
+def id_type(provenance: Provenance) -> pa.DataType:
+    if provenance.token_ids and provenance.vocab_size and provenance.vocab_size <= 1 << 16:
+        return pa.uint16()
+    return pa.int32()
+
+
+def records_schema(provenance: Provenance) -> pa.Schema:
+    ids = id_type(provenance)
+    k = provenance.k
+    topk_ids = pa.list_(pa.list_(ids, k)) if k else pa.list_(pa.list_(ids))
+    topk_lps = pa.list_(pa.list_(pa.float32(), k)) if k else pa.list_(pa.list_(pa.float32()))
+    schema = pa.schema(
+        [
+            ("prompt_id", pa.string()),
+            ("prompt", pa.string()),
+            ("category", pa.string()),
+            ("prompt_ids", pa.list_(ids)),
+            ("completion_text", pa.string()),
+            ("completion_ids", pa.list_(ids)),
+            ("completion_tokens", pa.list_(pa.string())),
+            ("token_logprobs", pa.list_(pa.float32())),
+            ("topk_ids", topk_ids),
+            ("topk_logprobs", topk_lps),
+            ("topk_tokens", pa.list_(pa.list_(pa.string()))),
+            ("tail_mass", pa.list_(pa.float32())),
+            ("finish_reason", pa.string()),
+            ("prompt_tokens", pa.int32()),
+            ("cached", pa.bool_()),
+        ]
+    )
+    return schema.with_metadata({METADATA_KEY: provenance.to_json().encode()})
+
+
+def _ids(values: np.ndarray | None, provenance: Provenance) -> list[int] | None:
+    if values is None:
+        return None
+    values = np.asarray(values, dtype=np.int64)
+    if id_type(provenance) == pa.uint16() and values.size and values.min() < 0:
+        raise IncompatibleDataError(
+            f"teacher {provenance.teacher} returned a token its tokenizer "
+            f"{provenance.tokenizer_hash} does not know: is --tokenizer the server's?"
+        )
+    return values.tolist()
+
+
+def completion_row(
+    prompt: Prompt, completion: Completion, provenance: Provenance, *, cached: bool = False
+) -> dict:
+    """One record row from a prompt and the teacher's answer, at the provenance's exposure."""
+    signal = completion.signal.downgrade(provenance.exposure)
+    has_ids = provenance.token_ids
+    return {
+        "prompt_id": prompt.id,
+        "prompt": prompt.text,
+        "category": prompt.category,
+        "prompt_ids": _ids(completion.prompt_ids, provenance),
+        "completion_text": completion.text,
+        "completion_ids": _ids(signal.token_ids, provenance) if has_ids else None,
+        "completion_tokens": None if has_ids else completion.token_strings,
+        "token_logprobs": None if signal.token_logprobs is None else signal.token_logprobs.tolist(),
+        "topk_ids": _ids(signal.topk_ids, provenance)
+        if has_ids and signal.topk_ids is not None
+        else None,
+        "topk_logprobs": None if signal.topk_logprobs is None else signal.topk_logprobs.tolist(),
+        "topk_tokens": None if has_ids else completion.topk_strings,
+        "tail_mass": None if signal.tail_mass is None else signal.tail_mass.tolist(),
+        "finish_reason": completion.finish_reason,
+        "prompt_tokens": completion.prompt_tokens,
+        "cached": cached,
+    }
+
+
+def write_part(path: Path, rows: Sequence[dict], provenance: Provenance) -> int:
+    """Write rows as one Parquet file, atomically: a reader never sees half a part.
+
+    The file is written under a dot-name (ignored by readers), fsynced, then renamed into place.
+    Returns the bytes written.
+    """
+    table = pa.Table.from_pylist(list(rows), schema=records_schema(provenance))
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, staging, compression="zstd", use_dictionary=["category", "finish_reason"])
+    with open(staging, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(staging, path)
+    return path.stat().st_size
+
+
+@dataclass
+class Exchange:
+    """One record read back: the prompt, the answer, and the signal at the requested exposure."""
+
+    prompt_id: str
+    prompt: str
+    category: str
+    prompt_ids: np.ndarray | None
+    completion_text: str
+    signal: Signal
+    finish_reason: str
+
+
+class RecordSet:
+    """A folder of record parts, read as one table at its stored exposure or any poorer one."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        folder = self.path / RECORDS_DIR if (self.path / RECORDS_DIR).is_dir() else self.path
+        self.parts = sorted(p for p in folder.glob("part-*.parquet"))
+        if not self.parts:
+            raise IncompatibleDataError(f"no record parts in {self.path}")
+        provenances = [
+            Provenance.from_json(pq.read_schema(p).metadata[METADATA_KEY]) for p in self.parts
+        ]
+        first = provenances[0]
+        for part, other in zip(self.parts[1:], provenances[1:]):
+            if other.identity() != first.identity():
+                raise IncompatibleDataError(
+                    f"{part.name} was written with other settings than {self.parts[0].name}: "
+                    f"{_diff(first.identity(), other.identity())}"
+                )
+        self.provenance = first
+        self.table = pa.concat_tables(pq.read_table(p) for p in self.parts)
+
+    @property
+    def exposure(self) -> Exposure:
+        return parse_exposure(self.provenance.exposure, max_k=None)
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def bytes_on_disk(self) -> int:
+        return sum(p.stat().st_size for p in self.parts)
+
+    @property
+    def completion_tokens(self) -> int:
+        column = "completion_ids" if self.provenance.token_ids else "completion_tokens"
+        return int(pc.sum(pc.list_value_length(self.table[column])).as_py() or 0)
+
+    def check_compatible(self, tokenizer, *, consumer: str = "this run") -> None:
+        self.provenance.check_tokenizer(tokenizer, consumer=consumer)
+
+    def exchanges(self, exposure: Exposure | str | None = None) -> Iterator[Exchange]:
+        """Every record with its signal downgraded exactly to ``exposure`` (default: as stored)."""
+        stored = self.exposure
+        target = stored if exposure is None else parse_exposure(exposure, max_k=None)
+        columns = self.table.to_pydict()
+        for i in range(len(self)):
+            ids_column = columns["completion_ids"][i]
+            token_ids = np.asarray(ids_column if ids_column is not None else [], dtype=np.int64)
+            signal = Signal(stored, token_ids)
+            if columns["token_logprobs"][i] is not None:
+                signal.token_logprobs = np.asarray(columns["token_logprobs"][i], dtype=np.float32)
+            if isinstance(stored, TopK):
+                signal.topk_ids = np.asarray(columns["topk_ids"][i], dtype=np.int64).reshape(
+                    -1, stored.k
+                )
+                signal.topk_logprobs = np.asarray(
+                    columns["topk_logprobs"][i], dtype=np.float32
+                ).reshape(-1, stored.k)
+                signal.tail_mass = np.asarray(columns["tail_mass"][i], dtype=np.float32)
+            prompt_ids = columns["prompt_ids"][i]
+            yield Exchange(
+                prompt_id=columns["prompt_id"][i],
+                prompt=columns["prompt"][i],
+                category=columns["category"][i],
+                prompt_ids=None if prompt_ids is None else np.asarray(prompt_ids, dtype=np.int64),
+                completion_text=columns["completion_text"][i],
+                signal=signal.downgrade(target),
+                finish_reason=columns["finish_reason"][i],
+            )
+
+    def summary(self) -> dict:
+        """Counts, exposure, provenance and storage cost, as ``data inspect`` prints them."""
+        tokens = self.completion_tokens
+        cached = int(pc.sum(self.table["cached"]).as_py() or 0)
+        categories = self.table["category"].to_pylist()
+        stored = self.exposure
+        return {
+            "path": str(self.path),
+            "records": len(self),
+            "unique_prompts": len(set(self.table["prompt_id"].to_pylist())),
+            "parts": len(self.parts),
+            "exposure": str(stored),
+            "has_tail_mass": isinstance(stored, TopK),
+            "queries": len(self) - cached,
+            "cached": cached,
+            "prompt_tokens": int(pc.sum(self.table["prompt_tokens"]).as_py() or 0),
+            "completion_tokens": tokens,
+            "bytes_on_disk": self.bytes_on_disk,
+            "bytes_per_token": self.bytes_on_disk / tokens if tokens else None,
+            "categories": {c: categories.count(c) for c in sorted(set(categories))},
+            "provenance": json.loads(self.provenance.to_json()),
+        }
+
+
+def provenance_for(teacher, sampling, *, exposure: Exposure | None = None) -> Provenance:
+    """The provenance of records a teacher produces with ``sampling`` (at ``exposure`` if given)."""
+    tokenizer = teacher.tokenizer
+    level = exposure or sampling.exposure
+    return Provenance(
+        teacher=teacher.id,
+        tokenizer_hash=tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
+        vocab_size=vocab_size(tokenizer) if tokenizer is not None else None,
+        exposure=str(level),
+        sampling_temperature=sampling.temperature,
+        max_new_tokens=sampling.max_new_tokens,
+        max_prompt_tokens=sampling.max_prompt_tokens,
+        seed=sampling.seed,
+        logprobs="none" if isinstance(level, Text) else teacher.logprobs_kind,
+        token_ids=tokenizer is not None,
+    )
+
+
+def _diff(a: dict, b: dict) -> str:
+    return ", ".join(f"{k}: {a[k]!r} vs {b.get(k)!r}" for k in a if a[k] != b.get(k))

@@ -1,0 +1,233 @@
+"""A transformers causal LM as a teacher: batched sampling that records what each exposure shows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
+
+from distillscope.errors import TeacherError
+from distillscope.exposure import Full, Signal, Text, TopK, tail_mass
+from distillscope.teachers.base import Completion, SamplingConfig, row_seed
+
+
+def pick_device(device: str | None = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; anything else is passed to torch as given."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise TeacherError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from exc
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise TeacherError(f"device {device!r} asked for, but no CUDA device is available")
+    return chosen
+
+
+class _SampleAndRecord(LogitsProcessor):
+    """Draws each row's next token from its own seeded generator and records the raw logprobs.
+
+    Placed as the only logits processor of a greedy ``generate`` call: it receives the raw logits,
+    picks the token by the Gumbel-max trick (argmax of logp/T + Gumbel noise is an exact sample
+    from softmax(logits/T)), and returns a one-hot mask so greedy decoding keeps that choice. The
+    noise comes from per-row generators seeded by the prompt, so the draw does not depend on which
+    other prompts share the batch.
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float, k: int, keep_full: bool):
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.temperature = temperature
+        self.k = k
+        self.keep_full = keep_full
+        self.chosen: list[torch.Tensor] = []
+        self.chosen_logprobs: list[torch.Tensor] = []
+        self.topk_ids: list[torch.Tensor] = []
+        self.topk_logprobs: list[torch.Tensor] = []
+        self.full: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logprobs = torch.log_softmax(scores.float(), dim=-1)
+        if self.temperature == 0:
+            choice = logprobs.argmax(dim=-1)
+        else:
+            vocab = logprobs.shape[-1]
+            uniform = torch.stack([torch.rand(vocab, generator=g) for g in self.generators])
+            gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-30))).to(logprobs.device)
+            choice = (logprobs / self.temperature + gumbel).argmax(dim=-1)
+        self.chosen.append(choice.cpu())
+        self.chosen_logprobs.append(logprobs.gather(-1, choice[:, None])[:, 0].cpu())
+        if self.k:
+            values, ids = torch.topk(logprobs, self.k, dim=-1, sorted=True)
+            self.topk_ids.append(ids.cpu())
+            self.topk_logprobs.append(values.cpu())
+        if self.keep_full:
+            self.full.append(logprobs.cpu())
+        forced = torch.full_like(scores, float("-inf"))
+        forced.scatter_(-1, choice[:, None], 0.0)
+        return forced
+
+
+class TransformersTeacher:
+    """Any local transformers causal LM, on CPU or CUDA, at any exposure up to ``full``."""
+
+    max_exposure = Full()
+    logprobs_kind = "raw"
+
+    def __init__(self, model, tokenizer, *, id: str, batch_size: int = 16):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.id = id
+        self.batch_size = batch_size
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self._stop_ids = self._find_stop_ids()
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, device: str | None = "auto", id: str | None = None, **kwargs
+    ) -> TransformersTeacher:
+        """Load a local transformers directory (never a hub download)."""
+        torch_device = pick_device(device)
+        path = Path(path).expanduser()
+        if not (path / "config.json").is_file():
+            raise TeacherError(f"{path} is not a transformers model directory (no config.json)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=True, dtype=torch.float32
+            ).to(torch_device)
+        except (OSError, ValueError) as exc:
+            raise TeacherError(f"cannot load a causal LM from {path}: {exc}") from exc
+        return cls(model, tokenizer, id=id or f"hf:{path.resolve()}", **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _find_stop_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, list) else [eos])
+        return sorted(i for i in ids if i is not None)
+
+    def encode_prompt(self, prompt: str, max_prompt_tokens: int) -> list[int]:
+        """The exact ids fed to the model: the text cut to ``max_prompt_tokens``, then templated."""
+        text_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if len(text_ids) > max_prompt_tokens:
+            prompt = self.tokenizer.decode(text_ids[:max_prompt_tokens])
+        if getattr(self.tokenizer, "chat_template", None):
+            templated = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            return self.tokenizer(templated, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(prompt)["input_ids"]
+
+    def generate(self, prompts: Sequence[str], sampling: SamplingConfig) -> list[Completion]:
+        out: list[Completion] = []
+        for start in range(0, len(prompts), self.batch_size):
+            out.extend(self._generate_batch(prompts[start : start + self.batch_size], sampling))
+        return out
+
+    def _generate_batch(self, prompts: Sequence[str], sampling: SamplingConfig) -> list[Completion]:
+        encoded = [self.encode_prompt(p, sampling.max_prompt_tokens) for p in prompts]
+        return self.generate_from_ids(encoded, sampling, keys=prompts)
+
+    @torch.inference_mode()
+    def generate_from_ids(
+        self, encoded: Sequence[Sequence[int]], sampling: SamplingConfig, *, keys: Sequence[str]
+    ) -> list[Completion]:
+        """Sample from exact prompt ids (already templated). ``keys`` seed each row's draw."""
+        prompts = keys
+        exposure = sampling.exposure
+        encoded = [list(e) for e in encoded]
+        width = max(len(ids) for ids in encoded)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+        attention = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+        k = exposure.k if isinstance(exposure, TopK) else 0
+        recorder = _SampleAndRecord(
+            [row_seed(sampling.seed, p) for p in prompts],
+            sampling.temperature,
+            k,
+            keep_full=isinstance(exposure, Full),
+        )
+        config = GenerationConfig(
+            do_sample=False,
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=self._stop_ids,
+            pad_token_id=pad,
+        )
+        self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention.to(self.device),
+            generation_config=config,
+            logits_processor=LogitsProcessorList([recorder]),
+        )
+        chosen = torch.stack(recorder.chosen, dim=1).numpy()
+        chosen_lp = torch.stack(recorder.chosen_logprobs, dim=1).numpy()
+        completions = []
+        for row, prompt in enumerate(prompts):
+            length, finish = self._completion_length(chosen[row])
+            ids = chosen[row, :length].astype(np.int64)
+            signal = Signal(exposure, ids)
+            if not isinstance(exposure, Text):
+                signal.token_logprobs = chosen_lp[row, :length].astype(np.float32)
+            if isinstance(exposure, TopK):
+                signal.topk_ids = torch.stack([t[row] for t in recorder.topk_ids[:length]]).numpy()
+                signal.topk_logprobs = torch.stack(
+                    [t[row] for t in recorder.topk_logprobs[:length]]
+                ).numpy()
+                signal.tail_mass = tail_mass(signal.topk_logprobs)
+            if isinstance(exposure, Full):
+                signal.full_logprobs = torch.stack([t[row] for t in recorder.full[:length]]).numpy()
+            completions.append(
+                Completion(
+                    prompt=prompt,
+                    text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                    signal=signal,
+                    finish_reason=finish,
+                    prompt_ids=np.asarray(encoded[row], dtype=np.int64),
+                    prompt_tokens=len(encoded[row]),
+                )
+            )
+        return completions
+
+    def _completion_length(self, row: np.ndarray) -> tuple[int, str]:
+        """Tokens up to and including the first stop token (kept: students should learn to stop)."""
+        stops = np.flatnonzero(np.isin(row, self._stop_ids))
+        if len(stops):
+            return int(stops[0]) + 1, "stop"
+        return len(row), "length"
+
+    @torch.inference_mode()
+    def score(
+        self, prompt_ids: Sequence[np.ndarray], completion_ids: Sequence[np.ndarray]
+    ) -> list[np.ndarray]:
+        """Raw logprobs (T, V) that predict each completion token, from one padded forward pass."""
+        rows = [np.concatenate([p, c]).astype(np.int64) for p, c in zip(prompt_ids, completion_ids)]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([list(r) + [pad] * (width - len(r)) for r in rows])
+        attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        logits = self.model(
+            input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)
+        ).logits
+        out = []
+        for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+            start = len(p) - 1
+            out.append(
+                torch.log_softmax(logits[i, start : start + len(c)].float(), -1).cpu().numpy()
+            )
+        return out
+
+    def close(self) -> None:
+        self.model = None

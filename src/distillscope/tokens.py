@@ -1,0 +1,133 @@
+"""Tokenizer identity and spelling: the fingerprint that keeps records and students aligned, and
+the exact bytes of each token, which let token ids cross an OpenAI-style HTTP API and come back."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Protocol
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of everything that decides token ids: vocab, merges, added and special tokens.
+
+    Two tokenizers with the same fingerprint map every text to the same ids.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        payload = json.dumps(spec, sort_keys=True)
+    else:
+        payload = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def vocab_size(tokenizer) -> int:
+    """The number of ids the tokenizer can emit (base vocab plus added tokens)."""
+    return len(tokenizer)
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet inverted: each printable stand-in character -> its byte.
+
+    Byte-level BPE vocabularies (GPT-2, Llama 3, SmolLM2, Qwen) spell every byte as one printable
+    character, so a token string read through this map gives the token's exact bytes.
+    """
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = printable[:]
+    shift = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + shift)
+            shift += 1
+    return {chr(code): byte for byte, code in zip(printable, codes, strict=True)}
+
+
+def _is_byte_level(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return hasattr(tokenizer, "byte_decoder")
+    return "ByteLevel" in json.dumps(json.loads(backend.to_str()).get("decoder"))
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _piece_bytes(piece: str, byte_level: bool) -> bytes:
+    """The bytes a vocabulary entry stands for (byte-level BPE or SentencePiece spelling)."""
+    if byte_level:
+        decoder = _byte_decoder()
+        if all(char in decoder for char in piece):
+            return bytes(decoder[char] for char in piece)
+        return piece.encode()
+    fallback = _BYTE_FALLBACK.fullmatch(piece)
+    if fallback:
+        return bytes([int(fallback.group(1), 16)])
+    return piece.replace("\u2581", " ").encode()
+
+
+def token_bytes_table(tokenizer) -> list[bytes]:
+    """The exact bytes of every token id, indexable by id.
+
+    Decoding one id at a time loses bytes: a byte-level token that is half of a UTF-8 character
+    decodes to U+FFFD. This table keeps them, so a server can report each token's true ``bytes``
+    and a client can map them back to the id. Added and special tokens are their literal text
+    (``<|im_end|>``); ids the tokenizer leaves unassigned are ``b""``.
+    """
+    byte_level = _is_byte_level(tokenizer)
+    added = {i: token.content for i, token in tokenizer.added_tokens_decoder.items()}
+    pieces = tokenizer.convert_ids_to_tokens(list(range(vocab_size(tokenizer))))
+    table = []
+    for token_id, piece in enumerate(pieces):
+        if token_id in added:
+            table.append(added[token_id].encode())
+        elif piece is None:
+            table.append(b"")
+        else:
+            table.append(_piece_bytes(piece, byte_level))
+    return table
+
+
+class TokenLike(Protocol):
+    """One token as OpenAI-compatible APIs report it: its text and, usually, its exact bytes."""
+
+    token: str
+    bytes: list[int] | None
+
+
+class TokenMapper:
+    """Maps the tokens an API reports back to the ids of a known tokenizer, by their exact bytes.
+
+    A token's ``bytes`` identify it even when its text is a U+FFFD stand-in for a partial UTF-8
+    character; without ``bytes`` such a token is ambiguous and maps to -1, as do tokens the
+    tokenizer does not have. When two ids spell the same bytes, the lowest id wins.
+    """
+
+    def __init__(self, tokenizer):
+        self._ids: dict[bytes, int] = {}
+        for token_id, spelled in enumerate(token_bytes_table(tokenizer)):
+            if spelled:
+                self._ids.setdefault(spelled, token_id)
+
+    def id_for(self, token: TokenLike) -> int:
+        """The id of one reported token, or -1 when it cannot be known."""
+        if token.bytes is not None:
+            return self._ids.get(bytes(token.bytes), -1)
+        if "\ufffd" in token.token:
+            return -1
+        return self._ids.get(token.token.encode(), -1)
+
+    def ids_for(self, tokens: Sequence[TokenLike]) -> list[int]:
+        """The ids of reported tokens, -1 for each one that cannot be mapped."""
+        return [self.id_for(token) for token in tokens]

@@ -1,0 +1,51 @@
+"""Shared fixtures: the real default teacher, and a tiny random model with the same tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from distillscope.teachers import TransformersTeacher, load_teacher
+from distillscope.teachers.default import default_model_dir
+
+
+@pytest.fixture(scope="session")
+def default_dir() -> Path:
+    """The default teacher converted to safetensors (once per machine, in the user cache)."""
+    return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def default_teacher(default_dir) -> TransformersTeacher:
+    return load_teacher("default", device="cpu", batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(default_dir, tmp_path_factory) -> Path:
+    """A 2-layer random Llama that shares SmolLM2's real tokenizer: fast, and ids line up."""
+    tokenizer = AutoTokenizer.from_pretrained(default_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    path = tmp_path_factory.mktemp("tiny-teacher")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tiny_dir) -> TransformersTeacher:
+    return TransformersTeacher.from_pretrained(tiny_dir, device="cpu", batch_size=8)
