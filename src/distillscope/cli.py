@@ -125,6 +125,95 @@ def harvest(
     )
 
 
+@app.command()
+def distill(
+    data: Path = typer.Option(..., "--data", help="A harvest folder of records."),
+    out: Path = typer.Option(..., "--out", help="Folder for checkpoints, metrics and the student."),
+    exposure: str = typer.Option(
+        "top20", help="Train at this level (an exact downgrade of the records'): full/topK/text."
+    ),
+    loss: str | None = typer.Option(
+        None,
+        help="forward-kl, reverse-kl, jsd, sparse-kl, sparse-kl-renorm, sampled-kl, ce "
+        "(default: forward-kl at full, sparse-kl at topK, ce at text).",
+    ),
+    student: str = typer.Option("tiny", help="micro, tiny, small, base, 'layers:N' or 'hf:PATH'."),
+    teacher: str | None = typer.Option(
+        None, help="Local teacher for online/full/on-policy signals and 'layers:N' students."
+    ),
+    signal: str = typer.Option(
+        "offline",
+        help="offline (records), online (teacher in the loop) "
+        "or on-policy (student samples, teacher scores).",
+    ),
+    steps: int = typer.Option(300, min=1),
+    batch_size: int = typer.Option(8, min=1),
+    grad_accum: int = typer.Option(1, min=1, help="Micro-batches per optimiser step."),
+    lr: float = typer.Option(1e-3, min=0.0),
+    temperature: float = typer.Option(
+        1.0, min=0.01, help="Distillation temperature (×T² applied)."
+    ),
+    alpha: float = typer.Option(0.0, min=0.0, max=1.0, help="Weight of hard-label CE mixed in."),
+    beta: float = typer.Option(0.5, min=0.0, max=1.0, help="JSD β: 0 forward KL, 1 reverse KL."),
+    seed: int = typer.Option(0),
+    checkpoint_every: int = typer.Option(50, min=1),
+    heldout: int = typer.Option(0, min=0, help="Keep the last N records out; report fidelity."),
+    device: str = typer.Option("auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Train a student on harvested records at one exposure level; rerun to resume.
+
+    Example: distillscope distill --data runs/h1 --exposure top5 --loss sparse-kl --student tiny
+    --steps 300 --out runs/s1
+    """
+    from dataclasses import asdict
+
+    from distillscope.distill import DistillConfig, distill_records
+
+    config = DistillConfig(
+        exposure=exposure,
+        loss=loss,
+        temperature=temperature,
+        alpha=alpha,
+        beta=beta,
+        signal=signal,
+        steps=steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+    )
+    try:
+        run = distill_records(
+            data,
+            out,
+            config,
+            student=student,
+            teacher=teacher,
+            heldout=heldout,
+            device=device,
+            progress=not as_json,
+        )
+    except KeyboardInterrupt:
+        errors.print("interrupted: rerun the same command to resume from the last checkpoint")
+        raise typer.Exit(130) from None
+    if as_json:
+        console.print_json(json.dumps({**asdict(run)}))
+        return
+    console.print(
+        f"[green]trained[/] {student} ({run.student_parameters / 1e6:.1f}M parameters) for "
+        f"{run.train.steps} steps on {run.examples} records at [bold]{exposure}[/]: final loss "
+        f"{run.train.final_loss:.4f}, {run.train.tokens_per_second:.0f} tokens/s -> {out}/student"
+    )
+    if run.heldout:
+        h = run.heldout
+        console.print(
+            f"held-out fidelity: KL {h['kl']:.3f} nats/token, TV {h['tv']:.3f}, "
+            f"top-1 agreement {h['top1_agreement']:.1%} over {h['tokens']} tokens"
+        )
+
+
 @data_app.command("inspect")
 def data_inspect(
     path: Path = typer.Argument(..., help="A harvest folder (or its records/ folder)."),

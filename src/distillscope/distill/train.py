@@ -1,0 +1,483 @@
+"""The training loop: a student learns from records (offline), the teacher in the loop (online), or
+the teacher scoring the student's own samples (on-policy).
+
+Every example carries its own teacher signal through shuffling, batching and gradient
+accumulation: teacher rows are never looked up by step number. The data order is a pure function
+of (seed, step), and per-step randomness is seeded by (seed, step), so a run resumed from a
+checkpoint retraces the loss curve of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distillscope.distill import losses as L
+from distillscope.errors import DistillscopeError
+from distillscope.exposure import Full, Signal, Text, TopK, is_at_least, parse_exposure
+from distillscope.records import RecordSet
+
+SIGNAL_MODES = ("offline", "online", "on-policy")
+DEFAULT_LOSS = {Full: "forward-kl", TopK: "sparse-kl", Text: "ce"}
+
+
+class TrainingError(DistillscopeError):
+    """A training run that cannot start or resume as asked."""
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How a student is trained. ``temperature`` is the *distillation* temperature."""
+
+    exposure: str = "top20"
+    loss: str | None = None
+    temperature: float = 1.0
+    alpha: float = 0.0
+    beta: float = 0.5
+    signal: str = "offline"
+    sampled_tokens: int = 12
+    steps: int = 300
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 50
+    on_policy_tokens: int = 32
+
+    def level(self):
+        return parse_exposure(self.exposure, max_k=None)
+
+    def loss_name(self) -> str:
+        return self.loss or DEFAULT_LOSS[type(self.level())]
+
+    def validate(self) -> None:
+        level, loss = self.level(), self.loss_name()
+        if loss not in L.LOSSES:
+            raise TrainingError(f"unknown loss {loss!r}: expected one of {', '.join(L.LOSSES)}")
+        if not isinstance(level, L.ACCEPTS[loss]):
+            accepted = ", ".join(c.__name__.lower() for c in L.ACCEPTS[loss])
+            raise TrainingError(f"loss {loss} needs exposure {accepted}, not {level}")
+        if self.signal not in SIGNAL_MODES:
+            raise TrainingError(f"signal must be one of {', '.join(SIGNAL_MODES)}")
+        if self.signal == "on-policy" and not isinstance(level, Full):
+            raise TrainingError(
+                "on-policy training scores the student's samples: exposure must be full"
+            )
+        if isinstance(level, Full) and self.signal == "offline":
+            raise TrainingError(
+                "full exposure is not stored in records (49k floats per token): use "
+                "--signal online with a local --teacher"
+            )
+        if not 0.0 <= self.alpha <= 1.0:
+            raise TrainingError(f"alpha (hard-label weight) must be in [0, 1], got {self.alpha}")
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise TrainingError(f"{name} must be at least 1")
+
+
+@dataclass
+class Example:
+    """One training sequence: the exact ids the teacher saw and answered, and what it revealed."""
+
+    prompt_ids: np.ndarray
+    completion_ids: np.ndarray
+    signal: Signal
+
+
+def examples_from_records(records: RecordSet, exposure, tokenizer=None) -> list[Example]:
+    """Examples at ``exposure`` (an exact downgrade of the stored level)."""
+    level = parse_exposure(exposure, max_k=None)
+    if isinstance(level, Full):
+        level = Text()  # the text is what online full training needs from records
+    if tokenizer is not None:
+        records.check_compatible(tokenizer, consumer="the student")
+    out = []
+    for exchange in records.exchanges(level):
+        if exchange.prompt_ids is None:
+            if tokenizer is None:
+                raise TrainingError(
+                    "records from a remote teacher need the tokenizer to rebuild prompts"
+                )
+            prompt_ids = np.asarray(_template(tokenizer, exchange.prompt), dtype=np.int64)
+        else:
+            prompt_ids = exchange.prompt_ids
+        if len(exchange.signal) == 0:
+            continue
+        out.append(Example(prompt_ids, exchange.signal.token_ids, exchange.signal))
+    if not out:
+        raise TrainingError("no usable records (every completion is empty)")
+    return out
+
+
+def _template(tokenizer, prompt: str) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, S)
+    attention_mask: torch.Tensor  # (B, S)
+    positions: torch.Tensor  # (B, T): index of the position that predicts each completion token
+    mask: torch.Tensor  # (B, T)
+    examples: list[Example]
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> Batch:
+    """Right-pad sequences; record which positions predict which completion token."""
+    seqs = [np.concatenate([e.prompt_ids, e.completion_ids]) for e in examples]
+    width = max(len(s) for s in seqs)
+    longest = max(len(e.completion_ids) for e in examples)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    positions = torch.zeros((len(seqs), longest), dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest), dtype=torch.bool)
+    for i, (seq, ex) in enumerate(zip(seqs, examples)):
+        input_ids[i, : len(seq)] = torch.from_numpy(seq.astype(np.int64))
+        attention[i, : len(seq)] = 1
+        start = len(ex.prompt_ids) - 1
+        count = len(ex.completion_ids)
+        positions[i, :count] = torch.arange(start, start + count)
+        mask[i, :count] = True
+    return Batch(input_ids, attention, positions, mask, list(examples))
+
+
+def student_logits(model, batch: Batch, device) -> torch.Tensor:
+    """Logits (B, T, V) only at positions that predict completion tokens: the vocabulary projection
+    is skipped for prompt positions, which is most of the memory on a 49k vocabulary."""
+    hidden = model.base_model(
+        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
+    ).last_hidden_state
+    index = batch.positions.to(device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    picked = hidden.gather(1, index)
+    return model.get_output_embeddings()(picked)
+
+
+def _pad_stack(arrays: Sequence[np.ndarray], length: int, fill) -> torch.Tensor:
+    first = np.asarray(arrays[0])
+    out = np.full((len(arrays), length, *first.shape[1:]), fill, dtype=first.dtype)
+    for i, a in enumerate(arrays):
+        out[i, : len(a)] = a
+    return torch.from_numpy(out)
+
+
+class ScoreCache:
+    """Teacher distributions of recently seen examples, kept in RAM up to ``max_bytes``.
+
+    Online full-exposure training revisits each example once per epoch; scoring it once and
+    keeping the (T, V) rows in memory (never on disk) saves a teacher forward pass per revisit.
+    """
+
+    def __init__(self, teacher, max_bytes: int = 2 << 30):
+        self.teacher, self.max_bytes = teacher, max_bytes
+        self.rows: dict[int, np.ndarray] = {}
+        self.bytes = 0
+
+    def score(self, examples: Sequence[Example]) -> list[np.ndarray]:
+        missing = [e for e in examples if id(e) not in self.rows]
+        if missing:
+            dense = self.teacher.score(
+                [e.prompt_ids for e in missing], [e.completion_ids for e in missing]
+            )
+            for example, rows in zip(missing, dense):
+                if self.bytes + rows.nbytes <= self.max_bytes:
+                    self.rows[id(example)] = rows
+                    self.bytes += rows.nbytes
+            fresh = {id(e): rows for e, rows in zip(missing, dense)}
+        else:
+            fresh = {}
+        return [self.rows.get(id(e), fresh.get(id(e))) for e in examples]
+
+
+def _signal_for(batch: Batch, level, device, teacher=None):
+    """The teacher signal of a batch at ``level``, padded to (B, T, ...)."""
+    length = batch.mask.shape[1]
+    sigs = [e.signal for e in batch.examples]
+    if isinstance(level, Full):
+        if isinstance(teacher, ScoreCache):
+            dense = teacher.score(batch.examples)
+        else:
+            dense = teacher.score(
+                [e.prompt_ids for e in batch.examples], [e.completion_ids for e in batch.examples]
+            )
+        return L.DenseSignal(_pad_stack(dense, length, 0.0).to(device))
+    if isinstance(level, TopK):
+        return L.SparseSignal(
+            _pad_stack([s.topk_ids for s in sigs], length, 0).long().to(device),
+            _pad_stack([s.topk_logprobs for s in sigs], length, 0.0).to(device),
+            _pad_stack([s.tail_mass for s in sigs], length, 0.0).to(device),
+        )
+    return None
+
+
+def batch_loss(config: DistillConfig, logits, batch: Batch, device, teacher=None, generator=None):
+    """The configured loss of one batch (mean over its completion tokens)."""
+    level, name = config.level(), config.loss_name()
+    mask = batch.mask.to(device)
+    hard = L.HardSignal(
+        _pad_stack([e.completion_ids for e in batch.examples], mask.shape[1], 0).long().to(device)
+    )
+    if name == "ce":
+        soft = L.hard_ce(logits, hard, mask, temperature=1.0)
+    else:
+        signal = _signal_for(batch, level, device, teacher)
+        kwargs = {"temperature": config.temperature}
+        if name == "jsd":
+            kwargs["beta"] = config.beta
+        if name == "sampled-kl":
+            signal = L.draw_sampled_signal(
+                signal.logprobs, config.sampled_tokens, generator=generator
+            )
+            signal = L.SampledSignal(
+                *(t.to(device) for t in (signal.ids, signal.weights, signal.teacher_logprobs))
+            )
+        soft = L.LOSSES[name](logits, signal, mask, **kwargs)
+    if config.alpha and name != "ce":
+        return (1 - config.alpha) * soft + config.alpha * L.hard_ce(logits, hard, mask)
+    return soft
+
+
+def _order(seed: int, epoch: int, size: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(size)
+
+
+def step_examples(
+    examples: Sequence[Example], config: DistillConfig, step: int
+) -> list[list[Example]]:
+    """The micro-batches of one optimiser step: a pure function of (seed, step)."""
+    per_step = config.batch_size * config.grad_accum
+    picks = []
+    for i in range(step * per_step, (step + 1) * per_step):
+        epoch, index = divmod(i, len(examples))
+        picks.append(examples[_order(config.seed, epoch, len(examples))[index]])
+    return [picks[j : j + config.batch_size] for j in range(0, per_step, config.batch_size)]
+
+
+def _schedule(config: DistillConfig):
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _on_policy(
+    model, examples: list[Example], tokenizer, config, step: int, device
+) -> list[Example]:
+    """Swap completions for the student's own samples (seeded by step); the teacher scores them."""
+    from distillscope.teachers.base import SamplingConfig
+    from distillscope.teachers.local import TransformersTeacher
+
+    was_training = model.training
+    model.eval()
+    sampler = TransformersTeacher(model, tokenizer, id="student", batch_size=len(examples))
+    sampling = SamplingConfig(
+        exposure="text", max_new_tokens=config.on_policy_tokens, seed=config.seed * 100_003 + step
+    )
+    keys = [tokenizer.decode(e.prompt_ids) for e in examples]
+    answers = sampler.generate_from_ids([e.prompt_ids for e in examples], sampling, keys=keys)
+    model.train(was_training)
+    return [
+        Example(e.prompt_ids, a.signal.token_ids, a.signal)
+        for e, a in zip(examples, answers)
+        if len(a.signal)
+    ] or examples
+
+
+@dataclass
+class TrainResult:
+    out: str
+    steps: int
+    final_loss: float
+    tokens_per_second: float
+    resumed_from: int | None
+
+
+def distill(
+    student,
+    examples: Sequence[Example],
+    out: str | os.PathLike,
+    config: DistillConfig,
+    *,
+    tokenizer=None,
+    teacher=None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train ``student`` on ``examples`` for ``config.steps`` steps, checkpointing into ``out``.
+
+    Resumes from the latest checkpoint in ``out`` when its config matches. ``stop_after`` ends the
+    run early after that many steps (to simulate an interruption in tests).
+    """
+    config.validate()
+    level = config.level()
+    if (isinstance(level, Full) or config.signal == "on-policy") and teacher is None:
+        raise TrainingError("full exposure and on-policy training need a local --teacher to score")
+    if config.signal == "on-policy" and tokenizer is None:
+        raise TrainingError("on-policy training needs the tokenizer to sample from the student")
+    for example in examples[:1]:
+        if not is_at_least(example.signal.exposure, level) and not isinstance(level, Full):
+            raise TrainingError(f"examples are at {example.signal.exposure}, training asks {level}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    config_path = out / "config.json"
+    if config_path.exists() and json.loads(config_path.read_text()) != asdict(config):
+        raise TrainingError(f"{out} holds a run with another config; use a new --out")
+    config_path.write_text(json.dumps(asdict(config), indent=2))
+
+    student.to(device).train()
+    optimizer = torch.optim.AdamW(
+        student.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    start, resumed_from = 0, None
+    latest = _latest_checkpoint(out)
+    if latest is not None:
+        start = _load_checkpoint(latest, student, optimizer, scheduler)
+        resumed_from = start
+    metrics_path = out / "metrics.jsonl"
+    _truncate_metrics(metrics_path, start)
+    pad = getattr(tokenizer, "pad_token_id", None) or 0
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(
+        TextColumn("[bold]distill[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not progress,
+    )
+    last_loss, tokens_seen, train_seconds = float("nan"), 0, 0.0
+    # on-policy completions are new every step: nothing to reuse
+    scorer = ScoreCache(teacher) if teacher is not None and config.signal == "online" else teacher
+    end = config.steps if stop_after is None else min(config.steps, start + stop_after)
+    with bar, open(metrics_path, "a") as metrics:
+        task = bar.add_task(f"{config.loss_name()} @ {level}", total=config.steps, completed=start)
+        for step in range(start, end):
+            began = time.perf_counter()
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+            micro = step_examples(examples, config, step)
+            if config.signal == "on-policy":
+                micro = [_on_policy(student, m, tokenizer, config, step, device) for m in micro]
+            batches = [collate(m, pad) for m in micro]
+            total_tokens = sum(int(b.mask.sum()) for b in batches)
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for batch in batches:
+                logits = student_logits(student, batch, device)
+                loss = batch_loss(config, logits, batch, device, scorer, generator)
+                share = int(batch.mask.sum()) / total_tokens  # token-weighted across micro-batches
+                (loss * share).backward()
+                step_loss += loss.item() * share
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(student.parameters(), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            elapsed = time.perf_counter() - began
+            tokens_seen += total_tokens
+            train_seconds += elapsed
+            last_loss = step_loss
+            metrics.write(
+                json.dumps(
+                    {
+                        "step": step + 1,
+                        "loss": step_loss,
+                        "lr": scheduler.get_last_lr()[0],
+                        "tokens": total_tokens,
+                        "tokens_per_s": total_tokens / elapsed,
+                    }
+                )
+                + "\n"
+            )
+            metrics.flush()
+            bar.update(
+                task, advance=1, description=f"{config.loss_name()} @ {level} loss {step_loss:.3f}"
+            )
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+                _save_checkpoint(out, step + 1, student, optimizer, scheduler)
+    if end == config.steps:
+        final = out / "student"
+        student.save_pretrained(final)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(final)
+    return TrainResult(
+        out=str(out),
+        steps=end,
+        final_loss=last_loss,
+        tokens_per_second=tokens_seen / train_seconds if train_seconds else 0.0,
+        resumed_from=resumed_from,
+    )
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    found = sorted((out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else []
+    return found[-1] if found else None
+
+
+def _save_checkpoint(out: Path, step: int, model, optimizer, scheduler, keep: int = 2) -> None:
+    """Atomic: written to a staging folder, then renamed; a kill mid-save leaves the last one."""
+    root = out / "checkpoints"
+    root.mkdir(exist_ok=True)
+    staging = root / f".step-{step:07d}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    torch.save(
+        {
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+        },
+        staging / "state.pt",
+    )
+    os.replace(staging, root / f"step-{step:07d}")
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"])
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the checkpoint we resume from: they will be logged again."""
+    if not path.exists():
+        return
+    kept = [
+        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_metrics(out: str | os.PathLike) -> list[dict]:
+    path = Path(out) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line]

@@ -1,0 +1,194 @@
+"""The training loop: alignment, exact resume, clear refusals, and full beating text for real."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from distillscope.distill.students import build_student
+from distillscope.distill.train import (
+    DistillConfig,
+    TrainingError,
+    batch_loss,
+    collate,
+    distill,
+    examples_from_records,
+    read_metrics,
+    step_examples,
+    student_logits,
+)
+from distillscope.errors import IncompatibleDataError
+from distillscope.evaluate import fidelity
+from distillscope.harvest import harvest
+from distillscope.prompts import load_prompts, select_prompts
+from distillscope.records import RecordSet
+from distillscope.teachers import SamplingConfig
+
+TOPICS = ["rivers", "chess", "bread", "volcanoes", "jazz", "owls", "glass", "tides"]
+
+
+@pytest.fixture(scope="module")
+def tiny_records(tiny_teacher, tmp_path_factory):
+    prompts = [
+        __import__("distillscope").Prompt(
+            f"p{i}", f"Tell me about {TOPICS[i % 8]}, part {i}.", "other", "t"
+        )
+        for i in range(16)
+    ]
+    out = tmp_path_factory.mktemp("tiny-harvest")
+    sampling = SamplingConfig(exposure="top5", max_new_tokens=12, seed=1)
+    harvest(
+        tiny_teacher, prompts, out, sampling=sampling, batch_size=8, cache=False, progress=False
+    )
+    return RecordSet(out)
+
+
+def _grads(student, examples, config):
+    student.zero_grad()
+    micro = step_examples(examples, config, 0)
+    batches = [collate(m, 2) for m in micro]
+    total = sum(int(b.mask.sum()) for b in batches)
+    for batch in batches:
+        loss = batch_loss(config, student_logits(student, batch, "cpu"), batch, "cpu")
+        (loss * int(batch.mask.sum()) / total).backward()
+    return torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None]).clone()
+
+
+def test_gradient_accumulation_and_batching_do_not_change_the_step(tiny_records, tiny_teacher):
+    examples = examples_from_records(tiny_records, "top5", tiny_teacher.tokenizer)
+    student = build_student("micro", tiny_teacher.tokenizer, seed=0)
+    whole = _grads(student, examples, DistillConfig(exposure="top5", batch_size=8, grad_accum=1))
+    split = _grads(student, examples, DistillConfig(exposure="top5", batch_size=2, grad_accum=4))
+    torch.testing.assert_close(whole, split, rtol=1e-4, atol=1e-7)
+
+
+def test_each_loss_term_stays_with_its_own_sample(tiny_records, tiny_teacher):
+    """A sample's loss inside a shuffled, padded batch equals its loss alone (no row mix-ups)."""
+    examples = examples_from_records(tiny_records, "top5", tiny_teacher.tokenizer)
+    student = build_student("micro", tiny_teacher.tokenizer, seed=0)
+    config = DistillConfig(exposure="top5", batch_size=6)
+    [batch_examples] = step_examples(examples, config, 3)
+    batch = collate(batch_examples, 2)
+    logits = student_logits(student, batch, "cpu")
+    for row, example in enumerate(batch_examples):
+        only = collate([example], 2)
+        alone = batch_loss(config, student_logits(student, only, "cpu"), only, "cpu")
+        one_row = type(batch)(
+            batch.input_ids,
+            batch.attention_mask,
+            batch.positions,
+            batch.mask & (torch.arange(len(batch_examples))[:, None] == row),
+            batch.examples,
+        )
+        inside = batch_loss(config, logits, one_row, "cpu")
+        assert inside.item() == pytest.approx(alone.item(), rel=1e-4)
+
+
+def test_resume_retraces_the_uninterrupted_loss_curve(tiny_records, tiny_teacher, tmp_path):
+    examples = examples_from_records(tiny_records, "top5", tiny_teacher.tokenizer)
+    config = DistillConfig(
+        exposure="top5", steps=12, batch_size=4, checkpoint_every=4, lr=3e-3, seed=3
+    )
+    tok = tiny_teacher.tokenizer
+    distill(
+        build_student("micro", tok, seed=0),
+        examples,
+        tmp_path / "a",
+        config,
+        tokenizer=tok,
+        progress=False,
+    )
+    first = distill(
+        build_student("micro", tok, seed=0),
+        examples,
+        tmp_path / "b",
+        config,
+        tokenizer=tok,
+        progress=False,
+        stop_after=6,
+    )
+    assert first.steps == 6 and len(read_metrics(tmp_path / "b")) == 6
+    resumed = distill(
+        build_student("micro", tok, seed=0),
+        examples,
+        tmp_path / "b",
+        config,
+        tokenizer=tok,
+        progress=False,
+    )
+    assert resumed.resumed_from == 4
+    a = [m["loss"] for m in read_metrics(tmp_path / "a")]
+    b = [m["loss"] for m in read_metrics(tmp_path / "b")]
+    assert len(a) == len(b) == 12
+    np.testing.assert_allclose(b, a, rtol=1e-6)
+    assert (tmp_path / "b" / "student" / "config.json").exists()
+
+
+def test_mismatched_tokenizer_is_refused_before_training(tiny_records, tiny_dir):
+    other = AutoTokenizer.from_pretrained(tiny_dir)
+    other.add_tokens(["<|not-in-the-records|>"])
+    with pytest.raises(IncompatibleDataError, match="misalign"):
+        examples_from_records(tiny_records, "top5", other)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (DistillConfig(exposure="text", loss="sparse-kl"), "needs exposure"),
+        (DistillConfig(exposure="full", signal="offline"), "not stored"),
+        (DistillConfig(exposure="top5", loss="nope"), "unknown loss"),
+        (DistillConfig(exposure="top5", signal="on-policy"), "must be full"),
+    ],
+)
+def test_impossible_configs_are_refused(config, message):
+    with pytest.raises(TrainingError, match=message):
+        config.validate()
+
+
+def test_full_exposure_student_beats_text_student_on_heldout_kl(default_teacher, tmp_path):
+    """A real run on the default teacher: same prompts, steps, seed; only the exposure differs."""
+    prompts = select_prompts(load_prompts("sharegpt"), 40, seed=7)
+    sampling = SamplingConfig(exposure="top20", max_new_tokens=24, seed=0, max_prompt_tokens=64)
+    harvest(
+        default_teacher,
+        prompts,
+        tmp_path / "h",
+        sampling=sampling,
+        batch_size=8,
+        cache=False,
+        progress=False,
+    )
+    tok = default_teacher.tokenizer
+    everything = examples_from_records(RecordSet(tmp_path / "h"), "top20", tok)
+    train, heldout = everything[:32], everything[32:]
+    results = {}
+    for exposure, signal in (("full", "online"), ("text", "offline")):
+        config = DistillConfig(
+            exposure=exposure,
+            signal=signal,
+            steps=40,
+            batch_size=8,
+            lr=3e-3,
+            seed=0,
+            checkpoint_every=40,
+        )
+        examples = examples_from_records(RecordSet(tmp_path / "h"), exposure, tok)[:32]
+        student = build_student("micro", tok, seed=0)
+        distill(
+            student,
+            examples,
+            tmp_path / exposure,
+            config,
+            tokenizer=tok,
+            teacher=default_teacher,
+            progress=False,
+        )
+        results[exposure] = fidelity(student, default_teacher, heldout, pad_id=tok.pad_token_id)
+    untrained = fidelity(
+        build_student("micro", tok, seed=0), default_teacher, heldout, pad_id=tok.pad_token_id
+    )
+    assert results["full"].kl < untrained.kl and results["text"].kl < untrained.kl
+    assert results["full"].kl < results["text"].kl, results
+    assert len(train) == 32
