@@ -192,3 +192,41 @@ def test_full_exposure_student_beats_text_student_on_heldout_kl(default_teacher,
     assert results["full"].kl < untrained.kl and results["text"].kl < untrained.kl
     assert results["full"].kl < results["text"].kl, results
     assert len(train) == 32
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        DistillConfig(
+            exposure="full", signal="on-policy", loss="reverse-kl", steps=3, batch_size=4
+        ),
+        DistillConfig(exposure="full", signal="online", loss="sampled-kl", steps=3, batch_size=4),
+        DistillConfig(
+            exposure="full", signal="online", loss="jsd", beta=0.3, steps=3, batch_size=4
+        ),
+        DistillConfig(
+            exposure="top5", loss="sparse-kl-renorm", temperature=2.0, steps=3, batch_size=4
+        ),
+        DistillConfig(exposure="top5", loss="sparse-kl", alpha=0.5, steps=3, batch_size=4),
+    ],
+    ids=["on-policy", "sampled-kl", "jsd", "renormalised-top5", "mixed-hard-soft"],
+)
+def test_every_signal_mode_trains(config, tiny_records, tiny_teacher, tmp_path):
+    tok = tiny_teacher.tokenizer
+    examples = examples_from_records(tiny_records, config.exposure, tok)
+    student = build_student("micro", tok, seed=0)
+    before = [p.detach().clone() for p in student.parameters()]
+    result = distill(
+        student, examples, tmp_path, config, tokenizer=tok, teacher=tiny_teacher, progress=False
+    )
+    losses = [m["loss"] for m in read_metrics(tmp_path)]
+    assert result.steps == 3 and len(losses) == 3 and all(np.isfinite(losses))
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+def test_layers_student_starts_from_the_teacher(tiny_teacher):
+    student = build_student("layers:1", tiny_teacher.tokenizer, teacher_model=tiny_teacher.model)
+    assert student.config.num_hidden_layers == 1
+    torch.testing.assert_close(
+        student.get_input_embeddings().weight, tiny_teacher.model.get_input_embeddings().weight
+    )

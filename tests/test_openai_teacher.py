@@ -384,3 +384,31 @@ def test_unreachable_server_and_unservable_requests(served):
         remote.score([np.zeros(1, dtype=np.int64)], [np.zeros(1, dtype=np.int64)])
     with pytest.raises(TeacherError, match="unknown tokenizer"):
         OpenAITeacher(served.url, model=MODEL, tokenizer="gpt2")
+
+
+def test_429_and_503_are_retried_with_backoff_until_answered(local):
+    """The openai client's own retry loop (honouring Retry-After) carries a harvest through."""
+    from fastapi.responses import JSONResponse
+
+    app = create_app(local)
+    seen = {"chat": 0}
+
+    @app.middleware("http")
+    async def flaky(request, call_next):
+        if request.url.path.endswith("/chat/completions"):
+            seen["chat"] += 1
+            if seen["chat"] % 3 == 1:
+                return JSONResponse(
+                    {"error": {"message": "slow down", "type": "rate_limit"}},
+                    status_code=429,
+                    headers={"Retry-After": "0"},
+                )
+            if seen["chat"] % 3 == 2:
+                return JSONResponse({"error": {"message": "busy"}}, status_code=503)
+        return await call_next(request)
+
+    with serve_in_thread(app) as url:
+        teacher = OpenAITeacher(f"{url}/v1", tokenizer=None, concurrency=1, max_retries=4)
+        answers = teacher.generate(["Say hi.", "Name a prime."], TOP5)
+    assert len(answers) == 2 and all(a.text for a in answers)
+    assert seen["chat"] == 6  # each prompt: one 429, one 503, then the answer

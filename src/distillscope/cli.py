@@ -106,7 +106,7 @@ def harvest(
     finally:
         model_teacher.close()
     if as_json:
-        console.print_json(json.dumps(manifest.__dict__))
+        typer.echo(json.dumps(manifest.__dict__, indent=2))
         return
     note = (
         ""
@@ -199,7 +199,7 @@ def distill(
         errors.print("interrupted: rerun the same command to resume from the last checkpoint")
         raise typer.Exit(130) from None
     if as_json:
-        console.print_json(json.dumps({**asdict(run)}))
+        typer.echo(json.dumps({**asdict(run)}, indent=2))
         return
     console.print(
         f"[green]trained[/] {student} ({run.student_parameters / 1e6:.1f}M parameters) for "
@@ -226,7 +226,7 @@ def data_inspect(
         raise DistillscopeError(f"{path} does not exist")
     summary = RecordSet(path).summary()
     if as_json:
-        console.print_json(json.dumps(summary))
+        typer.echo(json.dumps(summary, indent=2))
         return
     table = Table(title=f"records in {path}", show_header=False)
     table.add_column(style="bold")

@@ -198,6 +198,8 @@ class RecordSet:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if not self.path.exists():
+            raise IncompatibleDataError(f"{self.path} does not exist")
         folder = self.path / RECORDS_DIR if (self.path / RECORDS_DIR).is_dir() else self.path
         self.parts = sorted(p for p in folder.glob("part-*.parquet"))
         if not self.parts:
