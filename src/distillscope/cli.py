@@ -21,6 +21,10 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Look at harvested record sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+paper_app = typer.Typer(
+    help="Reproduce papers' experiments with distillscope's code.", no_args_is_help=True
+)
+app.add_typer(paper_app, name="paper")
 
 console = Console()
 errors = Console(stderr=True)
@@ -212,6 +216,111 @@ def distill(
             f"held-out fidelity: KL {h['kl']:.3f} nats/token, TV {h['tv']:.3f}, "
             f"top-1 agreement {h['top1_agreement']:.1%} over {h['tokens']} tokens"
         )
+
+
+@app.command()
+def audit(
+    out: Path = typer.Option(
+        Path("runs/audit"), "--out", help="Folder for results; rerun to resume."
+    ),
+    teacher: str = typer.Option("default", help="A local teacher: 'default' or 'hf:PATH'."),
+    preset: str = typer.Option(
+        "quick", help="'quick' (< 10 min on 2 CPU cores) or 'full' (larger budgets, more seeds)."
+    ),
+    exposures: str | None = typer.Option(
+        None, help="Comma-separated levels, e.g. full,top20,top5,top1,text (default: all five)."
+    ),
+    budgets: str | None = typer.Option(
+        None, help="Comma-separated query budgets, e.g. 32,128,512."
+    ),
+    seeds: int | None = typer.Option(None, min=1, help="Students per (level, budget)."),
+    student: str | None = typer.Option(None, help="micro, tiny, small, base or hf:PATH."),
+    target: float | None = typer.Option(
+        None, help="Fidelity target: the fraction of the untrained→teacher KL gap to close."
+    ),
+    price_input: float | None = typer.Option(None, help="Dollars per 1M prompt tokens."),
+    price_output: float | None = typer.Option(None, help="Dollars per 1M completion tokens."),
+    device: str = typer.Option("auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'."),
+) -> None:
+    """How many queries copy this teacher at each exposure level: curves, multipliers, report.
+
+    Example: distillscope audit --teacher default --exposures full,top20,top5,top1,text
+    --budgets 32,128,512 --seeds 2 --out runs/audit
+    """
+    from dataclasses import replace
+
+    from distillscope.audit import PRESETS, run_audit
+    from distillscope.report import format_headline, write_audit_report
+
+    if preset not in PRESETS:
+        raise DistillscopeError(f"unknown preset {preset!r}: expected {', '.join(PRESETS)}")
+    changes: dict = {"teacher": teacher, "device": device}
+    if exposures:
+        changes["exposures"] = tuple(e.strip() for e in exposures.split(",") if e.strip())
+    if budgets:
+        try:
+            changes["budgets"] = tuple(int(b) for b in budgets.split(","))
+        except ValueError as exc:
+            raise DistillscopeError(
+                f"--budgets takes integers like 32,128,512, got {budgets!r}"
+            ) from exc
+    for name, value in (("seeds", seeds), ("student", student), ("target_fraction", target)):
+        if value is not None:
+            changes[name] = value
+    config = replace(PRESETS[preset], **changes)
+    if price_input is not None or price_output is not None:
+        prices = dict(config.prices_per_million)
+        prices.update(
+            {k: v for k, v in (("input", price_input), ("output", price_output)) if v is not None}
+        )
+        config = replace(config, prices_per_million=prices)
+    results = run_audit(config, out)
+    report = write_audit_report(results, out)
+    console.print(format_headline(results))
+    console.print(
+        f"report: {report} (results.json, PNG plots beside it; {results['seconds'] / 60:.1f} min)"
+    )
+
+
+@paper_app.command("hinton-mnist")
+def paper_hinton_mnist(
+    quick: bool = typer.Option(False, help="A seconds-long run on a slice of MNIST (for tests)."),
+    temperature: float = typer.Option(20.0, min=0.01, help="Soft-target temperature (paper: 20)."),
+    alpha: float = typer.Option(0.1, min=0.0, max=1.0, help="Weight of the hard-label term."),
+    transfer_fraction: float = typer.Option(
+        1.0, min=0.0, max=1.0, help="Fraction of the training set used as the transfer set."
+    ),
+    omit: list[int] = typer.Option([], help="Digits left out of the transfer set (repeatable)."),
+    big_epochs: int = typer.Option(20, min=1),
+    small_epochs: int = typer.Option(15, min=1),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the result here."),
+) -> None:
+    """Hinton et al. 2015, MNIST: big net, small net on hard labels, small net on soft targets.
+
+    Prints test errors beside the paper's (67 / 146 / 74), with the project's own loss code.
+    """
+    from distillscope.papers.hinton_mnist import HintonMnistConfig, format_table, run_hinton_mnist
+
+    if any(not 0 <= d <= 9 for d in omit):
+        raise DistillscopeError(f"--omit takes digits 0-9, got {omit}")
+    config = HintonMnistConfig(
+        quick=quick,
+        temperature=temperature,
+        alpha=alpha,
+        transfer_fraction=transfer_fraction,
+        omit_classes=tuple(sorted(set(omit))),
+        big_epochs=big_epochs,
+        small_epochs=small_epochs,
+        seed=seed,
+        device=device,
+    )
+    result = run_hinton_mnist(config)
+    console.print(format_table(result))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 @data_app.command("inspect")

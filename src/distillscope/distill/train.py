@@ -94,6 +94,7 @@ class Example:
     prompt_ids: np.ndarray
     completion_ids: np.ndarray
     signal: Signal
+    prompt_id: str = ""
 
 
 def examples_from_records(records: RecordSet, exposure, tokenizer=None) -> list[Example]:
@@ -115,7 +116,9 @@ def examples_from_records(records: RecordSet, exposure, tokenizer=None) -> list[
             prompt_ids = exchange.prompt_ids
         if len(exchange.signal) == 0:
             continue
-        out.append(Example(prompt_ids, exchange.signal.token_ids, exchange.signal))
+        out.append(
+            Example(prompt_ids, exchange.signal.token_ids, exchange.signal, exchange.prompt_id)
+        )
     if not out:
         raise TrainingError("no usable records (every completion is empty)")
     return out
@@ -320,11 +323,13 @@ def distill(
     device: str | torch.device = "cpu",
     progress: bool = True,
     stop_after: int | None = None,
+    on_step=None,
 ) -> TrainResult:
     """Train ``student`` on ``examples`` for ``config.steps`` steps, checkpointing into ``out``.
 
     Resumes from the latest checkpoint in ``out`` when its config matches. ``stop_after`` ends the
-    run early after that many steps (to simulate an interruption in tests).
+    run early after that many steps (to simulate an interruption in tests). ``on_step(step,
+    student)`` is called after every optimiser step (evaluation, early stopping).
     """
     config.validate()
     level = config.level()
@@ -420,6 +425,8 @@ def distill(
             )
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
                 _save_checkpoint(out, step + 1, student, optimizer, scheduler)
+            if on_step is not None:
+                on_step(step + 1, student)
     if end == config.steps:
         final = out / "student"
         student.save_pretrained(final)
