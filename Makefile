@@ -22,11 +22,10 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/distillscope harvest --teacher default --prompts sharegpt --n 64 \
-		--max-new-tokens 48 --exposure top20 --out runs/demo
-	$(VENV)/bin/distillscope data inspect runs/demo
+	$(VENV)/bin/distillscope audit --teacher default --preset quick --out runs/audit
 
 test: install
+	bash scripts/ensure-chromium.sh
 	$(PY) -m pytest -q
 
 lint: install

@@ -1,0 +1,413 @@
+"""The exposure audit: how many teacher queries copy a model, per exposure level.
+
+One harvest at the richest level requested; every poorer level is an exact downgrade of the same
+records (same prompts, same sampled text), so differences are due to exposure alone. For every
+(level, budget, seed) a student trains with the level's loss under the same fair treatment
+(the same epochs and learning rate, early stopping on a validation set of teacher completions),
+then is measured on held-out prompts. The summary fits, per level, the queries needed to close
+``target_fraction`` of the untrained→teacher KL gap and the bandwidth multiplier against ``text``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from distillscope.distill.students import build_student
+from distillscope.distill.train import DistillConfig, Example, distill, examples_from_records
+from distillscope.errors import DistillscopeError
+from distillscope.evaluate import behaviour, fidelity, sample_loglik, teacher_rows
+from distillscope.exposure import Full, TopK, parse_exposure, richness
+from distillscope.harvest import harvest
+from distillscope.prompts import load_prompts, select_prompts
+from distillscope.records import RecordSet
+from distillscope.teachers import SamplingConfig, load_teacher
+
+METRICS = ("kl", "tv", "top1_agreement", "ece", "sample_teacher_logprob", "refusal_rate")
+
+
+class AuditError(DistillscopeError):
+    """An audit that cannot run as configured."""
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    teacher: str = "default"
+    exposures: tuple[str, ...] = ("full", "top20", "top5", "top1", "text")
+    budgets: tuple[int, ...] = (16, 64)
+    seeds: int = 1
+    student: str = "micro"
+    prompts: str = "sharegpt"
+    heldout: int = 24
+    validation: int = 8
+    coverage_holdout: tuple[str, ...] = ("reasoning",)
+    max_new_tokens: int = 24
+    max_prompt_tokens: int = 64
+    epochs: int = 6
+    min_steps: int = 20
+    batch_size: int = 8
+    lr: float = 3e-3
+    eval_every: int = 5
+    target_fraction: float = 0.5
+    prices_per_million: dict = field(default_factory=lambda: {"input": 0.15, "output": 0.60})
+    device: str = "auto"
+    seed: int = 0
+    preset: str = "custom"
+
+    def levels(self):
+        levels = [parse_exposure(e) for e in self.exposures]
+        return sorted(levels, key=richness, reverse=True)
+
+    def validate(self) -> None:
+        if not self.exposures:
+            raise AuditError("name at least one exposure level")
+        self.levels()
+        if sorted(set(self.budgets)) != list(self.budgets) or min(self.budgets) < 1:
+            raise AuditError("budgets must be distinct positive integers in increasing order")
+        if self.seeds < 1:
+            raise AuditError("seeds must be at least 1")
+        if not 0 < self.target_fraction < 1:
+            raise AuditError("target_fraction must be between 0 and 1")
+
+
+PRESETS = {
+    # under 10 minutes on 2 CPU cores, harvest included
+    # budgets this small cannot close half the KL gap, so the quick preset's target is lower
+    "quick": AuditConfig(preset="quick", target_fraction=0.25),
+    # larger budgets, more seeds, a bigger student: a GPU or a long CPU run
+    "full": AuditConfig(
+        budgets=(32, 128, 512),
+        seeds=2,
+        student="tiny",
+        heldout=64,
+        validation=16,
+        max_new_tokens=48,
+        max_prompt_tokens=128,
+        epochs=8,
+        preset="full",
+    ),
+}
+
+
+def _harvest_level(levels) -> str:
+    """The one level to harvest at: the largest top-K asked (full trains online from the teacher
+    on the same text, and keeps top20 for the poorer levels)."""
+    ks = [lvl.k for lvl in levels if isinstance(lvl, TopK)]
+    if any(isinstance(lvl, Full) for lvl in levels):
+        ks.append(20)
+    return f"top{max(ks)}" if ks else "text"
+
+
+def _split_prompts(config: AuditConfig):
+    pool = load_prompts(config.prompts)
+    need = config.heldout + config.validation + max(config.budgets)
+    chosen = select_prompts(pool, min(len(pool), need * 3), seed=config.seed)
+    held = [p for p in chosen if p.category in config.coverage_holdout]
+    seen = [p for p in chosen if p.category not in config.coverage_holdout]
+    heldout_covered = max(1, config.heldout // 4) if held else 0
+    test = held[:heldout_covered] + seen[: config.heldout - heldout_covered]
+    rest = seen[config.heldout - heldout_covered :]
+    validation, train = rest[: config.validation], rest[config.validation :]
+    if len(train) < max(config.budgets):
+        raise AuditError(
+            f"only {len(train)} training prompts for a budget of {max(config.budgets)}"
+        )
+    return train[: max(config.budgets)], validation, test
+
+
+def run_audit(config: AuditConfig, out: str | os.PathLike, *, progress: bool = True) -> dict:
+    """Run (or resume) the audit into ``out``; returns and writes ``results.json``."""
+    config.validate()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "audit-config.json"
+    if config_path.exists() and json.loads(config_path.read_text()) != json.loads(
+        json.dumps(asdict(config))
+    ):
+        raise AuditError(f"{out} holds an audit with another config; use a new --out")
+    config_path.write_text(json.dumps(asdict(config), indent=2))
+    began = time.perf_counter()
+    levels = config.levels()
+    teacher = load_teacher(config.teacher, device=config.device)
+    if not hasattr(teacher, "model"):
+        raise AuditError("the audit trains against a local teacher (default or hf:PATH)")
+    tok = teacher.tokenizer
+    train_prompts, val_prompts, test_prompts = _split_prompts(config)
+    stored = _harvest_level(levels)
+    sampling = SamplingConfig(
+        exposure=stored,
+        max_new_tokens=config.max_new_tokens,
+        seed=config.seed,
+        max_prompt_tokens=config.max_prompt_tokens,
+    )
+    for name, prompts in (
+        ("harvest", train_prompts),
+        ("validation", val_prompts),
+        ("heldout", test_prompts),
+    ):
+        harvest(teacher, prompts, out / name, sampling=sampling, progress=progress)
+    train_records = RecordSet(out / "harvest")
+    by_id = {p.id: i for i, p in enumerate(train_prompts)}
+    val = examples_from_records(RecordSet(out / "validation"), "text", tok)
+    test_set = RecordSet(out / "heldout")
+    test = examples_from_records(test_set, "text", tok)
+    groups = [
+        "held_out" if c in config.coverage_holdout else "in_harvest"
+        for c in test_set.table["category"].to_pylist()
+    ]
+    val_rows = teacher_rows(teacher, val)
+    test_rows = teacher_rows(teacher, test)
+    pad = tok.pad_token_id
+
+    def measure(model) -> dict:
+        fid = fidelity(model, teacher, test, rows=test_rows, groups=groups, pad_id=pad)
+        probes = behaviour(model, tok)
+        return {
+            "metrics": {
+                "kl": fid.kl,
+                "tv": fid.tv,
+                "top1_agreement": fid.top1_agreement,
+                "ece": fid.ece,
+                "sample_teacher_logprob": sample_loglik(
+                    model,
+                    tok,
+                    teacher,
+                    [e.prompt_ids for e in test],
+                    max_new_tokens=config.max_new_tokens,
+                    seed=config.seed,
+                ),
+                **probes,
+            },
+            "coverage": fid.by_group,
+        }
+
+    untrained_path = out / "untrained.json"
+    if not untrained_path.exists():
+        _write_json(untrained_path, measure(build_student(config.student, tok, seed=config.seed)))
+    untrained = json.loads(untrained_path.read_text())
+    reference_path = out / "teacher.json"
+    if not reference_path.exists():
+        reference = behaviour(teacher.model, tok)
+        reference["sample_teacher_logprob"] = sample_loglik(
+            teacher.model,
+            tok,
+            teacher,
+            [e.prompt_ids for e in test],
+            max_new_tokens=config.max_new_tokens,
+            seed=config.seed,
+        )
+        _write_json(reference_path, reference)
+    reference = json.loads(reference_path.read_text())
+
+    runs_dir = out / "runs"
+    runs_dir.mkdir(exist_ok=True)
+    plan = [(lvl, b, s) for b in config.budgets for lvl in levels for s in range(config.seeds)]
+    from rich.progress import Progress
+
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task("audit runs", total=len(plan))
+        for level, budget, seed in plan:
+            path = runs_dir / f"{level}-b{budget}-s{seed}.json"
+            if path.exists():
+                bar.advance(task)
+                continue
+            bar.update(task, description=f"{level} budget {budget} seed {seed}")
+            examples = _budget_examples(train_records, level, tok, by_id, budget)
+            _write_json(
+                path,
+                _train_one(
+                    config, level, budget, seed, examples, teacher, tok, val, val_rows, measure, out
+                ),
+            )
+            bar.advance(task)
+    runs = [json.loads((runs_dir / f"{lvl}-b{b}-s{s}.json").read_text()) for lvl, b, s in plan]
+    manifest = json.loads((out / "harvest" / "manifest.json").read_text())
+    results = {
+        "config": asdict(config),
+        "teacher": teacher.id,
+        "untrained": untrained["metrics"],
+        "teacher_reference": reference,
+        "target": {
+            "metric": "kl",
+            "fraction": config.target_fraction,
+            "value": (1 - config.target_fraction) * untrained["metrics"]["kl"],
+        },
+        "runs": runs,
+        "summary": summarise(runs, levels, config, untrained["metrics"]["kl"]),
+        "cost": _cost(manifest, config),
+        "seconds": time.perf_counter() - began,
+    }
+    _write_json(out / "results.json", results)
+    return results
+
+
+def _budget_examples(records: RecordSet, level, tok, by_id: dict, budget: int) -> list[Example]:
+    """The first ``budget`` prompts of the plan (budgets are nested), at ``level``."""
+    return [e for e in examples_from_records(records, level, tok) if by_id[e.prompt_id] < budget]
+
+
+def _train_one(config, level, budget, seed, examples, teacher, tok, val, val_rows, measure, out):
+    steps = max(config.min_steps, math.ceil(config.epochs * len(examples) / config.batch_size))
+    is_full = isinstance(level, Full)
+    train_config = DistillConfig(
+        exposure=str(level),
+        signal="online" if is_full else "offline",
+        steps=steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        seed=seed,
+        checkpoint_every=steps,
+        warmup_steps=min(10, steps // 5),
+    )
+    student = build_student(config.student, tok, seed=seed)
+    best = {"kl": float("inf"), "step": 0, "state": None}
+
+    def on_step(step: int, model) -> None:
+        if step % config.eval_every and step != steps:
+            return
+        kl = fidelity(model, teacher, val, rows=val_rows, pad_id=tok.pad_token_id).kl
+        if kl < best["kl"]:
+            best.update(kl=kl, step=step, state=copy.deepcopy(model.state_dict()))
+
+    began = time.perf_counter()
+    work = out / "work" / f"{level}-b{budget}-s{seed}"
+    distill(
+        student,
+        examples,
+        work,
+        train_config,
+        tokenizer=tok,
+        teacher=teacher,
+        progress=False,
+        on_step=on_step,
+    )
+    student.load_state_dict(best["state"])
+    measured = measure(student)
+    shutil.rmtree(work, ignore_errors=True)  # checkpoints of a finished run are not needed
+    return {
+        "exposure": str(level),
+        "budget": budget,
+        "seed": seed,
+        "queries": len(examples),
+        "completion_tokens": int(sum(len(e.completion_ids) for e in examples)),
+        "steps": steps,
+        "best_step": best["step"],
+        "validation_kl": best["kl"],
+        "seconds": time.perf_counter() - began,
+        **measured,
+    }
+
+
+def queries_to_target(budgets, kls, target: float) -> tuple[float | None, str | None]:
+    """Queries at which the KL curve first reaches ``target``, interpolated in log(queries).
+
+    Never extrapolated: ``None`` with a reason when no budget reaches it; the smallest budget
+    (an upper bound, said in the reason) when even that one already does.
+    """
+    for i, (b, kl) in enumerate(zip(budgets, kls)):
+        if kl <= target:
+            if i == 0:
+                return float(b), f"reached at the smallest budget: at most {b} queries"
+            b0, k0 = budgets[i - 1], kls[i - 1]
+            frac = (k0 - target) / (k0 - kl)
+            return float(math.exp(math.log(b0) + frac * (math.log(b) - math.log(b0)))), None
+    return None, f"target not reached within budgets up to {budgets[-1]} queries"
+
+
+def summarise(runs: list[dict], levels, config: AuditConfig, untrained_kl: float) -> dict:
+    target = (1 - config.target_fraction) * untrained_kl
+    summary = {}
+    for level in levels:
+        name = str(level)
+        mine = [r for r in runs if r["exposure"] == name]
+        by_budget = {}
+        for b in config.budgets:
+            at = [r for r in mine if r["budget"] == b]
+            by_budget[str(b)] = {
+                m: {
+                    "mean": float(np.mean([r["metrics"][m] for r in at])),
+                    "sd": float(np.std([r["metrics"][m] for r in at], ddof=1))
+                    if len(at) > 1
+                    else 0.0,
+                    "n": len(at),
+                }
+                for m in METRICS
+            }
+        mean_kls = [by_budget[str(b)]["kl"]["mean"] for b in config.budgets]
+        value, reason = queries_to_target(list(config.budgets), mean_kls, target)
+        per_seed = []
+        for s in range(config.seeds):
+            kls = [
+                next(r for r in mine if r["budget"] == b and r["seed"] == s)["metrics"]["kl"]
+                for b in config.budgets
+            ]
+            per_seed.append(queries_to_target(list(config.budgets), kls, target)[0])
+        reached = [v for v in per_seed if v is not None]
+        ci = (
+            [min(reached), max(reached)]
+            if len(reached) == len(per_seed) and len(per_seed) > 1
+            else None
+        )
+        summary[name] = {
+            "queries_to_target": value,
+            "reason": reason,
+            "queries_to_target_ci": ci,
+            "ci_kind": "range over seeds" if ci else None,
+            "per_seed": per_seed,
+            "by_budget": by_budget,
+        }
+    text = summary.get("text")
+    for entry in summary.values():
+        entry["multiplier_vs_text"], entry["multiplier_reason"], entry["multiplier_vs_text_ci"] = (
+            _multiplier(entry, text, config)
+        )
+    return summary
+
+
+def _multiplier(entry: dict, text: dict | None, config: AuditConfig):
+    if text is None:
+        return None, "text was not audited", None
+    if entry["queries_to_target"] is None:
+        return None, "this level did not reach the target", None
+    if text["queries_to_target"] is None:
+        bound = config.budgets[-1] / entry["queries_to_target"]
+        return None, f"text did not reach the target within budgets: multiplier > {bound:.1f}", None
+    value = text["queries_to_target"] / entry["queries_to_target"]
+    note = None
+    if entry["reason"] or text["reason"]:
+        note = "a bound, not a point estimate: " + "; ".join(
+            r for r in (entry["reason"], text["reason"]) if r
+        )
+    pairs = [t / e for t, e in zip(text["per_seed"], entry["per_seed"]) if t and e]
+    ci = [min(pairs), max(pairs)] if len(pairs) > 1 and len(pairs) == config.seeds else None
+    return value, note, ci
+
+
+def _cost(manifest: dict, config: AuditConfig) -> dict:
+    prices = config.prices_per_million
+    dollars = (
+        manifest["prompt_tokens"] * prices["input"]
+        + manifest["completion_tokens"] * prices["output"]
+    ) / 1e6
+    return {
+        "queries": manifest["queries"] + manifest["cached"],
+        "prompt_tokens": manifest["prompt_tokens"],
+        "completion_tokens": manifest["completion_tokens"],
+        "prices_per_million": prices,
+        "dollars": dollars,
+        "note": "every level uses the same queries; a level costs the queries of its budget",
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(data, indent=2))
+    os.replace(staging, path)

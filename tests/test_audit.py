@@ -1,0 +1,100 @@
+"""A miniature exposure audit, end to end on the real default teacher: results, report, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from distillscope.audit import AuditConfig, queries_to_target, run_audit
+from distillscope.report import write_audit_report
+
+MINI = AuditConfig(
+    exposures=("top5", "text"),
+    budgets=(8, 16),
+    seeds=1,
+    heldout=6,
+    validation=4,
+    max_new_tokens=12,
+    max_prompt_tokens=48,
+    epochs=2,
+    min_steps=6,
+    eval_every=3,
+    target_fraction=0.05,
+    device="cpu",
+    preset="test",
+)
+
+
+@pytest.fixture(scope="module")
+def mini_audit(default_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("audit")
+    return out, run_audit(MINI, out, progress=False)
+
+
+def test_results_hold_every_run_and_a_summary_per_level(mini_audit):
+    out, results = mini_audit
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert {(r["exposure"], r["budget"], r["seed"]) for r in results["runs"]} == {
+        ("top5", 8, 0),
+        ("top5", 16, 0),
+        ("text", 8, 0),
+        ("text", 16, 0),
+    }
+    for run in results["runs"]:
+        assert run["queries"] <= run["budget"]
+        for metric in (
+            "kl",
+            "tv",
+            "top1_agreement",
+            "ece",
+            "sample_teacher_logprob",
+            "refusal_rate",
+        ):
+            assert math.isfinite(run["metrics"][metric])
+        assert run["metrics"]["kl"] < results["untrained"]["kl"]  # every student learned something
+        assert set(run["coverage"]) <= {"in_harvest", "held_out"}
+    for level in ("top5", "text"):
+        entry = results["summary"][level]
+        assert "queries_to_target" in entry and "multiplier_vs_text" in entry
+        if entry["queries_to_target"] is None:
+            assert entry["reason"]
+        if entry["multiplier_vs_text"] is None:
+            assert entry["multiplier_reason"]
+    assert results["summary"]["text"]["multiplier_vs_text"] in (1.0, None)
+    assert results["cost"]["queries"] == 16 and results["cost"]["dollars"] > 0
+
+
+def test_levels_share_the_same_prompts_and_text(mini_audit):
+    """Poorer levels are derived from the same records: same queries, same sampled tokens."""
+    _, results = mini_audit
+    tokens = {(r["exposure"], r["budget"]): r["completion_tokens"] for r in results["runs"]}
+    assert (
+        tokens[("top5", 8)] == tokens[("text", 8)] and tokens[("top5", 16)] == tokens[("text", 16)]
+    )
+
+
+def test_report_and_plots_are_written(mini_audit, tmp_path):
+    _, results = mini_audit
+    report = write_audit_report(results, tmp_path)
+    html = report.read_text()
+    assert "top5" in html and "text" in html
+    for name in ("fidelity_vs_queries.png", "metrics_vs_queries.png", "behaviour_vs_fidelity.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_finished_audit_resumes_without_training_again(mini_audit):
+    out, results = mini_audit
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
+    again = run_audit(MINI, out, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == before
+    assert again["runs"] == results["runs"]
+
+
+def test_queries_to_target_interpolates_and_never_extrapolates():
+    assert queries_to_target([10, 100], [6.0, 4.0], 5.0) == (pytest.approx(math.sqrt(1000)), None)
+    value, reason = queries_to_target([10, 100], [6.0, 5.5], 5.0)
+    assert value is None and "not reached" in reason
+    value, reason = queries_to_target([10, 100], [4.0, 3.0], 5.0)
+    assert value == 10 and "at most 10" in reason
