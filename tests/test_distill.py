@@ -230,3 +230,45 @@ def test_layers_student_starts_from_the_teacher(tiny_teacher):
     torch.testing.assert_close(
         student.get_input_embeddings().weight, tiny_teacher.model.get_input_embeddings().weight
     )
+
+
+def test_two_process_data_parallel_run_matches_one_process(tiny_records, tiny_dir, tmp_path):
+    """Scale-out via torch.distributed (torchrun, gloo on CPU): the loss curve of one process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = str(Path(__file__).with_name("ddp_run.py"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(
+        [sys.executable, worker, str(tiny_records.path), str(tiny_dir), str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            worker,
+            str(tiny_records.path),
+            str(tiny_dir),
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert double.returncode == 0, double.stderr[-3000:]
+    one = [m["loss"] for m in read_metrics(tmp_path / "one")]
+    two = [m["loss"] for m in read_metrics(tmp_path / "two")]
+    assert len(one) == len(two) == 4
+    np.testing.assert_allclose(two, one, rtol=1e-4)

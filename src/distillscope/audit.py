@@ -288,6 +288,7 @@ def _train_one(config, level, budget, seed, examples, teacher, tok, val, val_row
         teacher=teacher,
         progress=False,
         on_step=on_step,
+        save=False,
     )
     student.load_state_dict(best["state"])
     measured = measure(student)

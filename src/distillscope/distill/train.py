@@ -159,15 +159,31 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
     return Batch(input_ids, attention, positions, mask, list(examples))
 
 
+class CompletionLogits(torch.nn.Module):
+    """The student as one module whose forward returns logits (B, T, V) only at the positions that
+    predict completion tokens. The vocabulary projection is skipped for prompt positions (most of
+    the memory on a 49k vocabulary), and being one module lets DistributedDataParallel, which hooks
+    ``forward``, wrap it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, positions):
+        hidden = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state
+        index = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        return self.model.get_output_embeddings()(hidden.gather(1, index))
+
+
 def student_logits(model, batch: Batch, device) -> torch.Tensor:
-    """Logits (B, T, V) only at positions that predict completion tokens: the vocabulary projection
-    is skipped for prompt positions, which is most of the memory on a 49k vocabulary."""
-    hidden = model.base_model(
-        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
-    ).last_hidden_state
-    index = batch.positions.to(device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-    picked = hidden.gather(1, index)
-    return model.get_output_embeddings()(picked)
+    """Completion-position logits of ``model`` (a causal LM, or an already wrapped student)."""
+    wrapped = isinstance(model, (CompletionLogits, torch.nn.parallel.DistributedDataParallel))
+    module = model if wrapped else CompletionLogits(model)
+    return module(
+        batch.input_ids.to(device), batch.attention_mask.to(device), batch.positions.to(device)
+    )
 
 
 def _pad_stack(arrays: Sequence[np.ndarray], length: int, fill) -> torch.Tensor:
@@ -324,12 +340,14 @@ def distill(
     progress: bool = True,
     stop_after: int | None = None,
     on_step=None,
+    save: bool = True,
 ) -> TrainResult:
     """Train ``student`` on ``examples`` for ``config.steps`` steps, checkpointing into ``out``.
 
     Resumes from the latest checkpoint in ``out`` when its config matches. ``stop_after`` ends the
     run early after that many steps (to simulate an interruption in tests). ``on_step(step,
-    student)`` is called after every optimiser step (evaluation, early stopping).
+    student)`` is called after every optimiser step (evaluation, early stopping). ``save=False``
+    writes no checkpoints and no final student (callers that keep the model in memory).
     """
     config.validate()
     level = config.level()
@@ -348,7 +366,22 @@ def distill(
         raise TrainingError(f"{out} holds a run with another config; use a new --out")
     config_path.write_text(json.dumps(asdict(config), indent=2))
 
+    # Scale-out goes through accelerate/torch.distributed: under `accelerate launch` or torchrun,
+    # every process takes its share of each micro-batch and DDP averages the gradients.
+    from accelerate import PartialState
+
+    dist = PartialState(cpu=device.type == "cpu")
+    world, rank, main = dist.num_processes, dist.process_index, dist.is_main_process
+    if world > 1:
+        device = dist.device
+        if config.batch_size < world:
+            raise TrainingError(f"batch size {config.batch_size} < {world} processes")
     student.to(device).train()
+    forward = CompletionLogits(student)
+    if world > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            forward, device_ids=[device.index] if device.type == "cuda" else None
+        )
     optimizer = torch.optim.AdamW(
         student.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -359,7 +392,9 @@ def distill(
         start = _load_checkpoint(latest, student, optimizer, scheduler)
         resumed_from = start
     metrics_path = out / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start)
+    if main:
+        _truncate_metrics(metrics_path, start)
+    dist.wait_for_everyone()
     pad = getattr(tokenizer, "pad_token_id", None) or 0
 
     from rich.progress import (
@@ -375,30 +410,33 @@ def distill(
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        disable=not progress,
+        disable=not (progress and main),
     )
     last_loss, tokens_seen, train_seconds = float("nan"), 0, 0.0
     # on-policy completions are new every step: nothing to reuse
     scorer = ScoreCache(teacher) if teacher is not None and config.signal == "online" else teacher
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
-    with bar, open(metrics_path, "a") as metrics:
+    with bar, open(metrics_path if main else os.devnull, "a") as metrics:
         task = bar.add_task(f"{config.loss_name()} @ {level}", total=config.steps, completed=start)
         for step in range(start, end):
             began = time.perf_counter()
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
             micro = step_examples(examples, config, step)
+            micro = [m[rank::world] for m in micro]
             if config.signal == "on-policy":
                 micro = [_on_policy(student, m, tokenizer, config, step, device) for m in micro]
             batches = [collate(m, pad) for m in micro]
-            total_tokens = sum(int(b.mask.sum()) for b in batches)
+            total_tokens = _all_ranks_sum(sum(int(b.mask.sum()) for b in batches), world, device)
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             for batch in batches:
-                logits = student_logits(student, batch, device)
+                logits = student_logits(forward, batch, device)
                 loss = batch_loss(config, logits, batch, device, scorer, generator)
-                share = int(batch.mask.sum()) / total_tokens  # token-weighted across micro-batches
-                (loss * share).backward()
+                # token-weighted across micro-batches and processes (DDP divides by world)
+                share = int(batch.mask.sum()) / total_tokens
+                (loss * share * world).backward()
                 step_loss += loss.item() * share
+            step_loss = _all_ranks_sum(step_loss, world, device)
             if config.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(student.parameters(), config.max_grad_norm)
             optimizer.step()
@@ -423,11 +461,13 @@ def distill(
             bar.update(
                 task, advance=1, description=f"{config.loss_name()} @ {level} loss {step_loss:.3f}"
             )
-            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            due = (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps
+            if save and main and due:
                 _save_checkpoint(out, step + 1, student, optimizer, scheduler)
-            if on_step is not None:
+            if on_step is not None and main:
                 on_step(step + 1, student)
-    if end == config.steps:
+    dist.wait_for_everyone()
+    if save and end == config.steps and main:
         final = out / "student"
         student.save_pretrained(final)
         if tokenizer is not None:
@@ -439,6 +479,14 @@ def distill(
         tokens_per_second=tokens_seen / train_seconds if train_seconds else 0.0,
         resumed_from=resumed_from,
     )
+
+
+def _all_ranks_sum(value: float, world: int, device) -> float:
+    if world == 1:
+        return value
+    total = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    return total.item()
 
 
 def _latest_checkpoint(out: Path) -> Path | None:
