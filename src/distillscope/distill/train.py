@@ -9,6 +9,7 @@ checkpoint retraces the loss curve of an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -270,6 +271,7 @@ def batch_loss(config: DistillConfig, logits, batch: Batch, device, teacher=None
     return soft
 
 
+@functools.lru_cache(maxsize=4)
 def _order(seed: int, epoch: int, size: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(size)
 
