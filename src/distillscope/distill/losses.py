@@ -72,6 +72,13 @@ def _masked_mean(per_position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return (per_position * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def _tempered(student_logits: torch.Tensor, signal: DenseSignal, temperature: float):
+    """Teacher and student log-distributions at the distillation temperature."""
+    teacher = torch.log_softmax(signal.logprobs.float() / temperature, dim=-1)
+    student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    return teacher, student
+
+
 def _scale(temperature: float) -> float:
     """Hinton's T²: soft-target gradients shrink as 1/T², so scale the loss back up, once."""
     return temperature**2
@@ -85,8 +92,7 @@ def forward_kl(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """KL(teacher_T ‖ student_T) × T², mean over counted positions (mode-covering)."""
-    teacher = torch.log_softmax(signal.logprobs.float() / temperature, dim=-1)
-    student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher, student = _tempered(student_logits, signal, temperature)
     per = (teacher.exp() * (teacher - student)).sum(-1)
     return _scale(temperature) * _masked_mean(per, mask)
 
@@ -99,8 +105,7 @@ def reverse_kl(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """KL(student_T ‖ teacher_T) × T², mean over counted positions (mode-seeking)."""
-    teacher = torch.log_softmax(signal.logprobs.float() / temperature, dim=-1)
-    student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher, student = _tempered(student_logits, signal, temperature)
     per = (student.exp() * (student - teacher)).sum(-1)
     return _scale(temperature) * _masked_mean(per, mask)
 
@@ -126,8 +131,7 @@ def generalized_jsd(
         return forward_kl(student_logits, signal, mask, temperature=temperature)
     if beta == 1.0:
         return reverse_kl(student_logits, signal, mask, temperature=temperature)
-    teacher = torch.log_softmax(signal.logprobs.float() / temperature, dim=-1)
-    student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher, student = _tempered(student_logits, signal, temperature)
     mixture = torch.logaddexp(teacher + math.log(beta), student + math.log(1 - beta))
     kl_teacher = (teacher.exp() * (teacher - mixture)).sum(-1)
     kl_student = (student.exp() * (student - mixture)).sum(-1)
