@@ -26,6 +26,7 @@ from distillscope.distill import losses as L
 from distillscope.errors import DistillscopeError
 from distillscope.exposure import Full, Signal, Text, TopK, is_at_least, parse_exposure
 from distillscope.records import RecordSet
+from distillscope.teachers.local import encode_prompt
 
 SIGNAL_MODES = ("offline", "online", "on-policy")
 DEFAULT_LOSS = {Full: "forward-kl", TopK: "sparse-kl", Text: "ce"}
@@ -112,7 +113,8 @@ def examples_from_records(records: RecordSet, exposure, tokenizer=None) -> list[
                 raise TrainingError(
                     "records from a remote teacher need the tokenizer to rebuild prompts"
                 )
-            prompt_ids = np.asarray(_template(tokenizer, exchange.prompt), dtype=np.int64)
+            ids = encode_prompt(tokenizer, exchange.prompt, records.provenance.max_prompt_tokens)
+            prompt_ids = np.asarray(ids, dtype=np.int64)
         else:
             prompt_ids = exchange.prompt_ids
         if len(exchange.signal) == 0:
@@ -123,13 +125,6 @@ def examples_from_records(records: RecordSet, exposure, tokenizer=None) -> list[
     if not out:
         raise TrainingError("no usable records (every completion is empty)")
     return out
-
-
-def _template(tokenizer, prompt: str) -> list[int]:
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 @dataclass
@@ -357,9 +352,9 @@ def distill(
         raise TrainingError("full exposure and on-policy training need a local --teacher to score")
     if config.signal == "on-policy" and tokenizer is None:
         raise TrainingError("on-policy training needs the tokenizer to sample from the student")
-    for example in examples[:1]:
-        if not is_at_least(example.signal.exposure, level) and not isinstance(level, Full):
-            raise TrainingError(f"examples are at {example.signal.exposure}, training asks {level}")
+    stored = examples[0].signal.exposure if examples else level
+    if not isinstance(level, Full) and not is_at_least(stored, level):
+        raise TrainingError(f"examples are at {stored}, training asks {level}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)

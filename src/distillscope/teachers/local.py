@@ -33,6 +33,20 @@ def pick_device(device: str | None = "auto") -> torch.device:
     return chosen
 
 
+def encode_prompt(tokenizer, prompt: str, max_prompt_tokens: int) -> list[int]:
+    """The exact ids a local model sees: the text cut to ``max_prompt_tokens``, then templated as
+    one user turn (plain text when the tokenizer has no chat template)."""
+    text_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if len(text_ids) > max_prompt_tokens:
+        prompt = tokenizer.decode(text_ids[:max_prompt_tokens])
+    if getattr(tokenizer, "chat_template", None):
+        templated = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer(templated, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
 class _SampleAndRecord(LogitsProcessor):
     """Draws each row's next token from its own seeded generator and records the raw logprobs.
 
@@ -120,16 +134,7 @@ class TransformersTeacher:
         return sorted(i for i in ids if i is not None)
 
     def encode_prompt(self, prompt: str, max_prompt_tokens: int) -> list[int]:
-        """The exact ids fed to the model: the text cut to ``max_prompt_tokens``, then templated."""
-        text_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if len(text_ids) > max_prompt_tokens:
-            prompt = self.tokenizer.decode(text_ids[:max_prompt_tokens])
-        if getattr(self.tokenizer, "chat_template", None):
-            templated = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-            return self.tokenizer(templated, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(prompt)["input_ids"]
+        return encode_prompt(self.tokenizer, prompt, max_prompt_tokens)
 
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig) -> list[Completion]:
         out: list[Completion] = []
