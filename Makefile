@@ -26,6 +26,7 @@ demo: install
 
 test: install
 	bash scripts/ensure-chromium.sh
+	bash scripts/ensure-services.sh
 	$(PY) -m pytest -q
 
 lint: install

@@ -11,6 +11,10 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from distillscope.teachers import TransformersTeacher, load_teacher
 from distillscope.teachers.default import default_model_dir
 
+# Real servers for the tests that need them, started from scripts/ (fail, never skip).
+from fixtures_redis import redis_url  # noqa: E402,F401
+from fixtures_services import postgres_url  # noqa: E402,F401
+
 
 @pytest.fixture(scope="session")
 def default_dir() -> Path:

@@ -89,9 +89,9 @@ class RecordingTeacher:
         self.id, self.tokenizer = teacher.id, teacher.tokenizer
         self.max_exposure, self.logprobs_kind = teacher.max_exposure, teacher.logprobs_kind
 
-    def generate(self, prompts, sampling):
+    def generate_from_ids(self, encoded, sampling, **kwargs):
         self.log.append(sampling)
-        return self.teacher.generate(prompts, sampling)
+        return self.teacher.generate_from_ids(encoded, sampling, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -338,7 +338,7 @@ def test_generate_inside_a_running_event_loop(remote):
         ({"max_tokens": 0}, "max_tokens"),
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"n": 2}, "n"),
-        ({"stream": True}, "stream"),
+        ({"stop": ["\n"]}, "stop"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "system", "content": "no user"}]}, "messages"),
         ({"messages": MISSING}, "messages"),

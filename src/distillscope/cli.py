@@ -25,6 +25,11 @@ paper_app = typer.Typer(
     help="Reproduce papers' experiments with distillscope's code.", no_args_is_help=True
 )
 app.add_typer(paper_app, name="paper")
+keys_app = typer.Typer(
+    help="Accounts and API keys of a gateway (a SQLite file the running gateway reads).",
+    no_args_is_help=True,
+)
+app.add_typer(keys_app, name="keys")
 
 console = Console()
 errors = Console(stderr=True)
@@ -359,6 +364,145 @@ def data_inspect(
     for key, value in summary["provenance"].items():
         table.add_row(f"provenance.{key}", str(value))
     console.print(table)
+
+
+KEYS_OPTION = typer.Option(
+    Path("gateway-keys.sqlite"), "--keys", help="The gateway's key store (created if missing)."
+)
+
+
+@app.command()
+def serve(
+    teacher: str = typer.Option(
+        "default", help="'default', 'hf:PATH', or 'synthetic' (model-free, for load tests)."
+    ),
+    upstream: str | None = typer.Option(
+        None, help="Proxy an OpenAI-compatible URL instead of a local teacher."
+    ),
+    upstream_model: str | None = typer.Option(None, help="The upstream's model (default: first)."),
+    model_name: str | None = typer.Option(None, help="The model name clients ask for."),
+    db: str = typer.Option(
+        "traffic.duckdb",
+        help="Traffic log: a DuckDB file, a postgresql:// URL, or 'off'.",
+    ),
+    keys: Path = KEYS_OPTION,
+    open_gateway: bool = typer.Option(
+        False, "--open", help="No keys: anyone on the network gets top20, unlimited."
+    ),
+    tiers: Path | None = typer.Option(None, help="YAML file of tiers (built-ins: text..full)."),
+    limits: str = typer.Option(
+        "memory", help="Where rate limits live: 'memory' (one process) or a redis:// URL."
+    ),
+    block_file: Path | None = typer.Option(
+        None, help="Block list file (account:ID / key:ID lines), re-read when it changes."
+    ),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8000, min=1, max=65535, help="Port to listen on."),
+    device: str = typer.Option("auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'."),
+) -> None:
+    """Serve a model through an OpenAI-compatible API that caps exposure per key and logs traffic.
+
+    Example: distillscope keys create --account acme --tier top5; then
+    distillscope serve --teacher default --db traffic.duckdb --port 8000
+    """
+    from distillscope.gateway import GatewayConfig, run_gateway
+
+    config = GatewayConfig(
+        teacher=teacher,
+        upstream=upstream,
+        upstream_model=upstream_model,
+        model_name=model_name,
+        db=None if db == "off" else db,
+        keys=None if open_gateway else str(keys),
+        tiers=str(tiers) if tiers else None,
+        limits=limits,
+        block_file=str(block_file) if block_file else None,
+        host=host,
+        port=port,
+        device=device,
+    )
+    errors.print(
+        f"serving {upstream or teacher} on http://{host}:{port}/v1 "
+        f"(log: {db}; keys: {'none, open' if open_gateway else keys}); Ctrl-C stops"
+    )
+    run_gateway(config)
+
+
+@keys_app.command("create")
+def keys_create(
+    account: str = typer.Option(..., help="The account the key belongs to."),
+    tier: str = typer.Option(..., help="Its tier: text, top1, top5, top20, full, or --tiers'."),
+    name: str | None = typer.Option(None, help="A label for the key."),
+    tiers: Path | None = typer.Option(None, help="YAML file of tiers, to check the name against."),
+    keys: Path = KEYS_OPTION,
+) -> None:
+    """Create an API key; the key is printed once and stored only as a hash."""
+    from distillscope.gateway import KeyStore, load_tiers
+
+    known = load_tiers(tiers)
+    if tier not in known:
+        raise DistillscopeError(f"unknown tier {tier!r}: expected one of {', '.join(known)}")
+    key, secret = KeyStore(keys).create(account, tier, name=name)
+    errors.print(f"key {key.key_id} for account {account} at tier {tier} (shown once):")
+    print(secret)
+
+
+@keys_app.command("list")
+def keys_list(
+    account: str | None = typer.Option(None, help="Only this account's keys."),
+    keys: Path = KEYS_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List keys (never their secrets) and what is blocked."""
+    from dataclasses import asdict
+
+    from distillscope.gateway import KeyStore
+
+    store = KeyStore(keys)
+    listed = store.list(account)
+    blocked = store.blocked()
+    if as_json:
+        print(json.dumps([asdict(k) for k in listed]))
+        return
+    table = Table("key id", "account", "tier", "name", "state")
+    for k in listed:
+        state = "revoked" if not k.active else "active"
+        if ("key", k.key_id) in blocked or ("account", k.account_id) in blocked:
+            state += ", blocked"
+        table.add_row(k.key_id, k.account_id, k.tier, k.name or "", state)
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., help="The key's id."), keys: Path = KEYS_OPTION):
+    """Revoke a key for good (a running gateway refuses it within a second)."""
+    from distillscope.gateway import KeyStore
+
+    key = KeyStore(keys).revoke(key_id)
+    errors.print(f"revoked key {key.key_id} of account {key.account_id}")
+
+
+@keys_app.command("block")
+def keys_block(
+    account: str | None = typer.Option(None, help="Block every key of this account."),
+    key: str | None = typer.Option(None, help="Block this key id."),
+    reason: str | None = typer.Option(None, help="Why (kept with the block)."),
+    unblock: bool = typer.Option(False, "--unblock", help="Lift the block instead."),
+    keys: Path = KEYS_OPTION,
+) -> None:
+    """Block (or unblock) an account or a key: 403 from the running gateway within a second."""
+    from distillscope.gateway import KeyStore
+
+    if (account is None) == (key is None):
+        raise DistillscopeError("name exactly one of --account or --key")
+    kind, value = ("account", account) if account is not None else ("key", key)
+    store = KeyStore(keys)
+    if unblock:
+        store.unblock(kind, value)
+        errors.print(f"unblocked {kind} {value}")
+    else:
+        store.block(kind, value, reason=reason)
+        errors.print(f"blocked {kind} {value}")
 
 
 def main() -> None:

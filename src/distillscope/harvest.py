@@ -26,6 +26,7 @@ from distillscope.exposure import Exposure, is_at_least, parse_exposure, richnes
 from distillscope.paths import cache_dir
 from distillscope.prompts import Prompt
 from distillscope.records import (
+    METADATA_KEY,
     RECORDS_DIR,
     Provenance,
     RecordSet,
@@ -59,13 +60,20 @@ class ExchangeCache:
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"part-{key}.parquet"
 
-    def get(self, key: str) -> dict | None:
+    def get(self, key: str, level: Exposure | None = None) -> dict | None:
+        """The stored answer, or ``None``; with ``level``, only an answer stored at that level
+        (a server that capped exposure once may serve another key differently)."""
         path = self._path(key)
         if not path.is_file():
             return None
         try:
-            return pq.read_table(path).to_pylist()[0]
-        except (OSError, pa.ArrowInvalid, IndexError):
+            table = pq.read_table(path)
+            if level is not None and Provenance.from_json(
+                table.schema.metadata[METADATA_KEY]
+            ).exposure != str(level):
+                return None
+            return table.to_pylist()[0]
+        except (OSError, pa.ArrowInvalid, IndexError, KeyError, ValueError):
             return None  # a damaged entry is a miss; it is rewritten after the next query
 
     def put(self, key: str, row: dict, provenance: Provenance) -> None:
@@ -245,7 +253,9 @@ def harvest(
                 batch = remaining[start : start + batch_size]
                 provenance = provenance_for(teacher, sampling, exposure=level)
                 keys = [ExchangeCache.key(provenance, requested, p.text) for p in batch]
-                hits = {i: row for i, k in enumerate(keys) if store and (row := store.get(k))}
+                hits = {
+                    i: row for i, k in enumerate(keys) if store and (row := store.get(k, level))
+                }
                 misses = [i for i in range(len(batch)) if i not in hits]
                 fresh: dict[int, Completion] = {}
                 if misses:

@@ -1,15 +1,99 @@
-"""Run a gateway app under uvicorn in a background thread (tests, notebooks, local audits)."""
+"""Run the gateway: under uvicorn in the foreground (``distillscope serve``) or in a thread."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
+
+from distillscope.errors import DistillscopeError
+
+
+@dataclass
+class GatewayConfig:
+    """Everything ``distillscope serve`` sets. ``teacher`` is a teacher spec, or ``upstream`` an
+    OpenAI-compatible URL to proxy (then ``teacher`` is ignored)."""
+
+    teacher: str = "default"
+    upstream: str | None = None
+    upstream_model: str | None = None
+    upstream_key: str | None = None
+    model_name: str | None = None
+    db: str | None = "traffic.duckdb"
+    keys: str | None = "gateway-keys.sqlite"
+    tiers: str | None = None
+    limits: str | None = None
+    block_file: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    log_batch: int = 512
+    log_wait_ms: float = 5.0
+
+
+def build_gateway(config: GatewayConfig) -> tuple[FastAPI, object]:
+    """The app a config describes, and its traffic log (closed by whoever runs the app)."""
+    from distillscope.gateway.app import create_app
+    from distillscope.gateway.backends import ProxyBackend, TeacherBackend
+    from distillscope.gateway.keys import KeyStore
+    from distillscope.gateway.limits import open_limiter
+    from distillscope.gateway.tiers import load_tiers
+    from distillscope.gateway.traffic import open_traffic_log
+    from distillscope.teachers import load_teacher
+
+    tiers = load_tiers(config.tiers)
+    keys = KeyStore(config.keys) if config.keys else None
+    if config.upstream:
+        backend = ProxyBackend(
+            config.upstream,
+            api_key=config.upstream_key or os.environ.get("UPSTREAM_API_KEY"),
+            model=config.upstream_model,
+            model_name=config.model_name,
+        )
+    else:
+        teacher = load_teacher(config.teacher, device=config.device, batch_size=1)
+        backend = TeacherBackend(
+            teacher, model_name=config.model_name or _served_name(config.teacher)
+        )
+    limiter = open_limiter(config.limits)
+    log = open_traffic_log(config.db, batch_size=config.log_batch, max_wait_ms=config.log_wait_ms)
+    log.start()
+    app = create_app(
+        backend, keys=keys, log=log, limiter=limiter, tiers=tiers, block_file=config.block_file
+    )
+    return app, log
+
+
+def _served_name(spec: str) -> str:
+    if spec in ("default", "synthetic"):
+        return f"distillscope-{spec}"
+    return Path(spec.split(":", 1)[-1]).name or spec
+
+
+def run_gateway(config: GatewayConfig) -> None:
+    """Serve until Ctrl-C or SIGTERM; the traffic log is drained and closed on the way out."""
+    _check_port(config.host, config.port)
+    app, log = build_gateway(config)
+    try:
+        uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False)
+    finally:
+        log.close()
+
+
+def _check_port(host: str, port: int) -> None:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise DistillscopeError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
 @contextmanager
@@ -17,7 +101,7 @@ def serve_in_thread(app: FastAPI, *, host: str = "127.0.0.1", port: int = 0) -> 
     """Serve ``app`` on ``host:port`` (0: a free port) until the block ends; yield its base URL."""
     sock = socket.socket()
     sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -1,7 +1,8 @@
 """Teachers behind one protocol: the default model, any local transformers model, any OpenAI API.
 
 ``load_teacher("default")``, ``load_teacher("hf:/path/to/model")`` or
-``load_teacher("openai:http://127.0.0.1:8000/v1")``.
+``load_teacher("openai:http://127.0.0.1:8000/v1")``; ``load_teacher("synthetic")`` is a model-free
+stand-in for load tests and simulations.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ __all__ = [
     "row_seed",
 ]
 
-TEACHER_SPECS = "'default', 'hf:PATH' or 'openai:URL'"
+TEACHER_SPECS = "'default', 'hf:PATH', 'openai:URL' or 'synthetic'"
 
 
 def load_teacher(
@@ -46,6 +47,10 @@ def load_teacher(
         return TransformersTeacher.from_pretrained(
             default_model_dir(), device=device, id=DEFAULT_TEACHER_ID, batch_size=batch_size
         )
+    if spec == "synthetic":
+        from distillscope.teachers.synthetic import SyntheticTeacher
+
+        return SyntheticTeacher.default()
     if spec.startswith("hf:"):
         return TransformersTeacher.from_pretrained(spec[3:], device=device, batch_size=batch_size)
     if spec.startswith("openai:"):

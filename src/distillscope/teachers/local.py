@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,11 @@ def encode_prompt(tokenizer, prompt: str, max_prompt_tokens: int) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
+#: Called after each generated token of row 0: ``(token_id, logprob, top_ids, top_logprobs)``, the
+#: top-k arrays ``None`` below ``topK`` exposure. Streaming servers pass one; raising aborts.
+OnStep = Callable[[int, float, "np.ndarray | None", "np.ndarray | None"], None]
+
+
 class _SampleAndRecord(LogitsProcessor):
     """Draws each row's next token from its own seeded generator and records the raw logprobs.
 
@@ -57,7 +62,17 @@ class _SampleAndRecord(LogitsProcessor):
     other prompts share the batch.
     """
 
-    def __init__(self, seeds: Sequence[int], temperature: float, k: int, keep_full: bool):
+    def __init__(
+        self,
+        seeds: Sequence[int],
+        temperature: float,
+        k: int,
+        keep_full: bool,
+        processors: Sequence[LogitsProcessor] = (),
+        on_step: OnStep | None = None,
+    ):
+        self.processors = list(processors)
+        self.on_step = on_step
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
         self.temperature = temperature
         self.k = k
@@ -69,6 +84,8 @@ class _SampleAndRecord(LogitsProcessor):
         self.full: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for processor in self.processors:
+            scores = processor(input_ids, scores)
         logprobs = torch.log_softmax(scores.float(), dim=-1)
         if self.temperature == 0:
             choice = logprobs.argmax(dim=-1)
@@ -85,6 +102,13 @@ class _SampleAndRecord(LogitsProcessor):
             self.topk_logprobs.append(values.cpu())
         if self.keep_full:
             self.full.append(logprobs.cpu())
+        if self.on_step is not None:
+            self.on_step(
+                int(choice[0]),
+                float(self.chosen_logprobs[-1][0]),
+                self.topk_ids[-1][0].numpy() if self.k else None,
+                self.topk_logprobs[-1][0].numpy() if self.k else None,
+            )
         forced = torch.full_like(scores, float("-inf"))
         forced.scatter_(-1, choice[:, None], 0.0)
         return forced
@@ -148,9 +172,20 @@ class TransformersTeacher:
 
     @torch.inference_mode()
     def generate_from_ids(
-        self, encoded: Sequence[Sequence[int]], sampling: SamplingConfig, *, keys: Sequence[str]
+        self,
+        encoded: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        *,
+        keys: Sequence[str],
+        processors: Sequence[LogitsProcessor] = (),
+        on_step: OnStep | None = None,
     ) -> list[Completion]:
-        """Sample from exact prompt ids (already templated). ``keys`` seed each row's draw."""
+        """Sample from exact prompt ids (already templated). ``keys`` seed each row's draw.
+
+        ``processors`` (a watermark, say) transform the raw logits before the draw, so the
+        reported logprobs are those of the distribution actually sampled; ``on_step`` sees each
+        token of the first row as it is drawn.
+        """
         prompts = keys
         exposure = sampling.exposure
         encoded = [list(e) for e in encoded]
@@ -164,6 +199,8 @@ class TransformersTeacher:
             sampling.temperature,
             k,
             keep_full=isinstance(exposure, Full),
+            processors=processors,
+            on_step=on_step,
         )
         config = GenerationConfig(
             do_sample=False,

@@ -1,0 +1,531 @@
+"""The gateway end to end: the official openai client (sync, async, streaming) against a real
+uvicorn server, keys and tiers from a real SQLite store, the traffic log in a real DuckDB file.
+
+The model-free synthetic teacher answers (exact logprobs of what it samples, in microseconds);
+the one test that needs a model's prompt scores serves the tiny random Llama.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from distillscope.gateway import KeyStore, Tier, create_app, serve_in_thread, write_block_list
+from distillscope.gateway.keys import Block
+from distillscope.gateway.tiers import BUILTIN_TIERS, TierError, load_tiers
+from distillscope.gateway.traffic import open_traffic_log, read_traffic
+from distillscope.teachers import load_teacher
+from distillscope.tokens import token_bytes_table
+
+MODEL = "distillscope-synthetic"
+HI = [{"role": "user", "content": "Say hi to the gateway."}]
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return load_teacher("synthetic")
+
+
+@pytest.fixture(scope="module")
+def gateway(synthetic, tmp_path_factory):
+    """A keyed gateway with every built-in tier, a strict tier and a rounding tier."""
+    root = tmp_path_factory.mktemp("gateway")
+    store = KeyStore(root / "keys.sqlite", refresh=0.1)
+    tiers = dict(BUILTIN_TIERS)
+    tiers["strict"] = Tier("strict", BUILTIN_TIERS["top5"].exposure, over_limit="reject")
+    tiers["rounded"] = Tier("rounded", BUILTIN_TIERS["top5"].exposure, round_logprobs=2)
+    tiers["slow"] = Tier("slow", BUILTIN_TIERS["text"].exposure, requests_per_minute=3)
+    tiers["short"] = Tier("short", BUILTIN_TIERS["text"].exposure, max_prompt_tokens=8)
+    secrets = {name: store.create(f"acct-{name}", name)[1] for name in tiers}
+    log = open_traffic_log(root / "traffic.duckdb", max_wait_ms=2)
+    log.start()
+    block_file = root / "blocked.txt"
+    app = create_app(
+        synthetic,
+        model_name=MODEL,
+        keys=store,
+        log=log,
+        tiers=tiers,
+        block_file=str(block_file),
+    )
+    with serve_in_thread(app) as url:
+        yield {
+            "url": f"{url}/v1",
+            "keys": secrets,
+            "store": store,
+            "log": log,
+            "block_file": block_file,
+        }
+    log.close()
+
+
+def client(gateway, tier: str, **kwargs) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway["url"], api_key=gateway["keys"][tier], max_retries=0)
+
+
+def aclient(gateway, tier: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=gateway["url"], api_key=gateway["keys"][tier], max_retries=0)
+
+
+def ask(c, **kwargs):
+    args = {"model": MODEL, "messages": HI, "max_tokens": 12, "seed": 3, **kwargs}
+    return c.chat.completions.create(**args)
+
+
+def test_openai_client_sync_and_async_streaming_or_not_agree(gateway, synthetic):
+    c = client(gateway, "top20")
+    whole = ask(c, logprobs=True, top_logprobs=5)
+    choice = whole.choices[0]
+    assert whole.id.startswith("chatcmpl-") and whole.model == MODEL
+    content = choice.logprobs.content
+    assert len(content) == whole.usage.completion_tokens > 0
+    for entry in content:
+        tops = [alt.logprob for alt in entry.top_logprobs]
+        assert len(tops) == 5 and tops == sorted(tops, reverse=True)
+        assert entry.token == bytes(entry.bytes).decode("utf-8", "replace")
+    # The very completion the teacher draws in-process for this prompt and seed.
+    from distillscope.teachers import SamplingConfig
+
+    local = synthetic.generate(
+        [HI[0]["content"]], SamplingConfig(exposure="top5", max_new_tokens=12, seed=3)
+    )[0]
+    assert choice.message.content == local.text
+    assert [e.logprob for e in content] == pytest.approx(local.signal.token_logprobs.tolist())
+
+    chunks = list(ask(c, logprobs=True, top_logprobs=5, stream=True))
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    entries = [
+        e
+        for ch in chunks
+        if ch.choices and ch.choices[0].logprobs
+        for e in ch.choices[0].logprobs.content
+    ]
+    assert streamed == choice.message.content
+    assert [e.model_dump() for e in entries] == [e.model_dump() for e in content]
+    assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+    assert len({ch.id for ch in chunks}) == 1
+
+    async def both():
+        async with aclient(gateway, "top20") as ac:
+            plain = await ac.chat.completions.create(
+                model=MODEL, messages=HI, max_tokens=12, seed=3, logprobs=True, top_logprobs=5
+            )
+            stream = await ac.chat.completions.create(
+                model=MODEL,
+                messages=HI,
+                max_tokens=12,
+                seed=3,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            parts = [chunk async for chunk in stream]
+        return plain, parts
+
+    plain, parts = asyncio.run(both())
+    assert plain.choices[0].message.content == choice.message.content
+    assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == streamed
+    assert parts[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_stream_is_server_sent_events_ending_in_done(gateway):
+    headers = {"Authorization": f"Bearer {gateway['keys']['top5']}"}
+    body = {"model": MODEL, "messages": HI, "max_tokens": 8, "stream": True}
+    with httpx.stream(
+        "POST", f"{gateway['url']}/chat/completions", json=body, headers=headers
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    first = json.loads(lines[0][6:])
+    assert first["object"] == "chat.completion.chunk"
+    assert first["choices"][0]["delta"] == {"role": "assistant"}
+
+
+def test_legacy_completions(gateway):
+    c = client(gateway, "top5")
+    response = c.completions.create(model=MODEL, prompt="Once upon", max_tokens=10, logprobs=3)
+    choice = response.choices[0]
+    assert response.object == "text_completion" and response.id.startswith("cmpl-")
+    assert len(choice.logprobs.tokens) == response.usage.completion_tokens
+    assert all(len(top) <= 3 for top in choice.logprobs.top_logprobs)
+    assert choice.logprobs.text_offset[0] == 0
+    streamed = "".join(
+        chunk.choices[0].text
+        for chunk in c.completions.create(
+            model=MODEL, prompt="Once upon", max_tokens=10, stream=True
+        )
+    )
+    assert streamed == choice.text
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        c.completions.create(model=MODEL, prompt="x", logprobs=6)
+
+
+@pytest.mark.parametrize(
+    ("tier", "asked", "served", "header"),
+    [
+        ("top20", 20, 20, "top20"),
+        ("top5", 20, 5, "top5"),
+        ("top1", 3, 1, "top1"),
+        ("top5", 0, 0, "logprobs"),
+        ("text", 5, None, "text"),
+    ],
+)
+def test_tier_caps_what_is_revealed(gateway, tier, asked, served, header):
+    c = client(gateway, tier)
+    raw = c.chat.completions.with_raw_response.create(
+        model=MODEL, messages=HI, max_tokens=6, logprobs=True, top_logprobs=asked
+    )
+    assert raw.headers["x-distillscope-exposure"] == header
+    logprobs = raw.parse().choices[0].logprobs
+    if served is None:
+        assert logprobs is None
+    else:
+        assert {len(e.top_logprobs) for e in logprobs.content} == {served}
+
+
+def test_reject_tier_refuses_and_rounding_tier_rounds(gateway):
+    with pytest.raises(openai.BadRequestError) as refused:
+        ask(client(gateway, "strict"), logprobs=True, top_logprobs=6)
+    assert refused.value.code == "exposure_not_allowed"
+    assert ask(client(gateway, "strict"), logprobs=True, top_logprobs=5).choices[0].logprobs
+    content = ask(client(gateway, "rounded"), logprobs=True, top_logprobs=5).choices[0]
+    values = [alt.logprob for e in content.logprobs.content for alt in [e, *e.top_logprobs]]
+    assert values and all(round(v, 2) == v for v in values)
+    assert any(v != round(v, 1) for v in values)
+
+
+def test_prompt_logprobs_only_on_full_tier(tiny_teacher, tmp_path):
+    store = KeyStore(tmp_path / "keys.sqlite")
+    full = store.create("a", "full")[1]
+    top5 = store.create("b", "top5")[1]
+    app = create_app(tiny_teacher, model_name="tiny", keys=store)
+    with serve_in_thread(app) as url:
+        body = {"model": "tiny", "messages": HI, "max_tokens": 2, "prompt_logprobs": 3}
+        answer = httpx.post(
+            f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {full}"}
+        )
+        capped = httpx.post(
+            f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {top5}"}
+        )
+    assert answer.status_code == 200 and answer.headers["x-distillscope-exposure"] == "full"
+    prompt_logprobs = answer.json()["prompt_logprobs"]
+    assert prompt_logprobs[0] is None
+    assert answer.json()["usage"]["prompt_tokens"] == len(prompt_logprobs)
+    for position in prompt_logprobs[1:]:
+        assert 1 <= len(position) <= 4
+        assert all(item["logprob"] <= 0 and item["rank"] >= 1 for item in position.values())
+    assert capped.status_code == 200 and "prompt_logprobs" not in capped.json()
+
+
+def error_of(call) -> openai.APIStatusError:
+    with pytest.raises(openai.APIStatusError) as caught:
+        call()
+    body = caught.value.body
+    assert set(body) >= {"message", "type", "param", "code"}  # OpenAI's error shape
+    return caught.value
+
+
+def test_errors_in_openai_shape_and_never_500(gateway):
+    url = gateway["url"]
+    anonymous = openai.OpenAI(base_url=url, api_key="dsk-nope-nope", max_retries=0)
+    assert isinstance(error_of(lambda: ask(anonymous)), openai.AuthenticationError)
+    c = client(gateway, "top5")
+    assert error_of(lambda: ask(c, model="gpt-9")).status_code == 404
+    assert error_of(lambda: ask(c, temperature=3)).status_code == 400
+    assert error_of(lambda: ask(c, max_tokens=0)).status_code == 400
+    assert error_of(lambda: ask(c, top_logprobs=21, logprobs=True)).status_code == 400
+    assert error_of(lambda: ask(c, n=2)).status_code == 400
+    assert error_of(lambda: ask(c, messages=[])).status_code == 400
+    long = [{"role": "user", "content": "word " * 50}]
+    assert error_of(lambda: ask(client(gateway, "short"), messages=long)).status_code == 413
+    headers = {"Authorization": f"Bearer {gateway['keys']['top5']}"}
+    for body in (b"{not json", b"[]", b'{"model": 1}', b'{"model": "x", "messages": "hi"}'):
+        answer = httpx.post(f"{url}/chat/completions", content=body, headers=headers)
+        assert answer.status_code == 400 and answer.json()["error"]["type"]
+    no_key = httpx.post(f"{url}/chat/completions", json={"model": MODEL, "messages": HI})
+    assert no_key.status_code == 401
+
+
+def test_rate_limit_429_with_retry_after_per_key(gateway):
+    slow = client(gateway, "slow")
+    for _ in range(3):
+        ask(slow)
+    limited = error_of(lambda: ask(slow))
+    assert isinstance(limited, openai.RateLimitError)
+    assert int(limited.response.headers["retry-after"]) >= 1
+    # Another key is not affected by this one's limit.
+    assert ask(client(gateway, "text")).choices[0].message.content is not None
+
+
+def test_block_list_from_store_and_file_and_revocation(gateway):
+    store: KeyStore = gateway["store"]
+    key, secret = store.create("acct-blocked", "top5")
+    c = openai.OpenAI(base_url=gateway["url"], api_key=secret, max_retries=0)
+    ask(c)
+    store.block("account", "acct-blocked", reason="test")
+    time.sleep(0.15)
+    assert isinstance(error_of(lambda: ask(c)), openai.PermissionDeniedError)
+    store.unblock("account", "acct-blocked")
+    time.sleep(0.15)
+    ask(c)
+    write_block_list(gateway["block_file"], [Block("key", key.key_id, "detector")])
+    time.sleep(1.1)  # the file is re-checked once a second
+    assert isinstance(error_of(lambda: ask(c)), openai.PermissionDeniedError)
+    write_block_list(gateway["block_file"], [])
+    time.sleep(1.1)
+    ask(c)
+    store.revoke(key.key_id)
+    time.sleep(0.15)
+    assert isinstance(error_of(lambda: ask(c)), openai.AuthenticationError)
+
+
+def test_every_exchange_is_logged_with_its_exposure(gateway):
+    log = gateway["log"]
+    before = log.count()
+    c = client(gateway, "top5")
+    ids = [ask(c, logprobs=True, top_logprobs=20, seed=s).id for s in range(5)]
+    with pytest.raises(openai.NotFoundError):
+        ask(c, model="nope")
+    rows = log.read(f"exchange_id IN ({', '.join(repr(i) for i in ids)})").to_pylist()
+    assert len(rows) == 5
+    for row in rows:
+        assert row["account_id"] == "acct-top5" and row["tier"] == "top5"
+        assert row["key_id"] and row["key_id"] in gateway["keys"]["top5"]
+        assert (row["exposure_requested"], row["exposure_served"]) == ("top20", "top5")
+        assert row["status"] == 200 and row["prompt"] == HI[0]["content"]
+        assert row["completion"] is not None and row["completion_tokens"] > 0
+        assert json.loads(row["messages"]) == HI and row["user_agent"].startswith("OpenAI")
+    assert log.count() == before + 6
+    refused = log.read("status = 404").to_pylist()
+    assert refused and refused[-1]["error_code"] == "model_not_found"
+
+
+def test_tier_file_is_validated(tmp_path):
+    path = tmp_path / "tiers.yaml"
+    path.write_text("tiers:\n  partner:\n    exposure: top20\n    requests_per_minute: 60\n")
+    tiers = load_tiers(path)
+    assert (
+        tiers["partner"].max_top_logprobs == 20
+        and tiers["partner"].limits.requests_per_minute == 60
+    )
+    for bad in ("exposure: top99", "over_limit: maybe", "watermark: nope", "colour: red"):
+        path.write_text(f"tiers:\n  partner:\n    {bad}\n")
+        with pytest.raises(TierError):
+            load_tiers(path)
+
+
+def cli(*args, cwd: Path, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "distillscope.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
+
+
+def test_keys_commands(tmp_path):
+    made = cli("keys", "create", "--account", "acme", "--tier", "top5", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    secret = made.stdout.strip()
+    assert secret.startswith("dsk-") and secret not in (
+        tmp_path / "gateway-keys.sqlite"
+    ).read_bytes().decode("latin-1")
+    listed = json.loads(cli("keys", "list", "--json", cwd=tmp_path).stdout)
+    assert [(k["account_id"], k["tier"]) for k in listed] == [("acme", "top5")]
+    key_id = listed[0]["key_id"]
+    assert secret.split("-")[1] == key_id
+    assert cli("keys", "block", "--account", "acme", cwd=tmp_path).returncode == 0
+    assert "blocked" in cli("keys", "list", cwd=tmp_path).stdout
+    assert cli("keys", "revoke", key_id, cwd=tmp_path).returncode == 0
+    again = cli("keys", "revoke", key_id, cwd=tmp_path)
+    assert again.returncode == 2 and "already revoked" in again.stderr
+    bad = cli("keys", "create", "--account", "acme", "--tier", "gold", cwd=tmp_path)
+    assert bad.returncode == 2 and "unknown tier" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_harvest_through_the_gateway_gets_its_tier(tmp_path, default_dir):
+    """A harvest asking top20 with a top5 key is stored at top5; with a text key, as text."""
+    from distillscope.records import RecordSet
+
+    store = KeyStore(tmp_path / "keys.sqlite")
+    log = open_traffic_log(tmp_path / "traffic.duckdb")
+    log.start()
+    app = create_app(load_teacher("synthetic"), model_name=MODEL, keys=store, log=log)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Say hi.\nName a prime.\nWhy is the sky blue?\n")
+    with serve_in_thread(app) as url:
+        for tier in ("top5", "text"):
+            secret = store.create(f"harvester-{tier}", tier)[1]
+            done = cli(
+                "harvest",
+                "--teacher",
+                f"openai:{url}/v1",
+                "--tokenizer",
+                "default",
+                "--prompts",
+                str(prompts),
+                "--n",
+                "3",
+                "--exposure",
+                "top20",
+                "--max-new-tokens",
+                "8",
+                "--out",
+                str(tmp_path / tier),
+                cwd=tmp_path,
+                env={"OPENAI_API_KEY": secret, "DISTILLSCOPE_CACHE": str(tmp_path / "cache")},
+            )
+            assert done.returncode == 0, done.stderr
+            assert RecordSet(tmp_path / tier).summary()["exposure"] == tier
+    log.close()
+    rows = read_traffic(tmp_path / "traffic.duckdb").to_pylist()
+    served = {(r["account_id"], r["exposure_served"]) for r in rows}
+    assert served == {("harvester-top5", "top5"), ("harvester-text", "text")}
+    assert len(rows) == 6
+
+
+def test_two_gateways_share_rate_limits_through_redis(synthetic, redis_url, tmp_path):
+    """Two gateway processes' worth of apps behind one key: Redis keeps one budget for both."""
+    from distillscope.gateway.limits import open_limiter
+
+    store = KeyStore(tmp_path / "keys.sqlite")
+    metered = Tier(
+        "metered", BUILTIN_TIERS["text"].exposure, requests_per_minute=20, concurrency=None
+    )
+    tiers = {"metered": metered}
+    secret = store.create("shared", "metered")[1]
+    apps = [
+        create_app(
+            synthetic, model_name=MODEL, keys=store, tiers=tiers, limiter=open_limiter(redis_url)
+        )
+        for _ in range(2)
+    ]
+    with serve_in_thread(apps[0]) as first, serve_in_thread(apps[1]) as second:
+
+        async def hammer() -> list[int]:
+            async with httpx.AsyncClient(timeout=30) as http:
+                calls = [
+                    http.post(
+                        f"{url}/v1/chat/completions",
+                        json={"model": MODEL, "messages": HI, "max_tokens": 2},
+                        headers={"Authorization": f"Bearer {secret}"},
+                    )
+                    for url in [first, second] * 20
+                ]
+                return [r.status_code for r in await asyncio.gather(*calls)]
+
+        began = time.monotonic()
+        statuses = asyncio.run(hammer())
+        elapsed = time.monotonic() - began
+    # A full bucket of 20, plus what refilled meanwhile (20/min: one per 3 s).
+    assert 20 <= statuses.count(200) <= 20 + int(elapsed / 3) + 1
+    assert set(statuses) == {200, 429}
+
+
+def test_proxy_backend_applies_the_tier_to_an_upstream(synthetic, tmp_path):
+    """A keyed gateway in front of an open upstream: the caller's tier still caps what it sees."""
+    from distillscope.gateway import ProxyBackend
+
+    upstream = create_app(synthetic, model_name=MODEL)  # open: top20 for anyone
+    store = KeyStore(tmp_path / "keys.sqlite")
+    secret = store.create("proxied", "top5")[1]
+    with serve_in_thread(upstream) as up:
+        proxy = create_app(ProxyBackend(f"{up}/v1"), keys=store)
+        with serve_in_thread(proxy) as url:
+            c = openai.OpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0)
+            direct = openai.OpenAI(base_url=f"{up}/v1", api_key="x", max_retries=0)
+            assert [m.id for m in c.models.list().data] == [MODEL]
+            answer = ask(c, logprobs=True, top_logprobs=20)
+            reference = ask(direct, logprobs=True, top_logprobs=5)
+            streamed = "".join(
+                ch.choices[0].delta.content or "" for ch in ask(c, stream=True) if ch.choices
+            )
+            legacy = c.completions.create(model=MODEL, prompt="Once", max_tokens=5, logprobs=5)
+    content = answer.choices[0].logprobs.content
+    assert {len(e.top_logprobs) for e in content} == {5}
+    assert answer.choices[0].message.content == reference.choices[0].message.content
+    assert [e.model_dump() for e in content] == [
+        e.model_dump() for e in reference.choices[0].logprobs.content
+    ]
+    assert streamed == reference.choices[0].message.content
+    assert len(legacy.choices[0].logprobs.tokens) == legacy.usage.completion_tokens
+
+
+def test_watermark_hook_transforms_what_is_sampled(tiny_teacher, tmp_path):
+    """A tier's watermark processor sees each account's id and shapes the sampled distribution."""
+    import torch
+
+    from distillscope.gateway import WATERMARKS
+
+    seen = []
+
+    def only_token(account: str):
+        seen.append(account)
+        token = 1000 + len(account)
+
+        def processor(input_ids, scores):
+            forced = torch.full_like(scores, -1e9)
+            forced[:, token] = 0
+            return forced
+
+        return processor
+
+    WATERMARKS["only-one-token"] = only_token
+    try:
+        store = KeyStore(tmp_path / "keys.sqlite")
+        tiers = {
+            "marked": Tier("marked", BUILTIN_TIERS["top5"].exposure, watermark="only-one-token")
+        }
+        secret = store.create("acct-wm", "marked")[1]
+        app = create_app(tiny_teacher, model_name="tiny", keys=store, tiers=tiers)
+        with serve_in_thread(app) as url:
+            c = openai.OpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0)
+            answer = c.chat.completions.create(
+                model="tiny", messages=HI, max_tokens=4, logprobs=True, top_logprobs=2
+            )
+    finally:
+        del WATERMARKS["only-one-token"]
+    assert seen == ["acct-wm"]
+    content = answer.choices[0].logprobs.content
+    forced = token_bytes_table(tiny_teacher.tokenizer)[1000 + len("acct-wm")]
+    assert len(content) == 4 and all(e.logprob == pytest.approx(0, abs=1e-6) for e in content)
+    assert {bytes(e.bytes) for e in content} == {forced}
+
+
+def test_serve_config_with_postgres_log_and_redis_limits(postgres_url, redis_url, tmp_path):
+    """What `serve --db postgresql://... --limits redis://...` builds, over real servers."""
+    from distillscope.gateway import GatewayConfig, build_gateway
+
+    store = KeyStore(tmp_path / "keys.sqlite")
+    secret = store.create("pg-account", "top20")[1]
+    config = GatewayConfig(
+        teacher="synthetic", db=postgres_url, keys=str(tmp_path / "keys.sqlite"), limits=redis_url
+    )
+    app, log = build_gateway(config)
+    try:
+        with serve_in_thread(app) as url:
+            c = openai.OpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0)
+            ids = [
+                ask(c, model="distillscope-synthetic", seed=s, logprobs=True, top_logprobs=3).id
+                for s in range(4)
+            ]
+            chunks = list(ask(c, model="distillscope-synthetic", stream=True))
+        rows = log.read("account_id = 'pg-account'").to_pylist()
+    finally:
+        log.close()
+    assert sorted(r["exchange_id"] for r in rows) == sorted(ids + [chunks[0].id])
+    assert {r["exposure_served"] for r in rows} == {"top3", "text"}
+    assert all(r["status"] == 200 and r["completion"] is not None for r in rows)
