@@ -19,11 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +28,7 @@ import numpy as np
 
 from distillscope.gateway import KeyStore, TeacherBackend
 from distillscope.gateway.backends import GenerationRequest
-from distillscope.gateway.loadtest import run_load
+from distillscope.gateway.loadtest import GatewayProcess, run_load
 from distillscope.gateway.traffic import read_traffic
 from distillscope.teachers import load_teacher
 
@@ -45,48 +40,14 @@ TIERS = (
 PROMPT = "benchmark prompt: say something."
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def start_server(root: Path, db: str) -> tuple[GatewayProcess, str]:
+    args = ["--db", db, "--keys", str(root / "keys.sqlite"), "--tiers", str(root / "tiers.yaml")]
+    server = GatewayProcess(*args).start()
+    return server, server.url
 
 
-def start_server(root: Path, db: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "distillscope.cli",
-            "serve",
-            "--teacher",
-            "synthetic",
-            "--db",
-            db,
-            "--keys",
-            str(root / "keys.sqlite"),
-            "--tiers",
-            str(root / "tiers.yaml"),
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return process, f"{url}/v1"
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise RuntimeError("the gateway did not start")
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGTERM)
-    process.wait(60)
+def stop(server: GatewayProcess) -> None:
+    server.stop()
 
 
 def in_process_latency(n: int, max_tokens: int) -> list[float]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -529,3 +530,16 @@ def test_serve_config_with_postgres_log_and_redis_limits(postgres_url, redis_url
     assert sorted(r["exchange_id"] for r in rows) == sorted(ids + [chunks[0].id])
     assert {r["exposure_served"] for r in rows} == {"top3", "text"}
     assert all(r["status"] == 200 and r["completion"] is not None for r in rows)
+
+
+def test_an_unreachable_upstream_is_a_502_in_openai_shape(tmp_path):
+    from distillscope.gateway import ProxyBackend
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    app = create_app(ProxyBackend(dead, model="m", max_retries=0))
+    with serve_in_thread(app) as url:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        failed = error_of(lambda: ask(c, model="m"))
+    assert failed.status_code == 502 and "upstream failed" in failed.message

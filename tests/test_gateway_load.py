@@ -8,19 +8,13 @@ whose answers take microseconds, so the gateway and its log are what is under lo
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from distillscope.gateway import KeyStore
-from distillscope.gateway.loadtest import run_load
+from distillscope.gateway.loadtest import GatewayProcess, run_load
 from distillscope.gateway.traffic import read_traffic
 
 MODEL = "distillscope-synthetic"
@@ -31,57 +25,15 @@ TIERS = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """`distillscope serve` in a child process."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> Server:
-        (self.root / "tiers.yaml").write_text(TIERS)
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "distillscope.cli",
-                "serve",
-                "--teacher",
-                "synthetic",
-                "--db",
-                str(self.root / "traffic.duckdb"),
-                "--keys",
-                str(self.root / "keys.sqlite"),
-                "--tiers",
-                str(self.root / "tiers.yaml"),
-                "--port",
-                str(self.port),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.root / "server.log", "a"),  # noqa: SIM115
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, (self.root / "server.log").read_text()
-            try:
-                if httpx.get(self.url.replace("/v1", "/health"), timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                time.sleep(0.2)
-        raise AssertionError("the gateway did not start within 90 s")
-
-    def stop(self, sig=signal.SIGTERM) -> None:
-        self.process.send_signal(sig)
-        self.process.wait(60)
+def start_server(root: Path) -> GatewayProcess:
+    """`distillscope serve` in a child process, on the test's log, keys and tiers."""
+    (root / "tiers.yaml").write_text(TIERS)
+    return GatewayProcess(
+        "--db", str(root / "traffic.duckdb"),
+        "--keys", str(root / "keys.sqlite"),
+        "--tiers", str(root / "tiers.yaml"),
+        log_file=root / "server.log",
+    ).start()  # fmt: skip
 
 
 @pytest.fixture()
@@ -97,7 +49,7 @@ def whole(row: dict) -> bool:
 
 def test_load_no_5xx_and_one_row_per_200(root):
     path, key = root
-    server = Server(path).start()
+    server = start_server(path)
     try:
         result = asyncio.run(
             run_load(
@@ -118,13 +70,13 @@ def test_load_no_5xx_and_one_row_per_200(root):
 
 def test_kill_mid_load_loses_no_acknowledged_exchange(root):
     path, key = root
-    server = Server(path).start()
+    server = start_server(path)
     killed = {}
 
     def kill_after_some(result) -> None:
         if result.ok >= 400 and not killed:
             killed["at"] = result.ok
-            server.process.send_signal(signal.SIGKILL)
+            server.process.send_signal(signal.SIGKILL)  # a crash: no clean-up at all
 
     result = asyncio.run(
         run_load(
@@ -142,8 +94,8 @@ def test_kill_mid_load_loses_no_acknowledged_exchange(root):
     assert killed and result.server_errors == 0
     acknowledged = set(result.acknowledged)
     assert len(acknowledged) == result.ok >= 400
-    # The server comes back on the same log (DuckDB replays its WAL) and serves again.
-    server = Server(path).start()
+    # The server comes back on the same log (loading the journal the kill left) and serves.
+    server = start_server(path)
     try:
         after = asyncio.run(run_load(server.url, key, model=MODEL, clients=8, requests=64))
     finally:

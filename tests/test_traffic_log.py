@@ -103,15 +103,17 @@ def record_all(log, rows: list[dict], tasks: int) -> None:
 
 
 def spy_batches(log, monkeypatch) -> list[int]:
-    """The size of every batch the log writes from now on."""
+    """The size of every batch the log makes durable from now on (one group commit each): the
+    journal's appends for DuckDB, the database's transactions for PostgreSQL."""
     sizes: list[int] = []
-    write = log._write
+    owner, name = (log._journal, "append") if log._journal is not None else (log, "_write")
+    write = getattr(owner, name)
 
     def spy(rows):
         sizes.append(len(rows))
         write(rows)
 
-    monkeypatch.setattr(log, "_write", spy)
+    monkeypatch.setattr(owner, name, spy)
     return sizes
 
 
@@ -245,6 +247,7 @@ def test_a_failed_write_is_retried_until_it_commits(target, monkeypatch):
 
         monkeypatch.setattr(log, "_write", flaky)
         log.submit(make_row("cmpl-retried")).result(timeout=10)
+        assert log.count() == 1  # loaded, through both failures
         assert not failures
     assert read_traffic(target).num_rows == 1
 

@@ -2,9 +2,10 @@
 
 ``create_app(backend, keys=..., log=..., limiter=...)`` builds the FastAPI app; ``distillscope
 serve`` runs it under uvicorn. Per request, in order: a body that is not JSON at all (400), the
-key (401), the block list (403), the body's fields (400), the prompt's size (413), the key's rate limits (429), then the tier's exposure policy decides
-what the backend is asked for and what the answer reveals. Every exchange, refused or served, is
-appended to the traffic log, and a response is sent only once its row is committed.
+key (401), the block list (403), the body's fields (400), the prompt's size (413), the key's rate
+limits (429); then the tier's exposure policy decides what the backend is asked for and what the
+answer reveals. Every exchange, refused or served, is appended to the traffic log, and a response
+is sent only once its row is durable.
 
 Token ids cross the wire as OpenAI's ``token``/``bytes`` pairs, spelled by
 ``distillscope.tokens.token_bytes_table``, the table ``OpenAITeacher`` reads them back with.

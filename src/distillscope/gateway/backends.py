@@ -377,12 +377,8 @@ class ProxyBackend(Backend):
                 choice = response.choices[0]
                 text = choice.message.content or ""
                 logprobs = _chat_entries(choice.logprobs, request.top_logprobs)
-        except self._openai.APIStatusError as exc:
-            raise BackendError(
-                f"upstream answered {exc.status_code}: {exc.message}", status=502
-            ) from exc
         except self._openai.APIError as exc:
-            raise BackendError(f"upstream failed: {exc}", status=502) from exc
+            raise _upstream_error(exc) from exc
         usage = response.usage
         return Generation(
             text=text,
@@ -415,12 +411,8 @@ class ProxyBackend(Backend):
                     finish = choice.finish_reason or finish
                     if piece.text or piece.logprobs:
                         yield piece
-        except self._openai.APIStatusError as exc:
-            raise BackendError(
-                f"upstream answered {exc.status_code}: {exc.message}", status=502
-            ) from exc
         except self._openai.APIError as exc:
-            raise BackendError(f"upstream failed: {exc}", status=502) from exc
+            raise _upstream_error(exc) from exc
         yield Generation(
             text=text,
             finish_reason=finish,
@@ -431,6 +423,13 @@ class ProxyBackend(Backend):
 
     async def close(self) -> None:
         await self.client.close()
+
+
+def _upstream_error(exc) -> BackendError:
+    """An upstream failure as a 502 that says what the upstream answered."""
+    status = getattr(exc, "status_code", None)
+    detail = f"answered {status}: {exc.message}" if status else f"failed: {exc}"
+    return BackendError(f"upstream {detail}", status=502)
 
 
 def _first_model(url: str, api_key: str | None) -> str:

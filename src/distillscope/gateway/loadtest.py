@@ -8,9 +8,15 @@ acknowledged with a 200, so a traffic log can be checked against what clients we
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -117,6 +123,52 @@ async def run_load(
         await asyncio.gather(*(worker(c) for _ in range(clients)))
     result.seconds = time.perf_counter() - started
     return result
+
+
+class GatewayProcess:
+    """``distillscope serve`` in a child process on a free loopback port (tests, benchmarks).
+
+    ``args`` are extra ``serve`` options (``--db``, ``--keys``, ``--tiers``, ...); the child's
+    stderr goes to ``log_file`` (appended) when given.
+    """
+
+    def __init__(self, *args: str, teacher: str = "synthetic", log_file: Path | None = None):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.args = ["serve", "--teacher", teacher, "--port", str(self.port), *args]
+        self.log_file = log_file
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90) -> GatewayProcess:
+        errors = open(self.log_file, "a") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "distillscope.cli", *self.args],
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the gateway exited with {self.process.returncode}")
+            try:
+                if httpx.get(self.url.replace("/v1", "/health"), timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise RuntimeError(f"the gateway did not start within {timeout:g} s")
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up at all, as in a crash."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(60)
+
+    def stop(self) -> None:
+        """SIGTERM: uvicorn finishes, the traffic log drains."""
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(60)
 
 
 def _stream_id(lines: list[str]) -> str | None:

@@ -36,7 +36,7 @@ class GatewayConfig:
     port: int = 8000
     device: str = "auto"
     log_batch: int = 512
-    log_wait_ms: float = 5.0
+    log_wait_ms: float = 0.0
 
 
 def build_gateway(config: GatewayConfig) -> tuple[FastAPI, object]:

@@ -1,21 +1,29 @@
 """The gateway's traffic log: every exchange, durable before its response is acknowledged.
 
 A request handler ``await log.record(row)``. The row goes through a bounded queue to one writer
-thread that commits rows in batches (group commit: up to ``batch_size`` rows, or whatever arrived
-within ``max_wait_ms`` of the first), so the database never sits on the request path, yet a handler
-resumes only once its row's transaction has committed: a server killed at any moment has logged
-every exchange it acknowledged, and only whole rows. Writes are idempotent on ``exchange_id``, and a
-failed write (a database restarting) is retried with backoff, never dropped; a full queue makes
-``record()`` wait instead of growing without bound.
+thread, off the request path, which takes whatever rows have arrived (group commit: up to
+``batch_size``; ``max_wait_ms`` can hold a batch open longer, which only helps at very high
+concurrency) and makes them durable in one go; the handler resumes only then, so a server killed
+at any moment has logged every exchange it acknowledged, and only whole rows. Writes are idempotent
+on ``exchange_id``; a failed write (a database restarting) is retried with backoff, never dropped;
+a full queue makes ``record()`` wait instead of growing without bound.
 
-Two backends hold the same table, ``exchanges`` (columns in ``EXCHANGE_SCHEMA``): a DuckDB file
-(one writing process; read it once the gateway stopped) and PostgreSQL (live reads from anywhere,
-several gateways). See docs/traffic-log.md.
+Two backends hold the same table, ``exchanges`` (columns in ``EXCHANGE_SCHEMA``):
+
+- a DuckDB file (one writing process; read it once the gateway stopped). A DuckDB commit costs
+  milliseconds of CPU whatever its size, so rows are made durable in a journal beside the file
+  (``traffic.duckdb.journal/``, fsynced JSON lines, about 0.3 ms a batch) and loaded into DuckDB
+  in large transactions every ``load_every_s`` seconds; a journal left by a crash is loaded at the
+  next start. ``read()`` and ``count()`` first load everything acknowledged.
+- PostgreSQL (live reads from anywhere, several gateways), where each group is one transaction.
+
+See docs/traffic-log.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import numbers
 import os
@@ -132,6 +140,74 @@ _COUNT_SCHEMA = pa.schema([("count", pa.int64())])
 _STOP = object()
 _FIRST_RETRY_S = 0.05
 _MAX_RETRY_S = 5.0
+#: read() and count() put one of these in the queue: every row acknowledged before is loaded.
+_FLUSH = object()
+
+
+class _Journal:
+    """Rows acknowledged to clients but not yet in the database, in fsynced files on local disk.
+
+    Rows go to the open segment (one JSON array per line); a sealed segment is handed to the
+    database in one transaction and deleted once that committed. A segment left by a killed process
+    is loaded again at the next start (inserts are idempotent on ``exchange_id``); a torn last line
+    was never acknowledged (the fsync had not returned), so it is dropped.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.rows: list[tuple] = []
+        self.opened_at = 0.0
+        self._file = None
+        self._path: Path | None = None
+
+    def leftovers(self) -> list[Path]:
+        return sorted(self.folder.glob("segment-*.jsonl")) if self.folder.is_dir() else []
+
+    @staticmethod
+    def load(path: Path) -> list[tuple]:
+        rows = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                values = json.loads(line)
+            except json.JSONDecodeError:
+                break  # torn by a kill mid-write: never acknowledged
+            values[1] = datetime.fromisoformat(values[1])
+            rows.append(tuple(values))
+        return rows
+
+    def append(self, rows: list[tuple]) -> None:
+        """Write and fsync ``rows``: once this returns they survive a crash."""
+        if self._file is None:
+            self.folder.mkdir(exist_ok=True)
+            self._path = self.folder / f"segment-{time.time_ns():020d}.jsonl"
+            self._file = open(self._path, "a", encoding="utf-8")  # noqa: SIM115
+            _fsync_folder(self.folder)  # the new file's name is durable too
+            self.opened_at = time.monotonic()
+        lines = [
+            json.dumps([v.isoformat() if isinstance(v, datetime) else v for v in row])
+            for row in rows
+        ]
+        self._file.write("\n".join(lines) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.rows.extend(rows)
+
+    def seal(self) -> tuple[Path | None, list[tuple]]:
+        """Close the open segment; its path and rows (``None, []`` when there is none)."""
+        if self._file is None:
+            return None, []
+        self._file.close()
+        sealed = (self._path, self.rows)
+        self._file, self._path, self.rows = None, None, []
+        return sealed
+
+
+def _fsync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _row_values(row: Mapping[str, object]) -> tuple:
@@ -191,8 +267,11 @@ class TrafficLog:
         target: str,
         *,
         batch_size: int = 512,
-        max_wait_ms: float = 5.0,
+        max_wait_ms: float = 0.0,
         max_queue: int = 100_000,
+        journal: Path | None = None,
+        load_every_s: float = 0.5,
+        load_rows: int = 8192,
     ) -> None:
         if batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
             raise TrafficLogError(
@@ -208,6 +287,12 @@ class TrafficLog:
         self._lock = threading.Lock()
         self._state = "new"
         self._writer: threading.Thread | None = None
+        #: With a journal, rows are acknowledged once fsynced there and loaded in large batches.
+        self._journal = _Journal(journal) if journal is not None else None
+        self.load_every_s = load_every_s
+        self.load_rows = load_rows
+        self._loads: queue.Queue = queue.Queue()
+        self._loader: threading.Thread | None = None
 
     def __enter__(self) -> TrafficLog:
         self.start()
@@ -222,9 +307,18 @@ class TrafficLog:
             if self._state != "new":
                 raise TrafficLogError(f"traffic log {self.target} was already started")
             self._open()
+            if self._journal is not None:
+                for segment in self._journal.leftovers():  # acknowledged before a crash
+                    self._write(_Journal.load(segment))
+                    segment.unlink()
             self._state = "open"
         self._writer = threading.Thread(target=self._write_loop, name="traffic-log", daemon=True)
         self._writer.start()
+        if self._journal is not None:
+            self._loader = threading.Thread(
+                target=self._load_loop, name="traffic-load", daemon=True
+            )
+            self._loader.start()
 
     async def record(self, row: dict) -> None:
         """Log one exchange; return once it is committed. Waits while the queue is full."""
@@ -264,11 +358,21 @@ class TrafficLog:
 
     def read(self, where: str | None = None) -> pa.Table:
         """All rows (``where``: a SQL condition), ordered by ts, then exchange_id."""
+        self._flush()
         return self._query(_select("*", where) + " ORDER BY ts, exchange_id", EXCHANGE_SCHEMA)
 
     def count(self, where: str | None = None) -> int:
         """How many rows (``where``: a SQL condition)."""
+        self._flush()
         return self._query(_select("count(*) AS count", where), _COUNT_SCHEMA)[0][0].as_py()
+
+    def _flush(self) -> None:
+        """Wait until every row acknowledged so far is in the database (journal mode only)."""
+        if self._journal is None or self._state != "open":
+            return
+        done: Future = Future()
+        self._queue.put((_FLUSH, done))
+        done.result()
 
     def _take_slot(self) -> None:
         while not self._slots.acquire(timeout=0.1):
@@ -293,36 +397,70 @@ class TrafficLog:
     def _write_loop(self) -> None:
         stopping = False
         while not stopping:
-            batch, stopping = self._next_batch()
+            batch, flushes, stopping = self._next_batch()
+            if self._journal is None:
+                if batch:
+                    self._write_retrying([values for values, _ in batch])
+                    self._acknowledge(batch)
+                    self._slots.release(len(batch))
+                continue
             if batch:
-                self._commit(batch)
+                self._journal.append([values for values, _ in batch])
+                self._acknowledge(batch)
+            journal = self._journal
+            due = journal.rows and time.monotonic() - journal.opened_at >= self.load_every_s
+            if flushes or stopping or due or len(journal.rows) >= self.load_rows:
+                self._loads.put((*journal.seal(), flushes))
+        if self._loader is not None:
+            self._loads.put(_STOP)
+            self._loader.join()
 
-    def _next_batch(self) -> tuple[list, bool]:
-        """Up to batch_size queued rows, waiting at most max_wait_ms after the first; and whether
-        close() was called."""
-        item = self._queue.get()
-        if item is _STOP:
-            return [], True
-        batch = [item]
+    def _load_loop(self) -> None:
+        """Load sealed journal segments into the database, one transaction each."""
+        while (item := self._loads.get()) is not _STOP:
+            segment, rows, flushes = item
+            if rows:
+                self._write_retrying(rows)
+                self._slots.release(len(rows))
+            if segment is not None:
+                segment.unlink()
+            for done in flushes:
+                done.set_result(None)
+
+    def _next_batch(self) -> tuple[list, list, bool]:
+        """Up to batch_size queued rows (waiting at most max_wait_ms after the first), the flush
+        requests among them, and whether close() was called. In journal mode an idle wait ends
+        when the open segment is due for loading."""
+        timeout = None
+        if self._journal is not None and self._journal.rows:
+            timeout = max(0.0, self._journal.opened_at + self.load_every_s - time.monotonic())
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return [], [], False
+        batch, flushes = [], []
         deadline = time.monotonic() + self.max_wait_ms / 1000
-        while len(batch) < self.batch_size:
+        while True:
+            if item is _STOP:
+                return batch, flushes, True
+            if item[0] is _FLUSH:
+                flushes.append(item[1])
+            else:
+                batch.append(item)
+            if len(batch) >= self.batch_size:
+                return batch, flushes, False
             try:
                 item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                break
-            if item is _STOP:
-                return batch, True
-            batch.append(item)
-        return batch, False
+                return batch, flushes, False
 
-    def _commit(self, batch: list[tuple[tuple, Future]]) -> None:
-        """Write the batch, retrying until it is committed; then wake the rows' callers."""
-        rows = [values for values, _ in batch]
+    def _write_retrying(self, rows: list[tuple]) -> None:
+        """Write rows in one transaction, retrying until it is committed: never drop them."""
         delay = _FIRST_RETRY_S
         while True:
             try:
                 self._write(rows)
-                break
+                return
             except Exception as error:  # any failure: the rows must not be lost
                 logger.warning(
                     "traffic log %s: writing %d rows failed (%s); retrying in %.2f s",
@@ -333,10 +471,12 @@ class TrafficLog:
                 )
                 time.sleep(delay)
                 delay = min(2 * delay, _MAX_RETRY_S)
+
+    @staticmethod
+    def _acknowledge(batch: list[tuple[tuple, Future]]) -> None:
         for _, future in batch:
             if future.set_running_or_notify_cancel():  # a cancelled caller is not waiting
                 future.set_result(None)
-        self._slots.release(len(batch))
 
     def _open(self) -> None:
         raise NotImplementedError
@@ -381,14 +521,15 @@ class NullTrafficLog(TrafficLog):
 class DuckDBTrafficLog(TrafficLog):
     """The log in a DuckDB file, which only one process can hold open for writing.
 
-    Each batch is one ``INSERT ... SELECT`` from an Arrow table, a transaction of its own (10-20%
+    Rows are acknowledged from the journal; each load is one ``INSERT ... SELECT`` from an Arrow
+    table, a transaction of its own (10-20%
     less CPU than DuckDB's appender through a staging table, measured on this schema). A batch
     holding an ``exchange_id`` already logged fails whole and goes again as ``INSERT OR IGNORE``,
     which would cost 40% more on every batch.
     """
 
     def __init__(self, path: Path, **options) -> None:
-        super().__init__(str(path), **options)
+        super().__init__(str(path), journal=path.with_name(f"{path.name}.journal"), **options)
         self.path = path
         self._con: duckdb.DuckDBPyConnection | None = None
         self._reader_lock = threading.Lock()
@@ -515,7 +656,7 @@ def open_traffic_log(
     target: str | os.PathLike | None,
     *,
     batch_size: int = 512,
-    max_wait_ms: float = 5.0,
+    max_wait_ms: float = 0.0,
     max_queue: int = 100_000,
 ) -> TrafficLog:
     """The traffic log at ``target``, not yet started (use it as a context manager, or start()).
@@ -540,8 +681,13 @@ def open_traffic_log(
 
 
 def read_traffic(target: str | os.PathLike) -> pa.Table:
-    """Every row of a traffic log, ordered by ts (a DuckDB file is opened read-only)."""
+    """Every row of a traffic log, ordered by ts. A DuckDB file is opened read-only, unless a
+    crashed gateway left journal segments: then they are loaded into it first."""
     log = open_traffic_log(target)
     if isinstance(log, NullTrafficLog):
         raise TrafficLogError("traffic logging is off: there is no log to read")
-    return log.read()
+    table = log.read()  # a gateway still running holds the file: this says so
+    if log._journal is None or not log._journal.leftovers():
+        return table
+    with log:
+        return log.read()
