@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
@@ -44,6 +45,7 @@ def gateway(synthetic, tmp_path_factory):
     tiers = dict(BUILTIN_TIERS)
     tiers["strict"] = Tier("strict", BUILTIN_TIERS["top5"].exposure, over_limit="reject")
     tiers["rounded"] = Tier("rounded", BUILTIN_TIERS["top5"].exposure, round_logprobs=2)
+    tiers["noisy"] = Tier("noisy", BUILTIN_TIERS["top5"].exposure, logprob_noise=0.5)
     tiers["slow"] = Tier("slow", BUILTIN_TIERS["text"].exposure, requests_per_minute=3)
     tiers["short"] = Tier("short", BUILTIN_TIERS["text"].exposure, max_prompt_tokens=8)
     secrets = {name: store.create(f"acct-{name}", name)[1] for name in tiers}
@@ -127,12 +129,21 @@ def test_openai_client_sync_and_async_streaming_or_not_agree(gateway, synthetic)
                 seed=3,
                 stream=True,
                 stream_options={"include_usage": True},
+                logprobs=True,
+                top_logprobs=5,
             )
             parts = [chunk async for chunk in stream]
         return plain, parts
 
     plain, parts = asyncio.run(both())
     assert plain.choices[0].message.content == choice.message.content
+    streamed_entries = [
+        e
+        for p in parts
+        if p.choices and p.choices[0].logprobs
+        for e in p.choices[0].logprobs.content
+    ]
+    assert [e.model_dump() for e in streamed_entries] == [e.model_dump() for e in content]
     assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == streamed
     assert parts[-1].usage.completion_tokens == whole.usage.completion_tokens
 
@@ -204,6 +215,12 @@ def test_reject_tier_refuses_and_rounding_tier_rounds(gateway):
     values = [alt.logprob for e in content.logprobs.content for alt in [e, *e.top_logprobs]]
     assert values and all(round(v, 2) == v for v in values)
     assert any(v != round(v, 1) for v in values)
+    clean = ask(client(gateway, "top5"), logprobs=True, top_logprobs=5).choices[0]
+    noisy = ask(client(gateway, "noisy"), logprobs=True, top_logprobs=5).choices[0]
+    assert noisy.message.content == clean.message.content  # noise hides, never changes, the answer
+    shifts = [n.logprob - c.logprob for n, c in zip(noisy.logprobs.content, clean.logprobs.content)]
+    assert all(n.logprob <= 0 for n in noisy.logprobs.content)
+    assert 0.2 < float(np.std(shifts)) < 1.0
 
 
 def test_prompt_logprobs_only_on_full_tier(tiny_teacher, tmp_path):
