@@ -1,0 +1,594 @@
+"""Find distillation campaigns in a traffic log: per-account signals, a coordination graph, flags.
+
+The heavy work is relational (DuckDB SQL over the gateway's ``exchanges`` table), so the same
+definitions can later run on a distributed engine: prompt normalisation, word-shingle MinHash with
+LSH banding (template clusters that survive slot variation and light paraphrase), per-account
+aggregates, and co-occurrence of accounts on a template within a time window (the SynchroTrap /
+CopyCatch idea: many accounts doing the same thing at the same time). Python only joins the
+pieces: connected components of LSH buckets, Louvain communities of the coordination graph, and
+the scores.
+
+Signal families (each an account-level number; ``SIGNALS`` says what each measures):
+
+- template: share of the account's requests in prompt-template clusters shared across accounts;
+- cot: share of prompts eliciting chain-of-thought ("step by step", "show your reasoning", ...);
+- concentration: share of requests in the account's single most-used capability;
+- timing: inter-arrival regularity (1 / coefficient of variation) and round-the-clock activity;
+- infrastructure: accounts seen on the same IP addresses, IP rotation, shared payment
+  fingerprints (when the account metadata is given), automation user agents;
+- exposure: share of requests asking for logprobs;
+- pivot: how fast the account moved to a newly released model;
+- coordination: membership of a community of accounts co-hitting templates; accounts linked
+  (fingerprint, IP, template) to banned ones.
+
+Each account-level signal is turned into an empirical tail probability among the accounts of the
+log (rank-based: campaigns are a minority, and a signal that is zero for most accounts gives no
+evidence at zero), the probabilities are combined by a weighted Fisher sum, and a community's
+members share the community's median score when it is higher than their own: a hydra's heads each
+look modest, the body does not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distillscope.errors import DistillscopeError
+
+
+class DetectError(DistillscopeError):
+    """A log the detector cannot read at all."""
+
+
+#: What each account-level signal measures (higher = more campaign-like).
+SIGNALS = {
+    "template": "share of requests in prompt-template clusters shared by several accounts",
+    "cot": "share of prompts eliciting chain-of-thought",
+    "concentration": "share of requests in the account's most-used capability",
+    "regularity": "inter-arrival regularity (1 / coefficient of variation)",
+    "around_clock": "entropy of the hour-of-day histogram (automation runs all day)",
+    "ip_sharing": "most accounts seen on one of the account's IP addresses",
+    "ip_rotation": "distinct IP addresses per request",
+    "automation_ua": "share of requests from HTTP libraries rather than apps",
+    "logprobs": "share of requests asking for logprobs",
+    "pivot": "share of its first-day traffic after a model release that went to the new model",
+    "fingerprint": "accounts sharing its payment fingerprint",
+    "banned_link": "links (fingerprint, IP, template cluster) to banned accounts",
+}
+#: How much each signal counts in the sum of robust z-scores (each is clipped to [0, 8] first).
+WEIGHTS = {
+    "template": 1.5,
+    "cot": 1.0,
+    "concentration": 0.5,
+    "regularity": 1.0,
+    "around_clock": 0.5,
+    "ip_sharing": 1.0,
+    "ip_rotation": 1.0,
+    "automation_ua": 0.5,
+    "logprobs": 0.5,
+    "pivot": 1.0,
+    "fingerprint": 1.0,
+    "banned_link": 1.0,
+}
+
+_COT = (
+    r"step[- ]by[- ]step|show (all )?(your|the) (work|reasoning|steps)|reasoning process|"
+    r"chain[- ]of[- ]thought|think (carefully|through|it through)|explain (each|every) step|"
+    r"full reasoning|walk me through"
+)
+_CAPABILITIES = {
+    "coding": r"\b(code|function|python|javascript|bug|implement|refactor|script|class|sql|"
+    r"compile|unit test|repository|stack trace)\b",
+    "tools": r"\b(tool|function call|json schema|api call|agent|invoke|arguments)\b",
+    "reasoning": r"\b(prove|solve|calculate|puzzle|logic|equation|probability|derive)\b",
+}
+_AUTOMATION_UA = (
+    r"python-requests|httpx|aiohttp|curl/|go-http-client|okhttp|node-fetch|axios|scrapy"
+)
+_REQUIRED = ("account_id", "ts")
+
+
+@dataclass
+class DetectConfig:
+    """Knobs of the detector; defaults are what the default scenario was tuned with."""
+
+    permutations: int = 32
+    bands: int = 8
+    shingle_words: int = 3
+    min_template_accounts: int = 3
+    min_template_variants: int = 8
+    #: Shorter prompts ("continue", "thanks!") are everyone's: never a template.
+    min_template_words: int = 6
+    window_minutes: int = 60
+    min_edge_weight: int = 2
+    min_community: int = 5
+    #: A community is flagged when its median score is one that a random account reaches with
+    #: this probability: pooled evidence (5 accounts at the 1% point jointly are far rarer).
+    community_fpr: float = 0.01
+    #: Flag accounts whose score a random account would reach with this probability or less.
+    flag_fpr: float = 0.001
+    null_permutations: int = 50
+    seed: int = 0
+
+
+@dataclass
+class DetectionSummary:
+    out: str
+    accounts: int
+    flagged: int
+    clusters: int
+    exchanges: int
+    skipped: dict[str, int]
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def detect(
+    log: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    accounts: str | os.PathLike | None = None,
+    events: str | os.PathLike | None = None,
+    banned: Sequence[str] = (),
+    until: datetime | None = None,
+    config: DetectConfig | None = None,
+) -> DetectionSummary:
+    """Score every account of ``log`` (a gateway DuckDB file or Parquet) and write ``out``:
+    ``accounts.parquet``, ``clusters.parquet``, ``baseline.parquet`` (volume only),
+    ``blocklist.txt``, ``report.html`` and ``summary.json``.
+
+    ``accounts``/``events`` (the simulator's ``accounts.parquet``/``events.parquet``, or the
+    provider's own) add payment fingerprints and model releases; ``banned`` names accounts already
+    banned; ``until`` scores only exchanges before that time (a daily job).
+    """
+    began = time.perf_counter()
+    config = config or DetectConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    skipped, notes = _load(con, Path(log), until)
+    n = con.execute("SELECT count(*) FROM x").fetchall()[0][0]
+    if n == 0:
+        raise DetectError(f"{log}: no usable exchanges ({_describe(skipped)})")
+    _template_clusters(con, config)
+    features = _features(con, config, accounts, events, banned, notes)
+    scores, z = _score(features)
+    threshold, community_threshold = _null_threshold(z, config)
+    notes.append(
+        f"flag threshold {threshold:.1f}: the {1 - config.flag_fpr:.3%} point of scores "
+        f"with each signal shuffled across accounts ({config.null_permutations} shuffles)"
+    )
+    suspects = [a for a, v in zip(features["account_id"].to_pylist(), scores) if v >= threshold / 2]
+    communities = _communities(con, suspects, config)
+    table = _assemble(features, scores, z, communities, threshold, community_threshold)
+    _write(out, table, con, communities, config)
+    summary = DetectionSummary(
+        out=str(out),
+        accounts=table.num_rows,
+        flagged=int(sum(table["flagged"].to_pylist())),
+        clusters=len({c for c in table["cluster_id"].to_pylist() if c}),
+        exchanges=n,
+        skipped=skipped,
+        notes=notes,
+        seconds=time.perf_counter() - began,
+    )
+    (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    _report(out, table, summary)
+    return summary
+
+
+def _describe(skipped: dict[str, int]) -> str:
+    return ", ".join(f"{v} rows {k}" for k, v in skipped.items() if v) or "the log is empty"
+
+
+def _load(con, log: Path, until: datetime | None) -> tuple[dict[str, int], list[str]]:
+    """The clean exchanges as table ``x``; rows that cannot be used are counted, not fatal."""
+    if not log.exists():
+        raise DetectError(f"no traffic log at {log}")
+    if log.suffix == ".duckdb":
+        try:
+            con.execute(f"ATTACH '{log}' AS src (READ_ONLY)")
+        except duckdb.Error as exc:
+            raise DetectError(f"cannot open {log}: {str(exc).splitlines()[0]}") from None
+        source = "src.exchanges"
+    else:
+        source = f"read_parquet('{log}')"
+    try:
+        columns = {
+            row[0]: row[1] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()
+        }
+    except duckdb.Error as exc:
+        raise DetectError(f"cannot read {log}: {str(exc).splitlines()[0]}") from None
+    missing = [c for c in _REQUIRED if c not in columns]
+    if missing:
+        raise DetectError(f"{log} has no {', '.join(missing)} column: nothing to score by")
+    notes = []
+
+    def col(name: str, default: str) -> str:
+        if name in columns:
+            return name
+        notes.append(f"column {name} missing: the signals that need it are skipped")
+        return f"{default} AS {name}"
+
+    ts = "ts" if "TIMESTAMP" in columns["ts"].upper() else "try_cast(ts AS TIMESTAMPTZ)"
+    con.execute(
+        f"""CREATE TABLE raw AS SELECT account_id, {ts} AS ts,
+            {col("prompt", "NULL::VARCHAR")}, {col("model", "NULL::VARCHAR")},
+            {col("client_ip", "NULL::VARCHAR")}, {col("user_agent", "NULL::VARCHAR")},
+            {col("exposure_requested", "NULL::VARCHAR")}, {col("status", "200")}
+        FROM {source}"""
+    )
+    counts = con.execute(
+        """SELECT count(*) FILTER (WHERE account_id IS NULL OR account_id = ''),
+                  count(*) FILTER (WHERE ts IS NULL),
+                  count(*) FILTER (WHERE prompt IS NULL OR trim(prompt) = '')
+           FROM raw"""
+    ).fetchall()[0]
+    skipped = {"without account": counts[0], "with a bad timestamp": counts[1],
+               "with an empty prompt": counts[2]}  # fmt: skip
+    cut = "AND ts < $until" if until is not None else ""
+    con.execute(
+        f"""CREATE TABLE x AS SELECT row_number() OVER (ORDER BY ts) AS rid, * FROM raw
+        WHERE account_id IS NOT NULL AND account_id <> '' AND ts IS NOT NULL
+          AND prompt IS NOT NULL AND trim(prompt) <> '' {cut}""",
+        {"until": until} if until is not None else {},
+    )
+    return skipped, notes
+
+
+def _template_clusters(con, config: DetectConfig) -> None:
+    """``x.template``: the MinHash-LSH cluster of each prompt (near-duplicates share one)."""
+    rows = config.permutations // config.bands
+    con.execute(
+        """CREATE TABLE p AS SELECT norm, row_number() OVER () AS pid FROM (
+             SELECT DISTINCT trim(regexp_replace(regexp_replace(lower(prompt), '[0-9]+', '0', 'g'),
+                                                 '[^a-z0 ]+', ' ', 'g')) AS norm FROM x)"""
+    )
+    con.execute(
+        """ALTER TABLE x ADD COLUMN norm VARCHAR;
+           UPDATE x SET norm = trim(regexp_replace(regexp_replace(lower(prompt), '[0-9]+', '0',
+                                                  'g'), '[^a-z0 ]+', ' ', 'g'))"""
+    )
+    k = config.shingle_words
+    con.execute(
+        f"""CREATE TABLE sh AS
+        WITH words AS (SELECT pid, string_split(regexp_replace(norm, ' +', ' ', 'g'), ' ') AS w
+                       FROM p)
+        SELECT pid, hash(array_to_string(w[i:i + {k - 1}], ' ')) % 2147483647 AS h
+        FROM words, range(1, len(w) - {k} + 2) AS r(i)
+        WHERE len(w) >= {config.min_template_words}"""
+    )
+    rng = np.random.default_rng(config.seed)
+    perms = pa.table(
+        {
+            "i": np.arange(config.permutations),
+            "a": rng.integers(1, 2**31 - 1, config.permutations),
+            "b": rng.integers(0, 2**31 - 1, config.permutations),
+        }
+    )
+    con.register("perms", perms)
+    con.execute(
+        f"""CREATE TABLE buckets AS
+        WITH mh AS (SELECT pid, i, min((a * h + b) % 2147483647) AS m
+                    FROM sh, perms GROUP BY pid, i)
+        SELECT pid, i // {rows} AS band, hash(list(m ORDER BY i)) AS key
+        FROM mh GROUP BY pid, i // {rows}"""
+    )
+    # A template is one LSH bucket (no transitive chaining: near-duplicates of near-duplicates
+    # are not merged into one giant component) holding several variants from several accounts.
+    con.execute(
+        """CREATE TABLE xp AS SELECT x.rid, x.account_id, p.pid, x.prompt
+           FROM x JOIN p USING (norm)"""
+    )
+    con.execute(
+        f"""CREATE TABLE templates AS
+        WITH pb AS (SELECT pid, hash(band, key) AS bucket FROM buckets)
+        SELECT bucket AS template, count(DISTINCT xp.account_id) AS accounts,
+               count(DISTINCT pb.pid) AS variants, count(*) AS requests,
+               any_value(xp.prompt) AS example
+        FROM xp JOIN pb USING (pid) GROUP BY bucket
+        HAVING count(DISTINCT xp.account_id) >= {config.min_template_accounts}
+           AND count(DISTINCT pb.pid) >= {config.min_template_variants}"""
+    )
+    con.execute(
+        """ALTER TABLE x ADD COLUMN template UBIGINT;
+           UPDATE x SET template = t.template FROM (
+               SELECT xp.rid, min(hash(b.band, b.key)) AS template
+               FROM xp JOIN buckets b USING (pid)
+               WHERE hash(b.band, b.key) IN (SELECT template FROM templates)
+               GROUP BY xp.rid) t
+           WHERE x.rid = t.rid"""
+    )
+
+
+def _features(con, config, accounts_meta, events, banned, notes) -> pa.Table:
+    """One row per account: every signal's raw value, plus volume and examples."""
+    capability = " ".join(
+        f"WHEN regexp_matches(lower(prompt), '{pattern}') THEN '{name}'"
+        for name, pattern in _CAPABILITIES.items()
+    )
+    con.execute(
+        f"""CREATE TABLE acc AS
+        WITH t AS (
+          SELECT *, CASE {capability} ELSE 'other' END AS capability,
+                 epoch(ts - lag(ts) OVER (PARTITION BY account_id ORDER BY ts)) AS gap
+          FROM x),
+        caps AS (SELECT account_id, max(n) AS top FROM (
+                   SELECT account_id, capability, count(*) AS n FROM t GROUP BY ALL) GROUP BY 1),
+        hours AS (SELECT account_id, -sum(p * ln(p)) AS entropy FROM (
+                   SELECT account_id, count(*) / sum(count(*)) OVER (PARTITION BY account_id) AS p
+                   FROM t GROUP BY account_id, hour(ts)) GROUP BY 1),
+        ips AS (SELECT client_ip, count(DISTINCT account_id) AS sharing FROM x
+                WHERE client_ip IS NOT NULL GROUP BY 1)
+        SELECT t.account_id,
+               count(*) AS requests,
+               count(DISTINCT date_trunc('day', ts)) AS active_days,
+               min(ts) AS first_seen,
+               avg((template IS NOT NULL)::INT) AS template,
+               avg(regexp_matches(lower(prompt), '{_COT}')::INT) AS cot,
+               any_value(caps.top) / count(*) AS concentration,
+               CASE WHEN count(gap) >= 5 AND avg(gap) > 0
+                    THEN avg(gap) / greatest(stddev_pop(gap), 1e-9) ELSE 0 END AS regularity,
+               any_value(hours.entropy) AS around_clock,
+               coalesce(max(ips.sharing), 0) AS ip_sharing,
+               count(DISTINCT t.client_ip) / count(*) AS ip_rotation,
+               avg(coalesce(regexp_matches(lower(user_agent), '{_AUTOMATION_UA}'), false)::INT)
+                   AS automation_ua,
+               avg((coalesce(exposure_requested, 'text') <> 'text')::INT) AS logprobs,
+               list(prompt ORDER BY template IS NULL, ts)[1:2]
+                   AS examples
+        FROM t JOIN caps USING (account_id) JOIN hours USING (account_id)
+        LEFT JOIN ips USING (client_ip)
+        GROUP BY t.account_id"""
+    )
+    con.execute('ALTER TABLE acc ADD COLUMN "pivot" DOUBLE DEFAULT 0')
+    con.execute("ALTER TABLE acc ADD COLUMN fingerprint DOUBLE DEFAULT 0")
+    con.execute("ALTER TABLE acc ADD COLUMN banned_link DOUBLE DEFAULT 0")
+    if events is not None and Path(events).exists():
+        con.execute(
+            f"""UPDATE acc SET "pivot" = s.share FROM (
+                SELECT x.account_id, avg((x.model = e.name)::INT) AS share
+                FROM x, read_parquet('{events}') e
+                WHERE x.ts >= e.time AND x.ts < e.time + INTERVAL 24 HOUR
+                GROUP BY x.account_id HAVING count(*) >= 3) s
+            WHERE acc.account_id = s.account_id"""
+        )
+    else:
+        notes.append("no model-release events given: the pivot signal is skipped")
+    if accounts_meta is not None and Path(accounts_meta).exists():
+        con.execute(f"CREATE TABLE meta AS SELECT * FROM read_parquet('{accounts_meta}')")
+        con.execute(
+            """UPDATE acc SET fingerprint = s.n - 1 FROM (
+                SELECT account_id, count(*) OVER (PARTITION BY payment_fingerprint) AS n
+                FROM meta WHERE payment_fingerprint IS NOT NULL) s
+            WHERE acc.account_id = s.account_id"""
+        )
+    else:
+        notes.append("no account metadata given: the payment-fingerprint signal is skipped")
+    if banned:
+        con.register("banned", pa.table({"account_id": list(banned)}))
+        con.execute(
+            """UPDATE acc SET banned_link = s.links FROM (
+                SELECT a.account_id, count(DISTINCT b.account_id) AS links
+                FROM (SELECT DISTINCT account_id, template, client_ip FROM x) a
+                JOIN (SELECT DISTINCT account_id, template, client_ip FROM x
+                      WHERE account_id IN (SELECT account_id FROM banned)) b
+                  ON a.template = b.template
+                     OR a.client_ip = b.client_ip
+                WHERE a.account_id <> b.account_id GROUP BY 1) s
+            WHERE acc.account_id = s.account_id"""
+        )
+    return con.sql("SELECT * FROM acc ORDER BY account_id").to_arrow_table()
+
+
+def _score(features: pa.Table) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Fisher's combination of each signal's empirical tail probability among the accounts.
+
+    For a signal value x, p = (1 + #accounts with a value >= x) / (1 + #accounts): rank-based, so
+    a sparse signal (zero for most accounts) gives no evidence at zero and strong evidence only
+    above what ordinary accounts show. The returned per-signal evidence is -ln p.
+    """
+    evidence = {}
+    n = features.num_rows
+    for name in SIGNALS:
+        values = np.nan_to_num(features[name].to_numpy(zero_copy_only=False).astype(float))
+        order = np.sort(values)
+        at_least = n - np.searchsorted(order, values, side="left")
+        p = (1 + at_least) / (1 + n)
+        p[values <= 0] = 1.0
+        evidence[name] = -np.log(p)
+    scores = 2 * sum(WEIGHTS[name] * evidence[name] for name in SIGNALS)
+    return scores, evidence
+
+
+def _communities(con, suspects: list[str], config: DetectConfig) -> dict[str, int]:
+    """Louvain communities of accounts that co-hit shared templates within a time window, among
+    ``suspects`` (accounts with at least half the flag score: a community is evidence about its
+    members, so ordinary accounts co-hitting a popular template do not dilute it)."""
+    import networkx as nx
+
+    con.register("suspects", pa.table({"account_id": pa.array(suspects, pa.string())}))
+    pairs = con.execute(
+        f"""WITH hits AS (
+              SELECT DISTINCT template, time_bucket(INTERVAL {config.window_minutes} MINUTE, ts)
+                     AS slot, account_id
+              FROM x WHERE template IS NOT NULL
+                AND account_id IN (SELECT account_id FROM suspects)),
+            crowded AS (SELECT template, slot FROM hits GROUP BY ALL HAVING count(*) <= 400)
+        SELECT a.account_id AS u, b.account_id AS v, count(*) AS weight
+        FROM hits a JOIN hits b USING (template, slot)
+        WHERE a.account_id < b.account_id AND (template, slot) IN (SELECT * FROM crowded)
+        GROUP BY ALL HAVING count(*) >= {config.min_edge_weight}"""
+    ).fetchall()
+    graph = nx.Graph()
+    graph.add_weighted_edges_from(pairs)
+    if graph.number_of_edges() == 0:
+        return {}
+    found = nx.community.louvain_communities(graph, weight="weight", seed=config.seed)
+    members = {}
+    for index, community in enumerate(sorted(found, key=len, reverse=True)):
+        if len(community) >= config.min_community:
+            for account in community:
+                members[account] = index
+    return members
+
+
+def _null_threshold(evidence: dict[str, np.ndarray], config: DetectConfig) -> tuple[float, float]:
+    """The scores that accounts with unrelated signals exceed with probability ``flag_fpr`` (an
+    account's flag) and ``community_fpr`` (a community's median's flag).
+
+    Each signal's evidence is shuffled across accounts independently, which keeps every signal's
+    distribution and destroys what makes a campaign: several signals high in the same account.
+    """
+    rng = np.random.default_rng(config.seed)
+    null = [
+        2 * sum(WEIGHTS[name] * rng.permutation(values) for name, values in evidence.items())
+        for _ in range(config.null_permutations)
+    ]
+    null = np.concatenate(null)
+    return (
+        float(np.quantile(null, 1 - config.flag_fpr)),
+        float(np.quantile(null, 1 - config.community_fpr)),
+    )
+
+
+def _assemble(features, scores, z, communities, threshold, community_threshold) -> pa.Table:
+    """The accounts table. A community's members are scored at least as their community's median,
+    shifted so that a median at ``community_threshold`` lands on the account ``threshold``."""
+    accounts = features["account_id"].to_pylist()
+    community = np.array([communities.get(a, -1) for a in accounts])
+    final = scores.copy()
+    for index in set(community.tolist()) - {-1}:
+        inside = community == index
+        pooled = np.median(scores[inside]) + threshold - community_threshold
+        final[inside] = np.maximum(final[inside], pooled)
+    flagged = final >= threshold
+    reasons = []
+    for row in range(len(accounts)):
+        fired = [
+            f"{name} {features[name][row].as_py():.3g} (p {math.exp(-z[name][row]):.2g})"
+            for name in sorted(SIGNALS, key=lambda s: -WEIGHTS[s] * z[s][row])
+            if z[name][row] >= math.log(20)
+        ]
+        if community[row] >= 0:
+            fired.append(
+                f"coordinated with {int((community == community[row]).sum()) - 1} accounts"
+            )
+        examples = features["examples"][row].as_py() or []
+        if examples:
+            fired.append("e.g. " + " | ".join(e[:80] for e in examples))
+        reasons.append("; ".join(fired))
+    cluster_ids = [
+        f"c{community[i]}" if community[i] >= 0 and flagged[i] else None
+        for i in range(len(accounts))
+    ]
+    return pa.table(
+        {
+            "account_id": accounts,
+            "score": final,
+            "flagged": flagged,
+            "cluster_id": cluster_ids,
+            "reasons": reasons,
+            "requests": features["requests"],
+            "first_seen": features["first_seen"],
+            **{f"signal_{name}": features[name] for name in SIGNALS},
+        }
+    )
+
+
+def _write(out: Path, table: pa.Table, con, communities, config) -> None:
+    from distillscope.gateway.keys import Block, write_block_list
+
+    pq.write_table(table, out / "accounts.parquet")
+    rows = table.to_pylist()
+    clusters: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["cluster_id"]:
+            clusters.setdefault(row["cluster_id"], []).append(row)
+    pq.write_table(
+        pa.table(
+            {
+                "cluster_id": list(clusters),
+                "accounts": [len(m) for m in clusters.values()],
+                "requests": [sum(r["requests"] for r in m) for m in clusters.values()],
+                "median_score": [
+                    float(np.median([r["score"] for r in m])) for m in clusters.values()
+                ],
+                "example_reasons": [m[0]["reasons"][:500] for m in clusters.values()],
+            }
+        ),
+        out / "clusters.parquet",
+    )
+    baseline = table.select(["account_id", "requests", "first_seen"])
+    per_day = np.asarray(table["requests"].to_numpy(), dtype=float)
+    pq.write_table(
+        baseline.append_column("score", pa.array(per_day))
+        .append_column("flagged", pa.array(per_day >= np.percentile(per_day, 99.9)))
+        .append_column("cluster_id", pa.array([None] * len(per_day), pa.string()))
+        .append_column("reasons", pa.array(["volume only"] * len(per_day))),
+        out / "baseline.parquet",
+    )
+    write_block_list(
+        out / "blocklist.txt",
+        [
+            Block("account", r["account_id"], f"detector score {r['score']:.1f}")
+            for r in rows
+            if r["flagged"]
+        ],
+    )
+
+
+def _report(out: Path, table: pa.Table, summary: DetectionSummary) -> None:
+    import html
+
+    flagged = sorted((r for r in table.to_pylist() if r["flagged"]), key=lambda r: -r["score"])
+    rows = "".join(
+        f"<tr><td>{html.escape(r['account_id'])}</td><td>{r['score']:.1f}</td>"
+        f"<td>{html.escape(r['cluster_id'] or '')}</td><td>{r['requests']}</td>"
+        f"<td>{html.escape(r['reasons'])}</td></tr>"
+        for r in flagged[:500]
+    )
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in summary.notes)
+    (out / "report.html").write_text(
+        f"""<!doctype html><html><head><meta charset="utf-8"><title>distillscope detect</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{border-bottom:1px solid #ddd;
+padding:4px;vertical-align:top;font-size:13px}}</style></head><body>
+<h1>Distillation campaign detection</h1>
+<p>{summary.exchanges:,} exchanges, {summary.accounts:,} accounts: <b>{summary.flagged}</b>
+flagged in <b>{summary.clusters}</b> clusters ({summary.seconds:.1f} s). Skipped rows:
+{html.escape(_describe(summary.skipped))}.</p><ul>{notes}</ul>
+<table><tr><th>account</th><th>score</th><th>cluster</th><th>requests</th><th>why</th></tr>
+{rows}</table></body></html>"""
+    )
+
+
+def first_flags(
+    log: str | os.PathLike, out: str | os.PathLike, *, days: int, start: datetime, **kwargs
+) -> dict[str, datetime]:
+    """When each account is first flagged by a daily job: detection re-run on the log cut at the
+    end of each day (the streaming ``--since`` mode, replayed)."""
+    from datetime import timedelta
+
+    first: dict[str, datetime] = {}
+    for day in range(1, days + 1):
+        until = start + timedelta(days=day)
+        summary = detect(log, Path(out) / f"day-{day:03d}", until=until, **kwargs)
+        flagged = pq.read_table(
+            Path(summary.out) / "accounts.parquet", columns=["account_id", "flagged"]
+        )
+        for account, hit in zip(flagged["account_id"].to_pylist(), flagged["flagged"].to_pylist()):
+            if hit and account not in first:
+                first[account] = until
+    return first
