@@ -107,3 +107,17 @@ def test_cli_detect_then_detect_eval(sim, tmp_path):
     missing = cli("detect", "--log", str(tmp_path / "nope.duckdb"), "--out", str(tmp_path / "b"))
     assert missing.returncode == 2 and "no traffic log" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_daily_replay_records_when_each_account_was_first_flagged(sim, tmp_path):
+    from distillscope.detect.detector import daily_first_flags
+
+    detect(sim / "traffic.parquet", tmp_path, events=sim / "events.parquet")
+    days = daily_first_flags(sim / "traffic.parquet", tmp_path, events=sim / "events.parquet")
+    assert days == load_scenario("smoke").days or days == load_scenario("smoke").days + 1
+    table = pq.read_table(tmp_path / "accounts.parquet").to_pylist()
+    stamped = [row for row in table if row["first_flagged_at"] is not None]
+    # A flag from a daily run is never later than the end of the log's last day.
+    assert all(row["first_flagged_at"] >= row["first_seen"] for row in stamped)
+    figures = evaluate_alerts(tmp_path, sim / "truth.parquet", sim / "traffic.parquet")
+    assert figures["detection_delay"] is not None

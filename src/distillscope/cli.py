@@ -525,6 +525,9 @@ def detect(
     flag_fpr: float = typer.Option(
         0.001, min=1e-6, max=0.5, help="Flag scores a random account reaches this rarely."
     ),
+    daily: bool = typer.Option(
+        False, help="Also replay a daily job over the log: when each account was first flagged."
+    ),
 ) -> None:
     """Find distillation campaigns in a traffic log: scores, flags, clusters, report, block list.
 
@@ -558,6 +561,14 @@ def detect(
         log, out, accounts=accounts, events=events, banned=banned_ids, until=cut,
         config=DetectConfig(flag_fpr=flag_fpr),
     )  # fmt: skip
+    if daily:
+        from distillscope.detect.detector import daily_first_flags
+
+        days = daily_first_flags(
+            log, out, accounts=accounts, events=events, banned=banned_ids,
+            config=DetectConfig(flag_fpr=flag_fpr),
+        )  # fmt: skip
+        errors.print(f"daily job replayed over {days} days: first_flagged_at in accounts.parquet")
     table = Table("exchanges", "accounts", "flagged", "clusters", "skipped rows", "seconds")
     table.add_row(
         f"{summary.exchanges:,}",

@@ -195,16 +195,7 @@ def _describe(skipped: dict[str, int]) -> str:
 
 def _load(con, log: Path, until: datetime | None) -> tuple[dict[str, int], list[str]]:
     """The clean exchanges as table ``x``; rows that cannot be used are counted, not fatal."""
-    if not log.exists():
-        raise DetectError(f"no traffic log at {log}")
-    if log.suffix == ".duckdb":
-        try:
-            con.execute(f"ATTACH '{log}' AS src (READ_ONLY)")
-        except duckdb.Error as exc:
-            raise DetectError(f"cannot open {log}: {str(exc).splitlines()[0]}") from None
-        source = "src.exchanges"
-    else:
-        source = f"read_parquet('{log}')"
+    source = _source(con, log)
     try:
         columns = {
             row[0]: row[1] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()
@@ -246,6 +237,19 @@ def _load(con, log: Path, until: datetime | None) -> tuple[dict[str, int], list[
         {"until": until} if until is not None else {},
     )
     return skipped, notes
+
+
+def _source(con, log: Path) -> str:
+    """The SQL name of a log's exchanges: a gateway DuckDB file (attached read-only) or Parquet."""
+    if not log.exists():
+        raise DetectError(f"no traffic log at {log}")
+    if log.suffix != ".duckdb":
+        return f"read_parquet('{log}')"
+    try:
+        con.execute(f"ATTACH '{log}' AS src (READ_ONLY)")
+    except duckdb.Error as exc:
+        raise DetectError(f"cannot open {log}: {str(exc).splitlines()[0]}") from None
+    return "src.exchanges"
 
 
 def _template_clusters(con, config: DetectConfig) -> None:
@@ -574,21 +578,39 @@ flagged in <b>{summary.clusters}</b> clusters ({summary.seconds:.1f} s). Skipped
     )
 
 
-def first_flags(
-    log: str | os.PathLike, out: str | os.PathLike, *, days: int, start: datetime, **kwargs
-) -> dict[str, datetime]:
-    """When each account is first flagged by a daily job: detection re-run on the log cut at the
-    end of each day (the streaming ``--since`` mode, replayed)."""
+def daily_first_flags(log: str | os.PathLike, out: str | os.PathLike, **kwargs) -> int:
+    """Replay a daily job over ``log``: detection re-run on the log cut at the end of each day
+    (what ``--until`` does in production), and the first cut that flagged each account written to
+    ``out/accounts.parquet`` as ``first_flagged_at`` (null if no daily run flagged it). ``out``
+    must hold a ``detect`` run on the whole log. Returns the number of daily runs."""
     from datetime import timedelta
 
+    out = Path(out)
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    source = _source(con, Path(log))
+    first_ts, last_ts = con.execute(
+        f"SELECT min(ts)::VARCHAR, max(ts)::VARCHAR FROM {source}"
+    ).fetchall()[0]
+    start = datetime.fromisoformat(first_ts).replace(hour=0, minute=0, second=0, microsecond=0)
+    end = datetime.fromisoformat(last_ts)
     first: dict[str, datetime] = {}
-    for day in range(1, days + 1):
+    day = 0
+    while start + timedelta(days=day) <= end:
+        day += 1
         until = start + timedelta(days=day)
-        summary = detect(log, Path(out) / f"day-{day:03d}", until=until, **kwargs)
-        flagged = pq.read_table(
-            Path(summary.out) / "accounts.parquet", columns=["account_id", "flagged"]
-        )
-        for account, hit in zip(flagged["account_id"].to_pylist(), flagged["flagged"].to_pylist()):
+        try:
+            run = detect(log, out / "daily" / f"day-{day:03d}", until=until, **kwargs)
+        except DetectError:
+            continue  # nothing to score yet
+        flags = pq.read_table(Path(run.out) / "accounts.parquet", columns=["account_id", "flagged"])
+        for account, hit in zip(flags["account_id"].to_pylist(), flags["flagged"].to_pylist()):
             if hit and account not in first:
                 first[account] = until
-    return first
+    table = pq.read_table(out / "accounts.parquet")
+    if "first_flagged_at" in table.column_names:
+        table = table.drop_columns(["first_flagged_at"])
+    stamps = [first.get(a) for a in table["account_id"].to_pylist()]
+    table = table.append_column("first_flagged_at", pa.array(stamps, pa.timestamp("us", tz="UTC")))
+    pq.write_table(table, out / "accounts.parquet")
+    return day
