@@ -13,8 +13,9 @@ from rich.table import Table
 from distillscope.errors import DistillscopeError
 
 app = typer.Typer(
-    help="LLM distillation seen from both sides of the API: harvest a teacher at an explicit "
-    "exposure level, and inspect what was harvested.",
+    help="LLM distillation seen from both sides of the API: harvest and distil a teacher at an "
+    "explicit exposure level, audit what each level costs, serve a model through a gateway that "
+    "controls exposure and logs traffic, and detect distillation campaigns in that traffic.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

@@ -2,11 +2,11 @@
 
 The heavy work is relational (DuckDB SQL over the gateway's ``exchanges`` table), so the same
 definitions can later run on a distributed engine: prompt normalisation, word-shingle MinHash with
-LSH banding (template clusters that survive slot variation and light paraphrase), per-account
-aggregates, and co-occurrence of accounts on a template within a time window (the SynchroTrap /
-CopyCatch idea: many accounts doing the same thing at the same time). Python only joins the
-pieces: connected components of LSH buckets, Louvain communities of the coordination graph, and
-the scores.
+LSH banding (one bucket holding many variants from several accounts is a template: it survives
+slot variation and light paraphrase), per-account aggregates, and co-occurrence of accounts on a
+template within a time window (the SynchroTrap / CopyCatch idea: many accounts doing the same
+thing at the same time). Python only joins the pieces: Louvain communities of the coordination
+graph, the permutation null, and the scores.
 
 Signal families (each an account-level number; ``SIGNALS`` says what each measures):
 
@@ -253,17 +253,16 @@ def _source(con, log: Path) -> str:
 
 
 def _template_clusters(con, config: DetectConfig) -> None:
-    """``x.template``: the MinHash-LSH cluster of each prompt (near-duplicates share one)."""
+    """``x.template``: the prompt-template (LSH bucket) of each request, null for none."""
     rows = config.permutations // config.bands
-    con.execute(
-        """CREATE TABLE p AS SELECT norm, row_number() OVER () AS pid FROM (
-             SELECT DISTINCT trim(regexp_replace(regexp_replace(lower(prompt), '[0-9]+', '0', 'g'),
-                                                 '[^a-z0 ]+', ' ', 'g')) AS norm FROM x)"""
-    )
     con.execute(
         """ALTER TABLE x ADD COLUMN norm VARCHAR;
            UPDATE x SET norm = trim(regexp_replace(regexp_replace(lower(prompt), '[0-9]+', '0',
                                                   'g'), '[^a-z0 ]+', ' ', 'g'))"""
+    )
+    con.execute(
+        "CREATE TABLE p AS SELECT norm, row_number() OVER () AS pid"
+        " FROM (SELECT DISTINCT norm FROM x)"
     )
     k = config.shingle_words
     con.execute(

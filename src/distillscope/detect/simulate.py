@@ -1339,14 +1339,14 @@ class _Log:
         """What the tier lets through of what was asked, in the gateway's terms (clamp)."""
         key = (requested, tier_name)
         if key not in self._served:
-            from distillscope.gateway.app import _exposure_name
+            from distillscope.gateway.traffic import exposure_name
 
             tier = self.tiers[tier_name]
             asked = _top_logprobs(requested)
             prompt_n = 1 if requested == "full" and tier.allows_prompt_logprobs else None
             if asked is not None:
                 asked = min(asked, tier.max_top_logprobs) if tier.allows_logprobs else None
-            self._served[key] = _exposure_name(asked, prompt_n)
+            self._served[key] = exposure_name(asked, prompt_n)
         return self._served[key]
 
 

@@ -1,27 +1,33 @@
 """The provider's side of the wire: an OpenAI-compatible gateway that controls exposure per key,
-rate-limits, and records every exchange (see ``docs/gateway.md`` and ``docs/traffic-log.md``)."""
+rate-limits, and records every exchange (see ``docs/gateway.md`` and ``docs/traffic-log.md``).
 
-from distillscope.gateway.app import APIError, create_app
-from distillscope.gateway.backends import Backend, ProxyBackend, TeacherBackend
-from distillscope.gateway.keys import ApiKey, KeyStore, write_block_list
-from distillscope.gateway.server import GatewayConfig, build_gateway, run_gateway, serve_in_thread
-from distillscope.gateway.tiers import BUILTIN_TIERS, WATERMARKS, Tier, load_tiers
+Names resolve on first use, so the traffic log, keys and limits load without torch.
+"""
 
-__all__ = [
-    "APIError",
-    "ApiKey",
-    "BUILTIN_TIERS",
-    "Backend",
-    "GatewayConfig",
-    "KeyStore",
-    "ProxyBackend",
-    "TeacherBackend",
-    "Tier",
-    "WATERMARKS",
-    "build_gateway",
-    "create_app",
-    "load_tiers",
-    "run_gateway",
-    "serve_in_thread",
-    "write_block_list",
-]
+_EXPORTS = {
+    "APIError": "distillscope.gateway.app",
+    "create_app": "distillscope.gateway.app",
+    "Backend": "distillscope.gateway.backends",
+    "ProxyBackend": "distillscope.gateway.backends",
+    "TeacherBackend": "distillscope.gateway.backends",
+    "ApiKey": "distillscope.gateway.keys",
+    "KeyStore": "distillscope.gateway.keys",
+    "write_block_list": "distillscope.gateway.keys",
+    "GatewayConfig": "distillscope.gateway.server",
+    "build_gateway": "distillscope.gateway.server",
+    "run_gateway": "distillscope.gateway.server",
+    "serve_in_thread": "distillscope.gateway.server",
+    "BUILTIN_TIERS": "distillscope.gateway.tiers",
+    "WATERMARKS": "distillscope.gateway.tiers",
+    "Tier": "distillscope.gateway.tiers",
+    "load_tiers": "distillscope.gateway.tiers",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'distillscope.gateway' has no attribute {name!r}")

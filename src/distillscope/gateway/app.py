@@ -43,7 +43,7 @@ from distillscope.gateway.backends import (
 from distillscope.gateway.keys import ApiKey, BlockListFile, KeyStore
 from distillscope.gateway.limits import Limiter, MemoryLimiter, RateLimited
 from distillscope.gateway.tiers import BUILTIN_TIERS, WATERMARKS, Tier
-from distillscope.gateway.traffic import TrafficLog, open_traffic_log
+from distillscope.gateway.traffic import TrafficLog, exposure_name, open_traffic_log
 
 #: ``max_tokens`` when a request gives none (OpenAI's legacy default).
 DEFAULT_MAX_TOKENS = 16
@@ -260,7 +260,6 @@ def create_app(
         description="OpenAI-compatible chat and text completions with per-key exposure policy.",
         lifespan=lifespan,
     )
-    app.state.log, app.state.limiter, app.state.backend = log, limiter, backend
 
     def tier_of(key: ApiKey) -> Tier:
         tier = tiers.get(key.tier)
@@ -507,7 +506,7 @@ def _apply_policy(tier: Tier, asked: int | None, prompt_n: int | None, exchange:
     ``asked`` is the alternatives per token asked (``None``: no logprobs). Above the tier's cap a
     ``clamp`` tier serves its cap, a ``reject`` tier answers 400.
     """
-    exchange.exposure_requested = _exposure_name(asked, prompt_n)
+    exchange.exposure_requested = exposure_name(asked, prompt_n)
     cap = tier.max_top_logprobs if tier.allows_logprobs else None
     over = (asked is not None and (cap is None or asked > cap)) or (
         prompt_n is not None and not tier.allows_prompt_logprobs
@@ -523,17 +522,8 @@ def _apply_policy(tier: Tier, asked: int | None, prompt_n: int | None, exchange:
         asked = None if cap is None else min(asked, cap)
     if not tier.allows_prompt_logprobs:
         prompt_n = None
-    exchange.exposure_served = _exposure_name(asked, prompt_n)
+    exchange.exposure_served = exposure_name(asked, prompt_n)
     return asked, prompt_n
-
-
-def _exposure_name(top: int | None, prompt_n: int | None) -> str:
-    """``text``; ``logprobs`` (the sampled token's only); ``topK``; ``full`` (prompt logprobs)."""
-    if prompt_n is not None:
-        return "full"
-    if top is None:
-        return "text"
-    return f"top{top}" if top else "logprobs"
 
 
 class _Reveal:

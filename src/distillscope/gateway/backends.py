@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,24 +79,26 @@ class Generation:
     prompt_logprobs: list[dict[str, Any] | None] | None = None
 
 
-class Backend:
+class Backend(ABC):
     """The interface: ``count_prompt_tokens``, ``generate``, ``stream``, ``close``."""
 
     model_name: str
     max_exposure: Exposure
     can_score_prompts: bool = False
 
+    @abstractmethod
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        raise NotImplementedError
+        """Prompt tokens, for the size cap and the tokens/min admission."""
 
+    @abstractmethod
     async def generate(self, request: GenerationRequest) -> Generation:
-        raise NotImplementedError
+        """The whole generation."""
 
+    @abstractmethod
     def stream(self, request: GenerationRequest) -> AsyncIterator[Piece | Generation]:
         """Pieces as tokens are drawn, then the whole ``Generation``."""
-        raise NotImplementedError
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 (optional: most backends hold nothing)
         """Release connections."""
 
 
@@ -227,7 +230,9 @@ class TeacherBackend(Backend):
                 token_id, logprob, top_ids, top_lps = item
                 entries = []
                 if request.top_logprobs is not None:
-                    entries = [self._entry(token_id, logprob, top_ids, top_lps, request)]
+                    entries = [
+                        self._entry(token_id, logprob, top_ids, top_lps, request.top_logprobs)
+                    ]
                 if token_id in self._stop_ids:
                     yield Piece("", entries)
                     continue
@@ -243,8 +248,8 @@ class TeacherBackend(Backend):
             cancelled.set()
             await worker
 
-    def _entry(self, token_id, logprob, top_ids, top_lps, request) -> dict[str, Any]:
-        n = request.top_logprobs or 0
+    def _entry(self, token_id, logprob, top_ids, top_lps, n: int) -> dict[str, Any]:
+        """One OpenAI logprob entry with the ``n`` likeliest alternatives."""
         alternatives = []
         if n and top_ids is not None:
             alternatives = [
@@ -257,14 +262,13 @@ class TeacherBackend(Backend):
         signal = completion.signal
         if top_n is None or signal.token_logprobs is None:
             return None
-        request = GenerationRequest(None, None, 1.0, 1, 0, top_logprobs=top_n)
         return [
             self._entry(
                 token_id,
                 signal.token_logprobs[t],
                 None if signal.topk_ids is None else signal.topk_ids[t],
                 None if signal.topk_logprobs is None else signal.topk_logprobs[t],
-                request,
+                top_n,
             )
             for t, token_id in enumerate(signal.token_ids)
         ]

@@ -8,6 +8,7 @@ acknowledged with a 200, so a traffic log can be checked against what clients we
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -172,8 +173,6 @@ class GatewayProcess:
 
 
 def _stream_id(lines: list[str]) -> str | None:
-    import json
-
     for line in lines:
         if line.startswith("data: {"):
             return json.loads(line[6:]).get("id")

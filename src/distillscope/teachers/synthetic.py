@@ -67,7 +67,10 @@ class SyntheticTeacher:
         on_step: OnStep | None = None,
     ) -> list[Completion]:
         if processors:
-            raise NotImplementedError("the synthetic teacher takes no logits processors")
+            raise TeacherError(
+                "the synthetic teacher cannot apply logits processors (a tier's watermark): "
+                "serve a model teacher for watermarked tiers"
+            )
         return [
             self._one(ids, key, sampling, on_step if row == 0 else None)
             for row, (ids, key) in enumerate(zip(encoded, keys, strict=True))
