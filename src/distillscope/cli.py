@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from distillscope.errors import DistillscopeError
@@ -523,11 +524,19 @@ def detect(
     until: str | None = typer.Option(
         None, help="Score only exchanges before this ISO time (a daily job's cut-off)."
     ),
+    since: str | None = typer.Option(
+        None,
+        help="Report only accounts active at or after this ISO time (a daily job: yesterday's "
+        "accounts, each scored on all its history before --until).",
+    ),
     flag_fpr: float = typer.Option(
         0.001, min=1e-6, max=0.5, help="Flag scores a random account reaches this rarely."
     ),
     daily: bool = typer.Option(
         False, help="Also replay a daily job over the log: when each account was first flagged."
+    ),
+    every: float = typer.Option(
+        24.0, min=0.25, help="With --daily: hours between the replayed job's runs."
     ),
 ) -> None:
     """Find distillation campaigns in a traffic log: scores, flags, clusters, report, block list.
@@ -552,24 +561,30 @@ def detect(
         if not banned.is_file():
             raise DistillscopeError(f"no block list at {banned}")
         banned_ids = [v for k, v in parse_block_list(banned.read_text()) if k == "account"]
-    try:
-        cut = datetime.fromisoformat(until) if until else None
-    except ValueError:
-        raise DistillscopeError(
-            f"--until takes an ISO time like 2026-01-05T00:00, not {until!r}"
-        ) from None
+
+    def moment(option: str, text: str | None) -> datetime | None:
+        try:
+            return datetime.fromisoformat(text) if text else None
+        except ValueError:
+            raise DistillscopeError(
+                f"{option} takes an ISO time like 2026-01-05T00:00, not {text!r}"
+            ) from None
+
     summary = run_detect(
-        log, out, accounts=accounts, events=events, banned=banned_ids, until=cut,
+        log, out, accounts=accounts, events=events, banned=banned_ids,
+        until=moment("--until", until), since=moment("--since", since),
         config=DetectConfig(flag_fpr=flag_fpr),
     )  # fmt: skip
     if daily:
         from distillscope.detect.detector import daily_first_flags
 
-        days = daily_first_flags(
-            log, out, accounts=accounts, events=events, banned=banned_ids,
+        runs = daily_first_flags(
+            log, out, every_hours=every, accounts=accounts, events=events, banned=banned_ids,
             config=DetectConfig(flag_fpr=flag_fpr),
         )  # fmt: skip
-        errors.print(f"daily job replayed over {days} days: first_flagged_at in accounts.parquet")
+        errors.print(
+            f"job replayed every {every:g} h ({runs} runs): first_flagged_at in accounts.parquet"
+        )
     table = Table("exchanges", "accounts", "flagged", "clusters", "skipped rows", "seconds")
     table.add_row(
         f"{summary.exchanges:,}",
@@ -589,31 +604,72 @@ def detect(
 
 @app.command("detect-eval")
 def detect_eval(
-    alerts: Path = typer.Option(
-        ..., "--alerts", help="The detector's folder: accounts.parquet [, baseline.parquet]."
+    alerts: Path | None = typer.Option(
+        None, "--alerts", help="The detector's folder: accounts.parquet [, baseline.parquet]."
     ),
-    truth: Path = typer.Option(..., "--truth", help="The simulator's truth.parquet."),
+    truth: Path | None = typer.Option(None, "--truth", help="The simulator's truth.parquet."),
     traffic: Path | None = typer.Option(
         None, "--traffic", help="The simulated exchanges (default: traffic.parquet beside --truth)."
     ),
     base_rate: float | None = typer.Option(
         None, "--base-rate", min=0.0, max=1.0, help="Also give precision at this campaign share."
     ),
+    robustness: Path | None = typer.Option(
+        None,
+        "--robustness",
+        help="Also sweep the campaign knobs (simulate, detect, evaluate each point) in this "
+        "folder and print the curves; resumes an interrupted sweep.",
+    ),
+    scenario: str = typer.Option("default", help="With --robustness: the scenario to sweep."),
+    scale: float = typer.Option(
+        0.5, min=0.01, help="With --robustness: multiplies the scenario's account counts."
+    ),
+    knobs: str = typer.Option(
+        "mixing_share;paraphrase_rate;timing_jitter;ip_rotation",
+        help="With --robustness: knobs to sweep, 'name' (its default values) or "
+        "'name=v1,v2', separated by ';'.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print every figure as JSON."),
 ) -> None:
     """How well a detector found the simulated campaigns: recall at FPR 0.1% / 1%, precision,
-    traffic-weighted recall, cluster ARI, detection delay; beside the baseline when present.
-    """
-    from distillscope.detect.evaluate import evaluate_alerts, format_table
+    traffic-weighted recall, cluster ARI, detection delay; beside the volume-only baseline. Writes
+    the figures to evaluation.json in --alerts and adds them to its report.html.
 
-    beside_truth = truth.parent / "traffic.parquet"
-    if traffic is None and beside_truth.exists():
-        traffic = beside_truth
-    result = evaluate_alerts(alerts, truth, traffic, base_rate=base_rate)
+    Example: distillscope detect-eval --alerts alerts/ --truth sim/truth.parquet ;
+    distillscope detect-eval --robustness robust/ --knobs mixing_share=0.05,0.5
+    """
+    if (alerts is None) != (truth is None):
+        raise DistillscopeError("give both --alerts and --truth (or only --robustness)")
+    if alerts is None and robustness is None:
+        raise DistillscopeError("nothing to evaluate: give --alerts and --truth, or --robustness")
+    result: dict = {}
+    if alerts is not None and truth is not None:
+        from distillscope.detect.evaluate import evaluate_alerts, format_table, write_evaluation
+
+        beside_truth = truth.parent / "traffic.parquet"
+        if traffic is None and beside_truth.exists():
+            traffic = beside_truth
+        result = evaluate_alerts(alerts, truth, traffic, base_rate=base_rate)
+        write_evaluation(alerts, result)
+        if not as_json:
+            console.print(format_table(result))
+    if robustness is not None:
+        from distillscope.detect.robustness import format_curves, parse_knobs
+        from distillscope.detect.robustness import robustness as sweep
+
+        chosen = parse_knobs(knobs)
+        total = sum(len(v) for v in chosen.values())
+        with Progress(console=errors, transient=True) as bar:
+            task = bar.add_task("robustness sweep", total=total)
+            curves = sweep(
+                robustness, scenario=scenario, knobs=chosen, scale=scale,
+                on_point=lambda *_: bar.advance(task),
+            )  # fmt: skip
+        result["robustness"] = curves
+        if not as_json:
+            console.print(format_curves(curves))
     if as_json:
         typer.echo(json.dumps(result, indent=2))
-        return
-    console.print(format_table(result))
 
 
 # --- simulate: traffic with ground truth, and its replay against our own gateway ---------------

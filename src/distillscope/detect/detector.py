@@ -36,12 +36,13 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distillscope.errors import DistillscopeError
@@ -106,13 +107,20 @@ class DetectConfig:
     permutations: int = 32
     bands: int = 8
     shingle_words: int = 3
+    #: Words at each end of a prompt hashed on their own (a template's frame around slot content).
+    frame_words: int = 16
     min_template_accounts: int = 3
     min_template_variants: int = 8
     #: Shorter prompts ("continue", "thanks!") are everyone's: never a template.
     min_template_words: int = 6
     window_minutes: int = 60
     min_edge_weight: int = 2
+    #: A template links accounts in the coordination graph only when at least this share of the
+    #: accounts using it are suspects.
+    min_suspect_share: float = 0.5
     min_community: int = 5
+    #: A community member needs edges to at least this many other members.
+    min_ties: int = 3
     #: A community is flagged when its median score is one that a random account reaches with
     #: this probability: pooled evidence (5 accounts at the 1% point jointly are far rarer).
     community_fpr: float = 0.01
@@ -142,6 +150,7 @@ def detect(
     events: str | os.PathLike | None = None,
     banned: Sequence[str] = (),
     until: datetime | None = None,
+    since: datetime | None = None,
     config: DetectConfig | None = None,
 ) -> DetectionSummary:
     """Score every account of ``log`` (a gateway DuckDB file or Parquet) and write ``out``:
@@ -150,7 +159,9 @@ def detect(
 
     ``accounts``/``events`` (the simulator's ``accounts.parquet``/``events.parquet``, or the
     provider's own) add payment fingerprints and model releases; ``banned`` names accounts already
-    banned; ``until`` scores only exchanges before that time (a daily job).
+    banned; ``until`` scores only exchanges before that time, and ``since`` reports only accounts
+    with exchanges at or after it (a daily job: ``since`` yesterday, ``until`` today, every
+    account scored on all its history, yesterday's active accounts reported).
     """
     began = time.perf_counter()
     config = config or DetectConfig()
@@ -173,6 +184,10 @@ def detect(
     suspects = [a for a, v in zip(features["account_id"].to_pylist(), scores) if v >= threshold / 2]
     communities = _communities(con, suspects, config)
     table = _assemble(features, scores, z, communities, threshold, community_threshold)
+    if since is not None:
+        since = since if since.tzinfo else since.replace(tzinfo=UTC)
+        table = table.filter(pc.greater_equal(features["last_seen"], pa.scalar(since)))
+        notes.append(f"reporting the {table.num_rows:,} accounts active since {since.isoformat()}")
     _write(out, table, con, communities, config)
     summary = DetectionSummary(
         out=str(out),
@@ -253,7 +268,12 @@ def _source(con, log: Path) -> str:
 
 
 def _template_clusters(con, config: DetectConfig) -> None:
-    """``x.template``: the prompt-template (LSH bucket) of each request, null for none."""
+    """``x.template``: the prompt-template (LSH bucket) of each request, null for none.
+
+    Three views of each normalised prompt are hashed: the whole prompt, its first and its last
+    ``frame_words`` words. A template that wraps long slot content (an instruction around a pasted
+    document) shares little with its siblings as a whole but its frame is nearly identical.
+    """
     rows = config.permutations // config.bands
     con.execute(
         """ALTER TABLE x ADD COLUMN norm VARCHAR;
@@ -264,14 +284,17 @@ def _template_clusters(con, config: DetectConfig) -> None:
         "CREATE TABLE p AS SELECT norm, row_number() OVER () AS pid"
         " FROM (SELECT DISTINCT norm FROM x)"
     )
-    k = config.shingle_words
+    k, f = config.shingle_words, config.frame_words
     con.execute(
         f"""CREATE TABLE sh AS
         WITH words AS (SELECT pid, string_split(regexp_replace(norm, ' +', ' ', 'g'), ' ') AS w
-                       FROM p)
-        SELECT pid, hash(array_to_string(w[i:i + {k - 1}], ' ')) % 2147483647 AS h
-        FROM words, range(1, len(w) - {k} + 2) AS r(i)
-        WHERE len(w) >= {config.min_template_words}"""
+                       FROM p),
+        views AS (
+          SELECT pid, 0 AS view, w FROM words WHERE len(w) >= {config.min_template_words}
+          UNION ALL SELECT pid, 1, w[1:{f}] FROM words WHERE len(w) > {2 * f}
+          UNION ALL SELECT pid, 2, w[-{f}:] FROM words WHERE len(w) > {2 * f})
+        SELECT pid, view, hash(array_to_string(w[i:i + {k - 1}], ' ')) % 2147483647 AS h
+        FROM views, range(1, len(w) - {k} + 2) AS r(i)"""
     )
     rng = np.random.default_rng(config.seed)
     perms = pa.table(
@@ -284,10 +307,10 @@ def _template_clusters(con, config: DetectConfig) -> None:
     con.register("perms", perms)
     con.execute(
         f"""CREATE TABLE buckets AS
-        WITH mh AS (SELECT pid, i, min((a * h + b) % 2147483647) AS m
-                    FROM sh, perms GROUP BY pid, i)
-        SELECT pid, i // {rows} AS band, hash(list(m ORDER BY i)) AS key
-        FROM mh GROUP BY pid, i // {rows}"""
+        WITH mh AS (SELECT pid, view, i, min((a * h + b) % 2147483647) AS m
+                    FROM sh, perms GROUP BY pid, view, i)
+        SELECT pid, view * 1000 + i // {rows} AS band, hash(list(m ORDER BY i)) AS key
+        FROM mh GROUP BY pid, view, i // {rows}"""
     )
     # A template is one LSH bucket (no transitive chaining: near-duplicates of near-duplicates
     # are not merged into one giant component) holding several variants from several accounts.
@@ -339,17 +362,18 @@ def _features(con, config, accounts_meta, events, banned, notes) -> pa.Table:
                count(*) AS requests,
                count(DISTINCT date_trunc('day', ts)) AS active_days,
                min(ts) AS first_seen,
-               avg((template IS NOT NULL)::INT) AS template,
-               avg(regexp_matches(lower(prompt), '{_COT}')::INT) AS cot,
-               any_value(caps.top) / count(*) AS concentration,
+               max(ts) AS last_seen,
+               count(template) AS template,
+               sum(regexp_matches(lower(prompt), '{_COT}')::INT) AS cot,
+               any_value(caps.top) AS concentration,
                CASE WHEN count(gap) >= 5 AND avg(gap) > 0
                     THEN avg(gap) / greatest(stddev_pop(gap), 1e-9) ELSE 0 END AS regularity,
                any_value(hours.entropy) AS around_clock,
                coalesce(max(ips.sharing), 0) AS ip_sharing,
                count(DISTINCT t.client_ip) / count(*) AS ip_rotation,
-               avg(coalesce(regexp_matches(lower(user_agent), '{_AUTOMATION_UA}'), false)::INT)
+               sum(coalesce(regexp_matches(lower(user_agent), '{_AUTOMATION_UA}'), false)::INT)
                    AS automation_ua,
-               avg((coalesce(exposure_requested, 'text') <> 'text')::INT) AS logprobs,
+               sum((coalesce(exposure_requested, 'text') <> 'text')::INT) AS logprobs,
                list(prompt ORDER BY template IS NULL, ts)[1:2]
                    AS examples
         FROM t JOIN caps USING (account_id) JOIN hours USING (account_id)
@@ -393,7 +417,33 @@ def _features(con, config, accounts_meta, events, banned, notes) -> pa.Table:
                 WHERE a.account_id <> b.account_id GROUP BY 1) s
             WHERE acc.account_id = s.account_id"""
         )
-    return con.sql("SELECT * FROM acc ORDER BY account_id").to_arrow_table()
+    table = con.sql("SELECT * FROM acc ORDER BY account_id").to_arrow_table()
+    requests = table["requests"].to_numpy()
+    for name in SHARES:
+        column = table.column_names.index(name)
+        shares = share_lower_bound(table[name].to_numpy().astype(float), requests)
+        table = table.set_column(column, name, pa.array(shares))
+    return table
+
+
+#: Signals that are shares of an account's requests: scored by their lower confidence bound.
+SHARES = ("template", "cot", "concentration", "automation_ua", "logprobs")
+
+
+def share_lower_bound(hits: np.ndarray, trials: np.ndarray, confidence: float = 0.9) -> np.ndarray:
+    """The exact (Clopper-Pearson) one-sided lower confidence bound of ``hits / trials``.
+
+    An account that sent one request asking for step-by-step reasoning has a share of 1 but
+    almost no evidence; 34 of 44 is evidence. The bound ranks the second above the first.
+    """
+    from scipy.stats import beta
+
+    hits = np.asarray(hits, dtype=float)
+    trials = np.asarray(trials, dtype=float)
+    bound = np.zeros_like(hits)
+    some = hits > 0
+    bound[some] = beta.ppf(1 - confidence, hits[some], trials[some] - hits[some] + 1)
+    return bound
 
 
 def _score(features: pa.Table) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -417,23 +467,62 @@ def _score(features: pa.Table) -> tuple[np.ndarray, dict[str, np.ndarray]]:
 
 
 def _communities(con, suspects: list[str], config: DetectConfig) -> dict[str, int]:
-    """Louvain communities of accounts that co-hit shared templates within a time window, among
-    ``suspects`` (accounts with at least half the flag score: a community is evidence about its
-    members, so ordinary accounts co-hitting a popular template do not dilute it)."""
+    """Louvain communities of the coordination graph among ``suspects`` (accounts with at least
+    half the flag score: a community is evidence about its members, so ordinary accounts co-hitting
+    a popular template do not dilute it).
+
+    An edge's weight counts what two accounts share: each (template, hour) both hit (the
+    SynchroTrap / CopyCatch lockstep), each IP address both used, a payment fingerprint (counted
+    twice), and each (template, day) both hit (a quiet campaign's accounts send a few requests a
+    day, rarely in the same hour) -- the last only for pairs tied by one of the others: alone it is
+    what two busy users of one popular prompt share by chance. Edges need ``min_edge_weight``.
+    """
     import networkx as nx
 
     con.register("suspects", pa.table({"account_id": pa.array(suspects, pa.string())}))
+    fingerprints = (
+        """UNION ALL SELECT a.account_id, b.account_id, false, 2 FROM meta a JOIN meta b
+             USING (payment_fingerprint)
+           WHERE a.account_id < b.account_id
+             AND a.account_id IN (SELECT account_id FROM suspects)
+             AND b.account_id IN (SELECT account_id FROM suspects)"""
+        if con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'meta'").fetchall()[
+            0
+        ][0]
+        else ""
+    )
     pairs = con.execute(
-        f"""WITH hits AS (
-              SELECT DISTINCT template, time_bucket(INTERVAL {config.window_minutes} MINUTE, ts)
-                     AS slot, account_id
-              FROM x WHERE template IS NOT NULL
-                AND account_id IN (SELECT account_id FROM suspects)),
-            crowded AS (SELECT template, slot FROM hits GROUP BY ALL HAVING count(*) <= 400)
-        SELECT a.account_id AS u, b.account_id AS v, count(*) AS weight
-        FROM hits a JOIN hits b USING (template, slot)
-        WHERE a.account_id < b.account_id AND (template, slot) IN (SELECT * FROM crowded)
-        GROUP BY ALL HAVING count(*) >= {config.min_edge_weight}"""
+        f"""WITH
+        -- a template most of whose users are not suspects is everyone's (a popular prompt):
+        -- co-hitting it says nothing about coordination
+        owned AS (SELECT template FROM x WHERE template IS NOT NULL GROUP BY 1
+                  HAVING count(DISTINCT account_id) FILTER (
+                           WHERE account_id IN (SELECT account_id FROM suspects))
+                         >= {config.min_suspect_share} * count(DISTINCT account_id)),
+        sx AS (SELECT * FROM x WHERE account_id IN (SELECT account_id FROM suspects)),
+        hits AS (
+          SELECT DISTINCT template, time_bucket(INTERVAL {config.window_minutes} MINUTE, ts)
+                 AS slot, false AS daily, account_id FROM sx
+          WHERE template IN (SELECT * FROM owned)
+          UNION ALL
+          SELECT DISTINCT template, time_bucket(INTERVAL 1 DAY, ts), true, account_id FROM sx
+          WHERE template IN (SELECT * FROM owned)),
+        crowded AS (SELECT template, slot, daily FROM hits GROUP BY ALL HAVING count(*) <= 400),
+        ips AS (SELECT DISTINCT client_ip, account_id FROM sx WHERE client_ip IS NOT NULL),
+        shared_ips AS (SELECT client_ip FROM ips GROUP BY 1 HAVING count(*) <= 50),
+        edges AS (
+          SELECT a.account_id AS u, b.account_id AS v, daily, 1 AS w
+          FROM hits a JOIN hits b USING (template, slot, daily)
+          WHERE a.account_id < b.account_id
+            AND (template, slot, daily) IN (SELECT * FROM crowded)
+          UNION ALL
+          SELECT a.account_id, b.account_id, false, 1 FROM ips a JOIN ips b USING (client_ip)
+          WHERE a.account_id < b.account_id AND client_ip IN (SELECT * FROM shared_ips)
+          {fingerprints})
+        -- same-day co-hits strengthen a pair already tied in lockstep or by infrastructure;
+        -- alone they are what two busy users of one popular prompt share by chance
+        SELECT u, v, sum(w) AS weight FROM edges GROUP BY ALL
+        HAVING count(*) FILTER (WHERE NOT daily) > 0 AND sum(w) >= {config.min_edge_weight}"""
     ).fetchall()
     graph = nx.Graph()
     graph.add_weighted_edges_from(pairs)
@@ -442,8 +531,14 @@ def _communities(con, suspects: list[str], config: DetectConfig) -> dict[str, in
     found = nx.community.louvain_communities(graph, weight="weight", seed=config.seed)
     members = {}
     for index, community in enumerate(sorted(found, key=len, reverse=True)):
-        if len(community) >= config.min_community:
-            for account in community:
+        # Louvain places every node somewhere: an account whose only tie is one edge into a
+        # campaign lands in it. Members need ties to several others of their community.
+        core = {
+            account for account in community
+            if sum(1 for other in graph[account] if other in community) >= config.min_ties
+        }  # fmt: skip
+        if len(core) >= config.min_community:
+            for account in core:
                 members[account] = index
     return members
 
@@ -553,6 +648,10 @@ def _write(out: Path, table: pa.Table, con, communities, config) -> None:
     )
 
 
+#: Where ``detect-eval`` puts its figures in report.html (replaced on each evaluation).
+EVALUATION_SLOT = "<!--evaluation--><!--/evaluation-->"
+
+
 def _report(out: Path, table: pa.Table, summary: DetectionSummary) -> None:
     import html
 
@@ -572,18 +671,23 @@ padding:4px;vertical-align:top;font-size:13px}}</style></head><body>
 <p>{summary.exchanges:,} exchanges, {summary.accounts:,} accounts: <b>{summary.flagged}</b>
 flagged in <b>{summary.clusters}</b> clusters ({summary.seconds:.1f} s). Skipped rows:
 {html.escape(_describe(summary.skipped))}.</p><ul>{notes}</ul>
+{EVALUATION_SLOT}
 <table><tr><th>account</th><th>score</th><th>cluster</th><th>requests</th><th>why</th></tr>
 {rows}</table></body></html>"""
     )
 
 
-def daily_first_flags(log: str | os.PathLike, out: str | os.PathLike, **kwargs) -> int:
-    """Replay a daily job over ``log``: detection re-run on the log cut at the end of each day
-    (what ``--until`` does in production), and the first cut that flagged each account written to
-    ``out/accounts.parquet`` as ``first_flagged_at`` (null if no daily run flagged it). ``out``
-    must hold a ``detect`` run on the whole log. Returns the number of daily runs."""
+def daily_first_flags(
+    log: str | os.PathLike, out: str | os.PathLike, *, every_hours: float = 24.0, **kwargs
+) -> int:
+    """Replay a periodic job over ``log``: detection re-run on the log cut every ``every_hours``
+    from the first midnight (what ``--until`` does in production), and the first cut that flagged
+    each account written to ``out/accounts.parquet`` as ``first_flagged_at`` (null if no run
+    flagged it). ``out`` must hold a ``detect`` run on the whole log. Returns the number of runs."""
     from datetime import timedelta
 
+    if every_hours <= 0:
+        raise DetectError(f"the replay's period must be positive, not {every_hours} h")
     out = Path(out)
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
@@ -593,13 +697,14 @@ def daily_first_flags(log: str | os.PathLike, out: str | os.PathLike, **kwargs) 
     ).fetchall()[0]
     start = datetime.fromisoformat(first_ts).replace(hour=0, minute=0, second=0, microsecond=0)
     end = datetime.fromisoformat(last_ts)
+    step = timedelta(hours=every_hours)
     first: dict[str, datetime] = {}
-    day = 0
-    while start + timedelta(days=day) <= end:
-        day += 1
-        until = start + timedelta(days=day)
+    runs = 0
+    while start + runs * step <= end:
+        runs += 1
+        until = start + runs * step
         try:
-            run = detect(log, out / "daily" / f"day-{day:03d}", until=until, **kwargs)
+            run = detect(log, out / "replay" / f"run-{runs:03d}", until=until, **kwargs)
         except DetectError:
             continue  # nothing to score yet
         flags = pq.read_table(Path(run.out) / "accounts.parquet", columns=["account_id", "flagged"])
@@ -612,4 +717,4 @@ def daily_first_flags(log: str | os.PathLike, out: str | os.PathLike, **kwargs) 
     stamps = [first.get(a) for a in table["account_id"].to_pylist()]
     table = table.append_column("first_flagged_at", pa.array(stamps, pa.timestamp("us", tz="UTC")))
     pq.write_table(table, out / "accounts.parquet")
-    return day
+    return runs
