@@ -195,3 +195,14 @@ def test_robustness_knobs_are_checked_before_any_work(tmp_path):
     with pytest.raises(ScenarioError):
         robustness(tmp_path, scenario="smoke", knobs={"warp_speed": (1.0,)})
     assert not (tmp_path / "points").exists()
+
+
+def test_paraphrase_templates_from_embeddings_join_the_detector(sim, tmp_path):
+    from distillscope.detect import DetectConfig
+
+    config = DetectConfig(paraphrase=True, paraphrase_per_account=6)
+    summary = detect(sim / "traffic.parquet", tmp_path, events=sim / "events.parquet",
+                     config=config)  # fmt: skip
+    assert any("paraphrase templates" in note for note in summary.notes)
+    figures = evaluate_alerts(tmp_path, sim / "truth.parquet", sim / "traffic.parquet")
+    assert figures["recall_at_fpr_0.01"] >= 0.9

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -538,6 +539,11 @@ def detect(
     every: float = typer.Option(
         24.0, min=0.25, help="With --daily: hours between the replayed job's runs."
     ),
+    paraphrase: bool = typer.Option(
+        False,
+        help="Also group reworded templates by sentence embeddings (offline all-MiniLM-L6-v2; "
+        "slower: ~80 prompts/s on 2 CPU cores).",
+    ),
 ) -> None:
     """Find distillation campaigns in a traffic log: scores, flags, clusters, report, block list.
 
@@ -573,14 +579,14 @@ def detect(
     summary = run_detect(
         log, out, accounts=accounts, events=events, banned=banned_ids,
         until=moment("--until", until), since=moment("--since", since),
-        config=DetectConfig(flag_fpr=flag_fpr),
+        config=DetectConfig(flag_fpr=flag_fpr, paraphrase=paraphrase),
     )  # fmt: skip
     if daily:
         from distillscope.detect.detector import daily_first_flags
 
         runs = daily_first_flags(
             log, out, every_hours=every, accounts=accounts, events=events, banned=banned_ids,
-            config=DetectConfig(flag_fpr=flag_fpr),
+            config=DetectConfig(flag_fpr=flag_fpr, paraphrase=paraphrase),
         )  # fmt: skip
         errors.print(
             f"job replayed every {every:g} h ({runs} runs): first_flagged_at in accounts.parquet"
@@ -757,6 +763,113 @@ def replay(
     )
     statuses = ", ".join(f"{n} x {status}" for status, n in sorted(summary.statuses.items()))
     console.print(f"replayed {summary.sent} requests in {summary.wall_s:.1f} s: {statuses}")
+
+
+# --- forensics: was a suspect trained on our watermarked outputs? ------------------------------
+
+
+@app.command()
+def radioactivity(
+    suspect: str = typer.Option(
+        ..., help="A distill run folder, a transformers directory, or openai:URL (closed only)."
+    ),
+    account: str | None = typer.Option(
+        None, help="The account whose watermark to test (key from $DISTILLSCOPE_WATERMARK_SECRET)."
+    ),
+    key: str | None = typer.Option(None, help="Or the watermark key itself, in hex."),
+    scheme: str = typer.Option("kgw", help="'kgw' or 'gumbel': as the tier served it."),
+    context: int = typer.Option(4, min=1, help="The watermark's context width h."),
+    gamma: float = typer.Option(0.25, min=1e-6, max=0.999999, help="KGW's green share."),
+    mode: str = typer.Option(
+        "closed", help="'closed' (prompt the suspect), 'open' (read --texts), or 'both'."
+    ),
+    prompts: str = typer.Option("sharegpt", help="Closed mode: 'sharegpt' or a prompts file."),
+    n: int = typer.Option(64, min=1, help="Closed mode: prompts to ask (a seeded sample)."),
+    max_new_tokens: int = typer.Option(64, min=1, help="Closed mode: tokens per answer."),
+    texts: Path | None = typer.Option(
+        None,
+        help="Open mode: our watermarked answers: a harvest's records folder, or the gateway's "
+        "traffic log (.duckdb/.parquet; the --account's exchanges).",
+    ),
+    seed: int = typer.Option(1, help="Seeds the prompt sample and the suspect's sampling."),
+    out: Path = typer.Option(Path("evidence"), help="Folder for evidence.json and evidence.html."),
+    model: str | None = typer.Option(None, help="openai: the served model (default: first)."),
+    device: str = typer.Option("auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'."),
+) -> None:
+    """Test a suspect model for our watermark: exact p-values, tokens scored, an evidence report.
+
+    Example: DISTILLSCOPE_WATERMARK_SECRET=... distillscope radioactivity --suspect runs/s1
+    --account acme --mode both --texts runs/h1 --out evidence/
+    """
+    from distillscope.forensics.radioactivity import (
+        closed_model_test,
+        load_suspect,
+        open_model_test,
+        watermarked_texts,
+        write_evidence,
+    )
+    from distillscope.forensics.watermark import Watermark, WatermarkError, derive_key
+
+    if mode not in ("closed", "open", "both"):
+        raise DistillscopeError(f"--mode is closed, open or both, not {mode!r}")
+    if (account is None) == (key is None):
+        raise DistillscopeError("name exactly one of --account or --key")
+    if key is not None:
+        try:
+            secret_key = int(key, 16)
+        except ValueError:
+            raise DistillscopeError(f"--key takes hex digits, not {key!r}") from None
+    else:
+        secret = os.environ.get("DISTILLSCOPE_WATERMARK_SECRET")
+        if not secret:
+            raise DistillscopeError(
+                "--account needs the master secret in $DISTILLSCOPE_WATERMARK_SECRET"
+            )
+        secret_key = derive_key(secret, account)
+    try:
+        mark = Watermark(scheme, secret_key, gamma=gamma, context=context)
+    except WatermarkError as exc:
+        raise DistillscopeError(str(exc)) from None
+    remote = suspect.startswith("openai:")
+    if remote and mode != "closed":
+        raise DistillscopeError("an openai: suspect has no weights to read: use --mode closed")
+    if mode != "closed" and texts is None:
+        raise DistillscopeError("open mode reads our watermarked answers: give --texts RECORDS")
+    results = []
+    if remote:
+        from distillscope.teachers import load_teacher
+
+        target = load_teacher(suspect, model=model, tokenizer="default")
+        tokenizer = getattr(target, "tokenizer", None)
+    else:
+        target, tokenizer = load_suspect(suspect, device=device)
+    if mode in ("closed", "both"):
+        from distillscope.prompts import load_prompts, select_prompts
+
+        chosen = [p.text for p in select_prompts(load_prompts(prompts), n, seed=seed)]
+        with console.status(f"asking the suspect {len(chosen)} prompts"):
+            results.append(
+                closed_model_test(
+                    target,
+                    mark,
+                    chosen,
+                    tokenizer=tokenizer,
+                    max_new_tokens=max_new_tokens,
+                    seed=seed,
+                    name=suspect,
+                )  # fmt: skip
+            )
+    if mode in ("open", "both"):
+        pairs = watermarked_texts(texts, tokenizer, account=account)
+        with console.status(f"reading {len(pairs)} watermarked answers through the suspect"):
+            results.append(open_model_test(target, mark, pairs, name=suspect))
+    page = write_evidence(out, results, account=account)
+    table = Table("mode", "scheme", "texts", "tokens scored", "statistic", "p-value")
+    for r in results:
+        p = f"{r.p_value:.3g}" if r.log10_p > -300 else f"1e{r.log10_p:.0f}"
+        table.add_row(r.mode, r.scheme, str(r.texts), str(r.tokens_scored), f"{r.statistic:.4g}", p)
+    console.print(table)
+    console.print(f"evidence: {page} and {out / 'evidence.json'}")
 
 
 def main() -> None:

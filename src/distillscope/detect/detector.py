@@ -113,6 +113,11 @@ class DetectConfig:
     min_template_variants: int = 8
     #: Shorter prompts ("continue", "thanks!") are everyone's: never a template.
     min_template_words: int = 6
+    #: Also group reworded templates by sentence embeddings (all-MiniLM-L6-v2 on each prompt's
+    #: first words; ~80 prompts/s on 2 CPU cores, so off by default): see detect/paraphrase.py.
+    paraphrase: bool = False
+    #: Distinct template-less prompts embedded per account when ``paraphrase`` is on.
+    paraphrase_per_account: int = 50
     window_minutes: int = 60
     min_edge_weight: int = 2
     #: A template links accounts in the coordination graph only when at least this share of the
@@ -174,6 +179,13 @@ def detect(
     if n == 0:
         raise DetectError(f"{log}: no usable exchanges ({_describe(skipped)})")
     _template_clusters(con, config)
+    if config.paraphrase:
+        from distillscope.detect.paraphrase import paraphrase_templates
+
+        groups = paraphrase_templates(
+            con, max_per_account=config.paraphrase_per_account, seed=config.seed
+        )
+        notes.append(f"{groups} paraphrase templates from sentence embeddings")
     features = _features(con, config, accounts, events, banned, notes)
     scores, z = _score(features)
     threshold, community_threshold = _null_threshold(z, config)

@@ -40,8 +40,7 @@ FIGURES = ("recall_at_fpr_0.001", "recall_at_fpr_0.01", "precision", "campaigns_
 
 
 def parse_knobs(text: str) -> dict[str, tuple[float, ...]]:
-    """``"mixing_share=0.05,0.5;ip_rotation=0,1"`` -> knobs; a bare name gets its default values.
-    """
+    """``"mixing_share=0.05,0.5;ip_rotation=0,1"`` -> knobs; a bare name gets its default values."""
     knobs: dict[str, tuple[float, ...]] = {}
     for part in filter(None, (p.strip() for p in text.split(";"))):
         name, _, values = part.partition("=")

@@ -49,6 +49,12 @@ def build_gateway(config: GatewayConfig) -> tuple[FastAPI, object]:
     from distillscope.gateway.traffic import open_traffic_log
     from distillscope.teachers import load_teacher
 
+    if os.environ.get("DISTILLSCOPE_WATERMARK_SECRET"):
+        # per-account keys derive from the provider's master secret; tiers may then name
+        # `watermark: kgw` or `watermark: gumbel` (docs/forensics.md)
+        from distillscope.forensics.watermark import register_gateway_watermarks
+
+        register_gateway_watermarks()
     tiers = load_tiers(config.tiers)
     keys = KeyStore(config.keys) if config.keys else None
     if config.upstream:

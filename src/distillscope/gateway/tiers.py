@@ -110,7 +110,9 @@ def _check(tier: Tier) -> None:
     if not tier.logprob_noise >= 0:
         raise TierError(f"tier {tier.name!r}: logprob_noise must be >= 0")
     if tier.watermark is not None and tier.watermark not in WATERMARKS:
-        known = ", ".join(sorted(WATERMARKS)) or "none registered"
+        known = ", ".join(sorted(WATERMARKS)) or (
+            "none registered: set DISTILLSCOPE_WATERMARK_SECRET to enable kgw and gumbel"
+        )
         raise TierError(f"tier {tier.name!r}: unknown watermark {tier.watermark!r} ({known})")
     for limit in ("requests_per_minute", "tokens_per_minute", "concurrency"):
         value = getattr(tier, limit)

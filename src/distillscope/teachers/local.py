@@ -120,11 +120,22 @@ class TransformersTeacher:
     max_exposure = Full()
     logprobs_kind = "raw"
 
-    def __init__(self, model, tokenizer, *, id: str, batch_size: int = 16):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        id: str,
+        batch_size: int = 16,
+        processors: Sequence[LogitsProcessor] = (),
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.id = id
         self.batch_size = batch_size
+        #: Applied to every generation before the draw (a watermark, a defence), before any
+        #: processors a single call adds.
+        self.processors = list(processors)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self._stop_ids = self._find_stop_ids()
@@ -199,7 +210,7 @@ class TransformersTeacher:
             sampling.temperature,
             k,
             keep_full=isinstance(exposure, Full),
-            processors=processors,
+            processors=[*self.processors, *processors],
             on_step=on_step,
         )
         config = GenerationConfig(

@@ -1,0 +1,114 @@
+"""Output defences: make a teacher's outputs worse training data without making them worse answers.
+
+The exposure caps (top-k, logprob rounding and noise) live in the gateway's tiers
+(``distillscope.gateway.tiers.Tier``: ``exposure``, ``round_logprobs``, ``logprob_noise``). This
+module holds the sampling-time defence that needs a model of the distiller:
+
+**Antidistillation sampling** (Savani et al. 2025, "Antidistillation Sampling", arXiv:2504.13146).
+A *proxy student* stands in for whoever distils the teacher. Let ``L(theta)`` be the proxy's loss on
+a held-out set of the teacher's answers (how well the proxy imitates the teacher) and
+``g = grad L / |grad L|``. If the proxy took one gradient step on a token ``x`` (raising
+``log p_theta(x | context)``), ``L`` would change by about ``eta * <grad L, grad log p_theta(x)>``,
+which is the directional derivative of ``log p_theta(x)`` along ``g``. Tokens for which it is
+negative teach the proxy to imitate the teacher; tokens for which it is positive do the opposite.
+The sampler draws from ``softmax(teacher_logits + lam * delta(x))`` where
+
+    delta(x) = [log p_{theta + eps g}(x | ctx) - log p_theta(x | ctx)] / eps
+
+is that derivative for every candidate ``x`` at once, from two forward passes of the proxy (one at
+``theta``, one at the shifted copy) -- the finite-difference trick of the paper. ``lam = 0`` is the
+teacher unchanged; larger ``lam`` trades the teacher's likelihood of its own answers for the
+proxy's (and, one hopes, a real student's) loss. The trade is measured in
+``benchmarks/antidistillation.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+
+
+def downstream_gradient(proxy, sequences: Sequence[Sequence[int]], *, pad_id: int) -> list:
+    """The unit-norm gradient of ``proxy``'s mean next-token loss on ``sequences`` (the teacher's
+    answers with their prompts), one tensor per parameter."""
+    proxy.zero_grad(set_to_none=True)
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(list(seq))
+        mask[row, : len(seq)] = 1
+    device = next(proxy.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    labels = ids.masked_fill(mask == 0, -100)
+    was_training = proxy.training
+    proxy.train(False)
+    with torch.enable_grad():
+        loss = proxy(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+    grads = [
+        p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+        for p in proxy.parameters()
+    ]
+    proxy.zero_grad(set_to_none=True)
+    proxy.train(was_training)
+    norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
+    if not torch.isfinite(norm) or norm == 0:
+        raise ValueError("the proxy's downstream loss has no usable gradient")
+    return [g / norm for g in grads]
+
+
+class AntidistillationProcessor:
+    """A logits processor (``(input_ids, scores) -> scores``) adding ``lam * delta(x)`` to the
+    teacher's logits; see the module docstring. ``proxy`` must share the teacher's token ids.
+
+    ``input_ids`` arrive left-padded with ``pad_id`` in batched generation; the proxy is given the
+    matching attention mask and positions so padding does not change its prediction.
+    """
+
+    def __init__(
+        self,
+        proxy,
+        gradient: Sequence[torch.Tensor],
+        *,
+        lam: float,
+        pad_id: int,
+        eps: float = 1e-3,
+    ):
+        if eps <= 0:
+            raise ValueError("eps must be positive")
+        self.lam = float(lam)
+        self.eps = float(eps)
+        self.pad_id = pad_id
+        self.base = proxy.eval()
+        self.shifted = copy.deepcopy(proxy).eval()
+        with torch.no_grad():
+            for param, direction in zip(self.shifted.parameters(), gradient):
+                param.add_(direction.to(param.device, param.dtype), alpha=self.eps)
+
+    @torch.no_grad()
+    def delta(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """``delta(x)`` for every vocabulary entry, at the last position of each row."""
+        device = next(self.base.parameters()).device
+        ids = input_ids.to(device)
+        # left padding: everything before a row's first real token is padding
+        mask = (ids != self.pad_id).long().cumsum(-1).clamp(max=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = []
+        for model in (self.base, self.shifted):
+            logits = model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1
+            ).logits[:, -1, :]
+            out.append(torch.log_softmax(logits.float(), dim=-1))
+        return (out[1] - out[0]) / self.eps
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.lam == 0:
+            return scores
+        delta = self.delta(input_ids).to(scores.device)
+        vocab = min(delta.shape[-1], scores.shape[-1])
+        adjusted = scores.clone()
+        adjusted[:, :vocab] = scores[:, :vocab] + self.lam * delta[:, :vocab].to(scores.dtype)
+        return adjusted

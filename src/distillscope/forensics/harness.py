@@ -1,0 +1,100 @@
+"""Measure what a watermark or a defence costs the teacher and the distiller, on one footing.
+
+Each setting (clean, a watermark, antidistillation at some strength) is a list of logits
+processors applied by the local teacher while it answers the same prompts with the same seeds.
+For each setting:
+
+- **teacher cost**: the clean teacher's mean negative log-likelihood (nats/token) of the answers it
+  gave under the setting, and its perplexity -- how much less the answers look like the teacher's
+  own best guesses;
+- **distiller's gain**: a student trained on those answers (text exposure: the answers are all a
+  text-only API reveals) and its per-token KL(teacher || student) on held-out prompts answered
+  cleanly, from the same student seed and the same number of steps for every setting.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from distillscope.distill.train import Example
+
+
+@dataclass
+class Outputs:
+    """A teacher's answers under one setting."""
+
+    examples: list[Example]
+    texts: list[str]
+    seconds: float
+
+
+def teacher_outputs(
+    teacher, prompts: Sequence[str], *, max_new_tokens: int, seed: int = 0, processors=(),
+    temperature: float = 1.0, max_prompt_tokens: int = 128,
+) -> Outputs:  # fmt: skip
+    """``teacher`` (a TransformersTeacher) answering ``prompts`` with ``processors`` applied."""
+    import time
+
+    from distillscope.teachers.base import SamplingConfig
+
+    sampling = SamplingConfig(
+        exposure="text", temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+        max_prompt_tokens=max_prompt_tokens,
+    )  # fmt: skip
+    began = time.perf_counter()
+    examples, texts = [], []
+    for start in range(0, len(prompts), teacher.batch_size):
+        chunk = list(prompts[start : start + teacher.batch_size])
+        encoded = [teacher.encode_prompt(p, max_prompt_tokens) for p in chunk]
+        answers = teacher.generate_from_ids(encoded, sampling, keys=chunk, processors=processors)
+        for ids, answer in zip(encoded, answers):
+            if len(answer.signal):
+                examples.append(
+                    Example(np.asarray(ids, np.int64), answer.signal.token_ids, answer.signal)
+                )
+                texts.append(answer.text)
+    return Outputs(examples, texts, time.perf_counter() - began)
+
+
+def teacher_nll(teacher, examples: Sequence[Example], *, batch_size: int = 8) -> float:
+    """The (clean) teacher's mean negative log-likelihood, nats per token, of ``examples``."""
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        rows = teacher.score([e.prompt_ids for e in chunk], [e.completion_ids for e in chunk])
+        for example, lp in zip(chunk, rows):
+            ids = np.asarray(example.completion_ids)
+            total -= float(lp[np.arange(len(ids)), ids].sum())
+            count += len(ids)
+    return total / max(count, 1)
+
+
+def train_text_student(
+    examples: Sequence[Example], tokenizer, *, student: str = "micro", steps: int = 120,
+    batch_size: int = 8, lr: float = 3e-3, seed: int = 0, device: str = "cpu", teacher_model=None,
+):  # fmt: skip
+    """A fresh student trained on ``examples``' text (cross-entropy on the answers); ``student``
+    is a size (``micro``, ``tiny``, ...) or ``layers:N`` (the teacher's first and last layers,
+    pretrained: pass ``teacher_model``)."""
+    import tempfile
+
+    from distillscope.distill.students import build_student
+    from distillscope.distill.train import DistillConfig, distill
+
+    model = build_student(student, tokenizer, seed=seed, teacher_model=teacher_model)
+    config = DistillConfig(
+        exposure="text", steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+        checkpoint_every=steps, warmup_steps=min(10, steps // 5),
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as work:
+        distill(model, examples, work, config, tokenizer=tokenizer, device=device,
+                progress=False, save=False)  # fmt: skip
+    return model.eval()
+
+
+def perplexity(nll: float) -> float:
+    return math.exp(nll)

@@ -1,0 +1,71 @@
+"""Antidistillation sampling: the finite-difference penalty is the directional derivative it claims
+to be, padding does not change it, and lam = 0 leaves the teacher alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from distillscope.forensics.defenses import AntidistillationProcessor, downstream_gradient
+
+PAD = 0
+
+
+def tiny_model(seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=PAD,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def proxy_and_gradient():
+    proxy = tiny_model(0)
+    generator = torch.Generator().manual_seed(1)
+    held_out = [torch.randint(1, 50, (12,), generator=generator).tolist() for _ in range(6)]
+    return proxy, downstream_gradient(proxy, held_out, pad_id=PAD)
+
+
+def test_gradient_is_unit_norm_and_leaves_the_proxy_unchanged(proxy_and_gradient):
+    proxy, gradient = proxy_and_gradient
+    assert torch.sqrt(sum((g**2).sum() for g in gradient)).item() == pytest.approx(1.0, rel=1e-5)
+    assert all(p.grad is None for p in proxy.parameters())
+
+
+def test_delta_is_the_directional_derivative_of_the_log_probability(proxy_and_gradient):
+    proxy, gradient = proxy_and_gradient
+    processor = AntidistillationProcessor(proxy, gradient, lam=1.0, pad_id=PAD, eps=1e-3)
+    context = torch.tensor([[5, 9, 13, 2, 7]])
+    delta = processor.delta(context)[0]
+    for token in (3, 17, 41):
+        proxy.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            logp = torch.log_softmax(proxy(input_ids=context).logits[0, -1], dim=-1)[token]
+            logp.backward()
+        exact = sum((p.grad * g).sum() for p, g in zip(proxy.parameters(), gradient)).item()
+        proxy.zero_grad(set_to_none=True)
+        assert delta[token].item() == pytest.approx(exact, rel=0.05, abs=1e-3)
+
+
+def test_left_padding_does_not_change_the_penalty(proxy_and_gradient):
+    proxy, gradient = proxy_and_gradient
+    processor = AntidistillationProcessor(proxy, gradient, lam=2.0, pad_id=PAD)
+    bare = processor.delta(torch.tensor([[5, 9, 13, 2, 7]]))
+    padded = processor.delta(torch.tensor([[PAD, PAD, PAD, 5, 9, 13, 2, 7]]))
+    torch.testing.assert_close(bare, padded, atol=1e-3, rtol=1e-3)
+
+
+def test_lam_scales_the_shift_and_zero_is_the_teacher(proxy_and_gradient):
+    proxy, gradient = proxy_and_gradient
+    ids = torch.tensor([[4, 8, 15, 16]])
+    scores = torch.randn(1, 50, generator=torch.Generator().manual_seed(3))
+    off = AntidistillationProcessor(proxy, gradient, lam=0.0, pad_id=PAD)
+    assert torch.equal(off(ids, scores), scores)
+    one = AntidistillationProcessor(proxy, gradient, lam=1.0, pad_id=PAD)(ids, scores) - scores
+    three = AntidistillationProcessor(proxy, gradient, lam=3.0, pad_id=PAD)(ids, scores) - scores
+    torch.testing.assert_close(three, 3 * one, atol=1e-4, rtol=1e-4)
+    assert one.abs().max() > 0
