@@ -90,8 +90,9 @@ def main() -> None:
     marked_by_prompt = dict(zip([e.prompt_ids.tobytes() for e in marked.examples], marked.examples))
     reading = [(e.prompt_ids.tolist(), e.completion_ids.tolist()) for e in marked.examples]
 
-    def distil_and_test(data):
-        """A student trained on ``data``, its answers to the probe prompts, and both tests."""
+    def distil_and_test(data, received):
+        """A student trained on ``data``, its answers to the probe prompts, the closed test, and
+        the reading test on ``received`` (the watermarked answers the account was served)."""
         student = train_text_student(data, tok, student=args.student, steps=args.steps,
                                      lr=args.lr, teacher_model=teacher.model,
                                      seed=args.seed)  # fmt: skip
@@ -101,7 +102,7 @@ def main() -> None:
             student,
             asked,
             closed_model_test(student, mark, asked),
-            open_model_test(student, mark, reading),
+            open_model_test(student, mark, received or reading),
         )
 
     rows = []
@@ -113,7 +114,8 @@ def main() -> None:
             data.append(twin if i < cut and twin is not None else example)
         wm_tokens = sum(len(e.completion_ids) for e in data[:cut])
         log(f"rho {rho:g}: training a {args.student} student on {len(data)} answers")
-        student, asked, closed, opened = distil_and_test(data)
+        # reading mode feeds the suspect what the account received: the marked answers it used
+        student, asked, closed, opened = distil_and_test(data, reading[:cut])
         row = {
             "fraction": rho,
             "watermarked_answers": cut,
@@ -157,7 +159,7 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown attack {attack!r}")
         log(f"attack {attack}: training a student on {len(data)} answers")
-        student, asked, closed, opened = distil_and_test(data)
+        student, asked, closed, opened = distil_and_test(data, reading)
         attacks[attack] = {
             "closed_log10_p": closed.log10_p, "closed_tokens_scored": closed.tokens_scored,
             "open_log10_p": opened.log10_p, "open_tokens_scored": opened.tokens_scored,

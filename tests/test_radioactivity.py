@@ -137,7 +137,7 @@ def test_the_clean_student_is_not_accused_by_the_real_key(students, asked, answe
 def test_a_student_distilled_from_watermarked_answers_is_detected(students, answers):
     """Reading our watermarked answers through the student shows the mark at once. (A student this
     small, trained from scratch on 40 answers, does not carry it into answers to new prompts: the
-    closed-model test's power is measured at scale in benchmarks/radioactivity.md.)"""
+    closed-model test's power is measured at scale in benchmarks/forensics.md.)"""
     mark, _, marked = answers
     reading = [(e.prompt_ids.tolist(), e.completion_ids.tolist()) for e in marked.examples]
     opened = open_model_test(students["marked"], mark, reading)
