@@ -135,17 +135,19 @@ def test_interrupted_harvest_resumes_to_exactly_n_unique_records(
     ]
     process = _cli(*args, env=env)
     deadline = time.monotonic() + 120
-    while len(list((out / "records").glob("part-*.parquet"))) < 3:
+    # Interrupt right after the first batch lands: on an idle machine the tiny teacher answers
+    # the remaining nine batches in a few tens of milliseconds, so poll tightly.
+    while not list((out / "records").glob("part-*.parquet")):
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline
-        time.sleep(0.02)
+        time.sleep(0.001)
     process.send_signal(how)
     _, err = process.communicate(timeout=60)
     if how == signal.SIGINT:
         assert process.returncode == 130 and "rerun the same command to resume" in err
         assert "Traceback" not in err
     partial = RecordSet(out)
-    assert 3 <= len(partial) * 1 and len(partial) < 40
+    assert 1 <= len(partial) < 40
     # a resumed run finishes the job: exactly N unique records, the same as never interrupted
     finished = _cli(*args, env=env)
     out_text, err = finished.communicate(timeout=300)
