@@ -38,8 +38,6 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    import torch
-
     from distillscope.evaluate import fidelity, teacher_rows
     from distillscope.forensics.defenses import AntidistillationProcessor, downstream_gradient
     from distillscope.forensics.harness import (
@@ -51,7 +49,6 @@ def main() -> None:
     from distillscope.prompts import load_prompts, select_prompts
     from distillscope.teachers import load_teacher
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     teacher = load_teacher("default", batch_size=16)
     tok = teacher.tokenizer
     need = args.train + args.heldout + args.proxy_prompts + 16

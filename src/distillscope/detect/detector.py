@@ -661,7 +661,8 @@ def _write(out: Path, table: pa.Table, con, communities, config) -> None:
 
 
 #: Where ``detect-eval`` puts its figures in report.html (replaced on each evaluation).
-EVALUATION_SLOT = "<!--evaluation--><!--/evaluation-->"
+EVALUATION_OPEN, EVALUATION_CLOSE = "<!--evaluation-->", "<!--/evaluation-->"
+EVALUATION_SLOT = EVALUATION_OPEN + EVALUATION_CLOSE
 
 
 def _report(out: Path, table: pa.Table, summary: DetectionSummary) -> None:

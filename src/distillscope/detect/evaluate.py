@@ -532,6 +532,8 @@ def write_evaluation(alerts_dir: str | Path, result: dict) -> None:
     import json
     import re
 
+    from distillscope.detect.detector import EVALUATION_CLOSE, EVALUATION_OPEN
+
     alerts_dir = Path(alerts_dir)
     (alerts_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
     report = alerts_dir / "report.html"
@@ -545,12 +547,13 @@ def write_evaluation(alerts_dir: str | Path, result: dict) -> None:
     )
     population = result["population"]
     section = (
-        "<!--evaluation--><h2>Against the simulator's truth</h2>"
+        f"{EVALUATION_OPEN}<h2>Against the simulator's truth</h2>"
         f"<p>{population['campaign_accounts']} campaign accounts in {population['campaigns']} "
         f"campaigns, {population['legit_accounts']} legitimate. The baseline flags by request "
         "volume alone (one per-account threshold).</p><table><tr><th>metric</th><th>detector</th>"
-        f"<th>volume-only baseline</th></tr>{cells}</table><!--/evaluation-->"
+        f"<th>volume-only baseline</th></tr>{cells}</table>{EVALUATION_CLOSE}"
     )
     text = report.read_text()
-    text = re.sub(r"<!--evaluation-->.*<!--/evaluation-->", lambda _: section, text, flags=re.S)
+    slot = re.escape(EVALUATION_OPEN) + ".*" + re.escape(EVALUATION_CLOSE)
+    text = re.sub(slot, lambda _: section, text, flags=re.S)
     report.write_text(text)
