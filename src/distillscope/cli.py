@@ -508,6 +508,35 @@ def keys_block(
         errors.print(f"blocked {kind} {value}")
 
 
+def _beside(log: Path, given: Path | None, name: str) -> Path | None:
+    """A side input of a traffic log: the one given, else ``NAME.parquet`` beside the log."""
+    found = log.parent / f"{name}.parquet"
+    return given or (found if found.exists() else None)
+
+
+def _blocked_accounts(path: Path | None) -> list[str]:
+    """The account ids of a block list file (``account:ID`` lines)."""
+    from distillscope.gateway.keys import parse_block_list
+
+    if path is None:
+        return []
+    if not path.is_file():
+        raise DistillscopeError(f"no block list at {path}")
+    return [v for k, v in parse_block_list(path.read_text()) if k == "account"]
+
+
+def _moment(option: str, text: str | None):
+    """An ISO time option, or a clear error."""
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(text) if text else None
+    except ValueError:
+        raise DistillscopeError(
+            f"{option} takes an ISO time like 2026-01-05T00:00, not {text!r}"
+        ) from None
+
+
 @app.command()
 def detect(
     log: Path = typer.Option(..., "--log", help="Traffic log: a gateway DuckDB file or Parquet."),
@@ -544,6 +573,11 @@ def detect(
         help="Also group reworded templates by sentence embeddings (offline all-MiniLM-L6-v2; "
         "slower: ~80 prompts/s on 2 CPU cores).",
     ),
+    reference: Path | None = typer.Option(
+        None,
+        help="Score signals and set thresholds against a reference fitted on earlier traffic "
+        "(distillscope detect-fit); default: rank each account among this log's accounts.",
+    ),
 ) -> None:
     """Find distillation campaigns in a traffic log: scores, flags, clusters, report, block list.
 
@@ -551,34 +585,19 @@ def detect(
     sim/traffic.duckdb --out alerts/ ; distillscope detect-eval --alerts alerts/ --truth
     sim/truth.parquet
     """
-    from datetime import datetime
-
     from distillscope.detect import DetectConfig
     from distillscope.detect import detect as run_detect
-    from distillscope.gateway.keys import parse_block_list
 
-    beside = log.parent
-    accounts = accounts or (
-        beside / "accounts.parquet" if (beside / "accounts.parquet").exists() else None
-    )
-    events = events or (beside / "events.parquet" if (beside / "events.parquet").exists() else None)
-    banned_ids = []
-    if banned is not None:
-        if not banned.is_file():
-            raise DistillscopeError(f"no block list at {banned}")
-        banned_ids = [v for k, v in parse_block_list(banned.read_text()) if k == "account"]
+    accounts, events = _beside(log, accounts, "accounts"), _beside(log, events, "events")
+    banned_ids = _blocked_accounts(banned)
+    fitted = None
+    if reference is not None:
+        from distillscope.detect import Reference
 
-    def moment(option: str, text: str | None) -> datetime | None:
-        try:
-            return datetime.fromisoformat(text) if text else None
-        except ValueError:
-            raise DistillscopeError(
-                f"{option} takes an ISO time like 2026-01-05T00:00, not {text!r}"
-            ) from None
-
+        fitted = Reference.load(reference)
     summary = run_detect(
         log, out, accounts=accounts, events=events, banned=banned_ids,
-        until=moment("--until", until), since=moment("--since", since),
+        until=_moment("--until", until), since=_moment("--since", since), reference=fitted,
         config=DetectConfig(flag_fpr=flag_fpr, paraphrase=paraphrase),
     )  # fmt: skip
     if daily:
@@ -586,7 +605,7 @@ def detect(
 
         runs = daily_first_flags(
             log, out, every_hours=every, accounts=accounts, events=events, banned=banned_ids,
-            config=DetectConfig(flag_fpr=flag_fpr, paraphrase=paraphrase),
+            reference=fitted, config=DetectConfig(flag_fpr=flag_fpr, paraphrase=paraphrase),
         )  # fmt: skip
         errors.print(
             f"job replayed every {every:g} h ({runs} runs): first_flagged_at in accounts.parquet"
@@ -606,6 +625,60 @@ def detect(
     console.print(
         f"alerts: {out}/accounts.parquet, report {out}/report.html, block list {out}/blocklist.txt"
     )
+
+
+@app.command("detect-fit")
+def detect_fit(
+    log: Path = typer.Option(..., "--log", help="Reference traffic: a gateway DuckDB or Parquet."),
+    out: Path = typer.Option(
+        Path("reference.parquet"), "--out", help="Where the fitted reference goes (Parquet)."
+    ),
+    exclude: Path | None = typer.Option(
+        None,
+        help="Block list of accounts to leave out of the reference (those flagged or banned in "
+        "it, e.g. its detect run's blocklist.txt).",
+    ),
+    accounts: Path | None = typer.Option(
+        None,
+        help="Account metadata (payment fingerprints); default: accounts.parquet beside the log.",
+    ),
+    events: Path | None = typer.Option(
+        None, help="Model releases (name, time); default: events.parquet beside the log."
+    ),
+    until: str | None = typer.Option(None, help="Fit only on exchanges before this ISO time."),
+) -> None:
+    """Fit the detector's signals on reference traffic, for detect --reference.
+
+    Each signal keeps its distribution among the reference accounts; a new log's accounts are
+    then ranked against ordinary traffic rather than against each other, and the flag thresholds
+    come from the reference. Fit on traffic of about the span you will score (template and IP
+    sharing grow with a log's size), without the accounts flagged or banned in it.
+
+    Example: distillscope detect --log week1.duckdb --out alerts1/ ; distillscope detect-fit
+    --log week1.duckdb --exclude alerts1/blocklist.txt --out ref.parquet ; distillscope detect
+    --log week2.duckdb --reference ref.parquet --out alerts2/
+    """
+    from distillscope.detect import fit_reference
+    from distillscope.detect.signals import SIGNALS
+
+    reference = fit_reference(
+        log,
+        out,
+        accounts=_beside(log, accounts, "accounts"),
+        events=_beside(log, events, "events"),
+        until=_moment("--until", until),
+        exclude=_blocked_accounts(exclude),
+    )
+    unmeasured = sorted(set(SIGNALS) - reference.measured)
+    console.print(
+        f"reference: {reference.accounts:,} accounts ({reference.excluded:,} left out), "
+        f"{reference.exchanges:,} exchanges -> {out}"
+    )
+    if unmeasured:
+        errors.print(
+            f"note: not measured in this traffic (scored against the new log's own): "
+            f"{', '.join(unmeasured)}"
+        )
 
 
 @app.command("detect-eval")

@@ -4,11 +4,20 @@
 beside hydra clusters of campaign accounts) with the truth about every account; ``replay`` sends a
 simulated log's requests to a gateway running on this machine. See ``distillscope.detect.simulate``.
 ``detect`` scores every account of a log and flags campaigns (``distillscope.detect.detector``);
-``evaluate_alerts`` measures the flags against the truth (``distillscope.detect.evaluate``).
+``fit_reference`` fits its signals on earlier traffic to score new logs against
+(``distillscope.detect.signals``); ``evaluate_alerts`` measures the flags against the truth
+(``distillscope.detect.evaluate``).
 """
 
-from distillscope.detect.detector import DetectConfig, DetectError, DetectionSummary, detect
+from distillscope.detect.detector import (
+    DetectConfig,
+    DetectError,
+    DetectionSummary,
+    detect,
+    fit_reference,
+)
 from distillscope.detect.evaluate import evaluate_alerts
+from distillscope.detect.signals import BadReferenceError, Reference
 from distillscope.detect.simulate import (
     Campaign,
     CampaignSummary,
@@ -30,6 +39,9 @@ __all__ = [
     "DetectError",
     "DetectionSummary",
     "detect",
+    "fit_reference",
+    "Reference",
+    "BadReferenceError",
     "evaluate_alerts",
     "Campaign",
     "CampaignSummary",

@@ -21,11 +21,11 @@ Signal families (each an account-level number; ``SIGNALS`` says what each measur
 - coordination: membership of a community of accounts co-hitting templates; accounts linked
   (fingerprint, IP, template) to banned ones.
 
-Each account-level signal is turned into an empirical tail probability among the accounts of the
-log (rank-based: campaigns are a minority, and a signal that is zero for most accounts gives no
-evidence at zero), the probabilities are combined by a weighted Fisher sum, and a community's
-members share the community's median score when it is higher than their own: a hydra's heads each
-look modest, the body does not.
+Each account-level signal is turned into a tail probability (``detect.signals``: rank-based among
+the accounts of a reference, by default the log's own accounts; ``fit_reference`` fits one on
+earlier traffic without its banned accounts), the probabilities are combined by a weighted Fisher
+sum, and a community's members share the community's median score when it is higher than their
+own: a hydra's heads each look modest, the body does not.
 """
 
 from __future__ import annotations
@@ -45,43 +45,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from distillscope.detect.signals import (
+    SHARES,
+    SIGNALS,
+    WEIGHTS,
+    Reference,
+    measured_signals,
+    null_thresholds,
+    score,
+    share_lower_bound,
+)
 from distillscope.errors import DistillscopeError
 
 
 class DetectError(DistillscopeError):
     """A log the detector cannot read at all."""
 
-
-#: What each account-level signal measures (higher = more campaign-like).
-SIGNALS = {
-    "template": "share of requests in prompt-template clusters shared by several accounts",
-    "cot": "share of prompts eliciting chain-of-thought",
-    "concentration": "share of requests in the account's most-used capability",
-    "regularity": "inter-arrival regularity (1 / coefficient of variation)",
-    "around_clock": "entropy of the hour-of-day histogram (automation runs all day)",
-    "ip_sharing": "most accounts seen on one of the account's IP addresses",
-    "ip_rotation": "distinct IP addresses per request",
-    "automation_ua": "share of requests from HTTP libraries rather than apps",
-    "logprobs": "share of requests asking for logprobs",
-    "pivot": "share of its first-day traffic after a model release that went to the new model",
-    "fingerprint": "accounts sharing its payment fingerprint",
-    "banned_link": "links (fingerprint, IP, template cluster) to banned accounts",
-}
-#: How much each signal counts in the sum of robust z-scores (each is clipped to [0, 8] first).
-WEIGHTS = {
-    "template": 1.5,
-    "cot": 1.0,
-    "concentration": 0.5,
-    "regularity": 1.0,
-    "around_clock": 0.5,
-    "ip_sharing": 1.0,
-    "ip_rotation": 1.0,
-    "automation_ua": 0.5,
-    "logprobs": 0.5,
-    "pivot": 1.0,
-    "fingerprint": 1.0,
-    "banned_link": 1.0,
-}
 
 _COT = (
     r"step[- ]by[- ]step|show (all )?(your|the) (work|reasoning|steps)|reasoning process|"
@@ -156,6 +135,7 @@ def detect(
     banned: Sequence[str] = (),
     until: datetime | None = None,
     since: datetime | None = None,
+    reference: Reference | str | os.PathLike | None = None,
     config: DetectConfig | None = None,
 ) -> DetectionSummary:
     """Score every account of ``log`` (a gateway DuckDB file or Parquet) and write ``out``:
@@ -166,29 +146,37 @@ def detect(
     provider's own) add payment fingerprints and model releases; ``banned`` names accounts already
     banned; ``until`` scores only exchanges before that time, and ``since`` reports only accounts
     with exchanges at or after it (a daily job: ``since`` yesterday, ``until`` today, every
-    account scored on all its history, yesterday's active accounts reported).
+    account scored on all its history, yesterday's active accounts reported). ``reference`` (a
+    ``Reference`` or the file ``fit_reference`` saved) scores the signals and sets the thresholds
+    against earlier traffic; without it each account is ranked among this log's accounts.
     """
     began = time.perf_counter()
     config = config or DetectConfig()
+    if reference is not None and not isinstance(reference, Reference):
+        reference = Reference.load(reference)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect()
-    con.execute("SET TimeZone = 'UTC'")
-    skipped, notes = _load(con, Path(log), until)
-    n = con.execute("SELECT count(*) FROM x").fetchall()[0][0]
-    if n == 0:
-        raise DetectError(f"{log}: no usable exchanges ({_describe(skipped)})")
-    _template_clusters(con, config)
-    if config.paraphrase:
-        from distillscope.detect.paraphrase import paraphrase_templates
-
-        groups = paraphrase_templates(
-            con, max_per_account=config.paraphrase_per_account, seed=config.seed
+    features, measured, skipped, notes, n = _prepare(
+        con, Path(log), accounts, events, banned, until, config
+    )
+    if reference is None:
+        reference = Reference.fit(features, measured)
+    else:
+        notes.append(
+            f"signals scored against a reference of {reference.accounts:,} accounts "
+            f"({reference.source or 'unnamed'}, fitted {reference.fitted_at})"
         )
-        notes.append(f"{groups} paraphrase templates from sentence embeddings")
-    features = _features(con, config, accounts, events, banned, notes)
-    scores, z = _score(features)
-    threshold, community_threshold = _null_threshold(z, config)
+    tails, fallbacks = reference.tails(features, measured)
+    notes.extend(fallbacks)
+    scores, z = score(features, tails)
+    threshold, community_threshold = null_thresholds(
+        tails,
+        flag_fpr=config.flag_fpr,
+        community_fpr=config.community_fpr,
+        permutations=config.null_permutations,
+        seed=config.seed,
+    )
     notes.append(
         f"flag threshold {threshold:.1f}: the {1 - config.flag_fpr:.3%} point of scores "
         f"with each signal shuffled across accounts ({config.null_permutations} shuffles)"
@@ -216,12 +204,60 @@ def detect(
     return summary
 
 
+def fit_reference(
+    log: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    accounts: str | os.PathLike | None = None,
+    events: str | os.PathLike | None = None,
+    banned: Sequence[str] = (),
+    until: datetime | None = None,
+    exclude: Sequence[str] = (),
+    config: DetectConfig | None = None,
+) -> Reference:
+    """Fit every signal on the accounts of ``log`` (earlier traffic: last week's, say), leaving
+    out ``exclude``d accounts (those its detection run flagged or that were banned), and save it
+    to ``out`` when given. ``detect(..., reference=)`` then scores new traffic against it.
+
+    Fit on traffic of about the span the scored logs will have: template and IP sharing grow with
+    the number of accounts a log holds.
+    """
+    config = config or DetectConfig()
+    con = duckdb.connect()
+    features, measured, _, _, n = _prepare(con, Path(log), accounts, events, banned, until, config)
+    reference = Reference.fit(features, measured, exclude=exclude, exchanges=n, source=str(log))
+    if out is not None:
+        reference.save(out)
+    return reference
+
+
+def _prepare(con, log: Path, accounts, events, banned, until, config: DetectConfig):
+    """Load ``log`` into ``con`` and compute every account's signals: the features table, the
+    signals measured, rows skipped, notes, and the number of usable exchanges."""
+    con.execute("SET TimeZone = 'UTC'")
+    skipped, missing, notes = _load(con, log, until)
+    n = con.execute("SELECT count(*) FROM x").fetchall()[0][0]
+    if n == 0:
+        raise DetectError(f"{log}: no usable exchanges ({_describe(skipped)})")
+    _template_clusters(con, config)
+    if config.paraphrase:
+        from distillscope.detect.paraphrase import paraphrase_templates
+
+        groups = paraphrase_templates(
+            con, max_per_account=config.paraphrase_per_account, seed=config.seed
+        )
+        notes.append(f"{groups} paraphrase templates from sentence embeddings")
+    features, absent = _features(con, accounts, events, banned, notes)
+    return features, measured_signals(missing | absent), skipped, notes, n
+
+
 def _describe(skipped: dict[str, int]) -> str:
     return ", ".join(f"{v} rows {k}" for k, v in skipped.items() if v) or "the log is empty"
 
 
-def _load(con, log: Path, until: datetime | None) -> tuple[dict[str, int], list[str]]:
-    """The clean exchanges as table ``x``; rows that cannot be used are counted, not fatal."""
+def _load(con, log: Path, until: datetime | None) -> tuple[dict[str, int], set[str], list[str]]:
+    """The clean exchanges as table ``x``; rows that cannot be used are counted, not fatal.
+    Returns the skipped-row counts, the optional columns the log lacks, and notes."""
     source = _source(con, log)
     try:
         columns = {
@@ -232,11 +268,12 @@ def _load(con, log: Path, until: datetime | None) -> tuple[dict[str, int], list[
     missing = [c for c in _REQUIRED if c not in columns]
     if missing:
         raise DetectError(f"{log} has no {', '.join(missing)} column: nothing to score by")
-    notes = []
+    notes, absent = [], set()
 
     def col(name: str, default: str) -> str:
         if name in columns:
             return name
+        absent.add(name)
         notes.append(f"column {name} missing: the signals that need it are skipped")
         return f"{default} AS {name}"
 
@@ -263,7 +300,7 @@ def _load(con, log: Path, until: datetime | None) -> tuple[dict[str, int], list[
           AND prompt IS NOT NULL AND trim(prompt) <> '' {cut}""",
         {"until": until} if until is not None else {},
     )
-    return skipped, notes
+    return skipped, absent, notes
 
 
 def _source(con, log: Path) -> str:
@@ -351,8 +388,10 @@ def _template_clusters(con, config: DetectConfig) -> None:
     )
 
 
-def _features(con, config, accounts_meta, events, banned, notes) -> pa.Table:
-    """One row per account: every signal's raw value, plus volume and examples."""
+def _features(con, accounts_meta, events, banned, notes) -> tuple[pa.Table, set[str]]:
+    """One row per account: every signal's value (shares as their lower bound), plus volume and
+    examples; and the side inputs (events, accounts, banned) not given."""
+    absent = set()
     capability = " ".join(
         f"WHEN regexp_matches(lower(prompt), '{pattern}') THEN '{name}'"
         for name, pattern in _CAPABILITIES.items()
@@ -405,6 +444,7 @@ def _features(con, config, accounts_meta, events, banned, notes) -> pa.Table:
             WHERE acc.account_id = s.account_id"""
         )
     else:
+        absent.add("events")
         notes.append("no model-release events given: the pivot signal is skipped")
     if accounts_meta is not None and Path(accounts_meta).exists():
         con.execute(f"CREATE TABLE meta AS SELECT * FROM read_parquet('{accounts_meta}')")
@@ -415,8 +455,11 @@ def _features(con, config, accounts_meta, events, banned, notes) -> pa.Table:
             WHERE acc.account_id = s.account_id"""
         )
     else:
+        absent.add("accounts")
         notes.append("no account metadata given: the payment-fingerprint signal is skipped")
-    if banned:
+    if not banned:
+        absent.add("banned")
+    else:
         con.register("banned", pa.table({"account_id": list(banned)}))
         con.execute(
             """UPDATE acc SET banned_link = s.links FROM (
@@ -435,47 +478,7 @@ def _features(con, config, accounts_meta, events, banned, notes) -> pa.Table:
         column = table.column_names.index(name)
         shares = share_lower_bound(table[name].to_numpy().astype(float), requests)
         table = table.set_column(column, name, pa.array(shares))
-    return table
-
-
-#: Signals that are shares of an account's requests: scored by their lower confidence bound.
-SHARES = ("template", "cot", "concentration", "automation_ua", "logprobs")
-
-
-def share_lower_bound(hits: np.ndarray, trials: np.ndarray, confidence: float = 0.9) -> np.ndarray:
-    """The exact (Clopper-Pearson) one-sided lower confidence bound of ``hits / trials``.
-
-    An account that sent one request asking for step-by-step reasoning has a share of 1 but
-    almost no evidence; 34 of 44 is evidence. The bound ranks the second above the first.
-    """
-    from scipy.stats import beta
-
-    hits = np.asarray(hits, dtype=float)
-    trials = np.asarray(trials, dtype=float)
-    bound = np.zeros_like(hits)
-    some = hits > 0
-    bound[some] = beta.ppf(1 - confidence, hits[some], trials[some] - hits[some] + 1)
-    return bound
-
-
-def _score(features: pa.Table) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Fisher's combination of each signal's empirical tail probability among the accounts.
-
-    For a signal value x, p = (1 + #accounts with a value >= x) / (1 + #accounts): rank-based, so
-    a sparse signal (zero for most accounts) gives no evidence at zero and strong evidence only
-    above what ordinary accounts show. The returned per-signal evidence is -ln p.
-    """
-    evidence = {}
-    n = features.num_rows
-    for name in SIGNALS:
-        values = np.nan_to_num(features[name].to_numpy(zero_copy_only=False).astype(float))
-        order = np.sort(values)
-        at_least = n - np.searchsorted(order, values, side="left")
-        p = (1 + at_least) / (1 + n)
-        p[values <= 0] = 1.0
-        evidence[name] = -np.log(p)
-    scores = 2 * sum(WEIGHTS[name] * evidence[name] for name in SIGNALS)
-    return scores, evidence
+    return table, absent
 
 
 def _communities(con, suspects: list[str], config: DetectConfig) -> dict[str, int]:
@@ -553,25 +556,6 @@ def _communities(con, suspects: list[str], config: DetectConfig) -> dict[str, in
             for account in core:
                 members[account] = index
     return members
-
-
-def _null_threshold(evidence: dict[str, np.ndarray], config: DetectConfig) -> tuple[float, float]:
-    """The scores that accounts with unrelated signals exceed with probability ``flag_fpr`` (an
-    account's flag) and ``community_fpr`` (a community's median's flag).
-
-    Each signal's evidence is shuffled across accounts independently, which keeps every signal's
-    distribution and destroys what makes a campaign: several signals high in the same account.
-    """
-    rng = np.random.default_rng(config.seed)
-    null = [
-        2 * sum(WEIGHTS[name] * rng.permutation(values) for name, values in evidence.items())
-        for _ in range(config.null_permutations)
-    ]
-    null = np.concatenate(null)
-    return (
-        float(np.quantile(null, 1 - config.flag_fpr)),
-        float(np.quantile(null, 1 - config.community_fpr)),
-    )
 
 
 def _assemble(features, scores, z, communities, threshold, community_threshold) -> pa.Table:

@@ -1,0 +1,264 @@
+"""The detector's account-level signals, each fitted on reference traffic and scored against it.
+
+A signal is one number per account, higher meaning more campaign-like (``SIGNALS`` says what each
+measures; ``detector._features`` computes them all in DuckDB SQL). Fitting a signal keeps its
+distribution among reference accounts; scoring turns a new account's value into the conformal tail
+probability ``p = (1 + #reference accounts >= x) / (1 + #reference accounts)`` -- rank-based, so a
+signal that is zero for most accounts gives no evidence at zero, and a value above every reference
+account's is as rare as the reference can say (1 / (n + 1)), never an extrapolated tail.
+
+``Reference`` holds every signal's fitted distribution. Fitted on the scored log itself (what
+``detect`` does without ``reference=``), each account is ranked among its peers; fitted on earlier
+traffic without its banned accounts (``fit_reference`` / ``distillscope detect-fit``), a new log
+is scored against what ordinary traffic looked like, which a campaign that grows to be a large part
+of the log cannot dilute. Flag thresholds come from the reference too: each signal's evidence
+drawn independently across reference accounts keeps every signal's distribution and destroys what
+makes a campaign, several signals high in the same account.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distillscope.errors import DistillscopeError
+
+
+@dataclass(frozen=True)
+class Signal:
+    name: str
+    description: str
+    #: How much the signal counts in the score (a weighted Fisher sum of -ln p).
+    weight: float
+    #: A share of the account's requests: scored by its exact lower confidence bound.
+    share: bool = False
+    #: Log columns (or side inputs) it needs; without them it is not measured.
+    needs: tuple[str, ...] = ()
+
+
+SIGNAL_LIST = (
+    Signal("template", "share of requests in prompt-template clusters shared by several accounts",
+           1.5, share=True),
+    Signal("cot", "share of prompts eliciting chain-of-thought", 1.0, share=True),
+    Signal("concentration", "share of requests in the account's most-used capability", 0.5,
+           share=True),
+    Signal("regularity", "inter-arrival regularity (1 / coefficient of variation)", 1.0),
+    Signal("around_clock", "entropy of the hour-of-day histogram (automation runs all day)", 0.5),
+    Signal("ip_sharing", "most accounts seen on one of the account's IP addresses", 1.0,
+           needs=("client_ip",)),
+    Signal("ip_rotation", "distinct IP addresses per request", 1.0, needs=("client_ip",)),
+    Signal("automation_ua", "share of requests from HTTP libraries rather than apps", 0.5,
+           share=True, needs=("user_agent",)),
+    Signal("logprobs", "share of requests asking for logprobs", 0.5, share=True,
+           needs=("exposure_requested",)),
+    Signal("pivot", "share of its first-day traffic after a model release that went to the new "
+           "model", 1.0, needs=("model", "events")),
+    Signal("fingerprint", "accounts sharing its payment fingerprint", 1.0, needs=("accounts",)),
+    Signal("banned_link", "links (fingerprint, IP, template cluster) to banned accounts", 1.0,
+           needs=("banned",)),
+)  # fmt: skip
+#: What each account-level signal measures (higher = more campaign-like).
+SIGNALS = {s.name: s.description for s in SIGNAL_LIST}
+WEIGHTS = {s.name: s.weight for s in SIGNAL_LIST}
+#: Signals that are shares of an account's requests: scored by their lower confidence bound.
+SHARES = tuple(s.name for s in SIGNAL_LIST if s.share)
+
+
+def measured_signals(missing: Iterable[str]) -> frozenset[str]:
+    """The signals a log measures when ``missing`` (columns or side inputs) are absent."""
+    missing = set(missing)
+    return frozenset(s.name for s in SIGNAL_LIST if not missing.intersection(s.needs))
+
+
+def share_lower_bound(hits: np.ndarray, trials: np.ndarray, confidence: float = 0.9) -> np.ndarray:
+    """The exact (Clopper-Pearson) one-sided lower confidence bound of ``hits / trials``.
+
+    An account that sent one request asking for step-by-step reasoning has a share of 1 but
+    almost no evidence; 34 of 44 is evidence. The bound ranks the second above the first.
+    """
+    from scipy.stats import beta
+
+    hits = np.asarray(hits, dtype=float)
+    trials = np.asarray(trials, dtype=float)
+    bound = np.zeros_like(hits)
+    some = hits > 0
+    bound[some] = beta.ppf(1 - confidence, hits[some], trials[some] - hits[some] + 1)
+    return bound
+
+
+class EmpiricalTail:
+    """One signal fitted on reference accounts: the upper tail of its values among them."""
+
+    def __init__(self, values: np.ndarray):
+        #: The reference accounts' values, in their order (the null shuffles them).
+        self.reference = _clean(values)
+        self.values = np.sort(self.reference)
+
+    def p(self, values: np.ndarray) -> np.ndarray:
+        """``(1 + #reference >= x) / (1 + n)``; 1 at x <= 0 (a zero is no evidence)."""
+        values = _clean(values)
+        n = len(self.values)
+        at_least = n - np.searchsorted(self.values, values, side="left")
+        p = (1 + at_least) / (1 + n)
+        p[values <= 0] = 1.0
+        return p
+
+    def evidence(self, values: np.ndarray) -> np.ndarray:
+        return -np.log(self.p(values))
+
+
+def _clean(values) -> np.ndarray:
+    """Floats, NaN as 0, rounded to 9 decimals: DuckDB's parallel sums differ in the last bits
+    from run to run, and equal values must tie (a rank is the evidence)."""
+    if isinstance(values, pa.ChunkedArray | pa.Array):
+        values = values.to_numpy(zero_copy_only=False)
+    return np.round(np.nan_to_num(np.asarray(values, dtype=float)), 9)
+
+
+class BadReferenceError(DistillscopeError):
+    """A reference file that cannot be read, or one fitted on no accounts."""
+
+
+#: Key of the fit's description in reference.parquet's schema metadata.
+_META = b"distillscope.reference"
+
+
+@dataclass
+class Reference:
+    """Every signal fitted on reference accounts (one row per account, one column per signal)."""
+
+    values: pa.Table
+    #: Signals the reference traffic measured; the others fall back to the scored log's own.
+    measured: frozenset[str]
+    exchanges: int = 0
+    source: str = ""
+    excluded: int = 0
+    fitted_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    @classmethod
+    def fit(
+        cls,
+        features: pa.Table,
+        measured: Iterable[str],
+        *,
+        exclude: Iterable[str] = (),
+        exchanges: int = 0,
+        source: str = "",
+    ) -> Reference:
+        """Fit on ``features`` (``detector._features``'s table), leaving out ``exclude``d accounts
+        (banned ones: the reference should look like ordinary traffic)."""
+        exclude = set(exclude)
+        keep = np.array([a not in exclude for a in features["account_id"].to_pylist()], bool)
+        kept = features.filter(pa.array(keep)) if len(keep) else features
+        if kept.num_rows == 0:
+            raise BadReferenceError("no accounts left to fit the reference on")
+        values = pa.table({name: pa.array(_clean(kept[name]), pa.float64()) for name in SIGNALS})
+        return cls(values, frozenset(measured), exchanges, source, int((~keep).sum()))
+
+    @property
+    def accounts(self) -> int:
+        return self.values.num_rows
+
+    def tails(self, scored: pa.Table, scored_measured: Iterable[str]) -> tuple[dict, list[str]]:
+        """Each signal's fitted tail, and notes on the signals fitted on ``scored`` instead
+        (measured there, not in the reference: a reference of zeros would make any value rare)."""
+        scored_measured = set(scored_measured)
+        tails, notes = {}, []
+        for name in SIGNALS:
+            own = name not in self.measured and name in scored_measured
+            tails[name] = EmpiricalTail((scored if own else self.values)[name])
+            if own:
+                notes.append(f"signal {name} not measured in the reference: fitted on this log")
+        return tails, notes
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "version": 1,
+            "measured": sorted(self.measured),
+            "exchanges": self.exchanges,
+            "source": self.source,
+            "excluded": self.excluded,
+            "fitted_at": self.fitted_at,
+        }
+        table = self.values.replace_schema_metadata({_META: json.dumps(meta).encode()})
+        tmp = path.with_name(f".{path.name}.tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Reference:
+        path = Path(path)
+        if not path.is_file():
+            raise BadReferenceError(
+                f"no reference at {path} (fit one with distillscope detect-fit)"
+            )
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as exc:
+            reason = str(exc).splitlines()[0]
+            raise BadReferenceError(
+                f"{path} is not a detector reference (not a Parquet file: {reason})"
+            ) from None
+        raw = (table.schema.metadata or {}).get(_META)
+        missing = [name for name in SIGNALS if name not in table.column_names]
+        if raw is None or missing:
+            raise BadReferenceError(
+                f"{path} is not a detector reference"
+                + (f" (no {', '.join(missing)} column)" if missing else "")
+                + ": fit one with distillscope detect-fit"
+            )
+        meta = json.loads(raw)
+        if table.num_rows == 0:
+            raise BadReferenceError(f"{path} was fitted on no accounts")
+        return cls(
+            table.select(list(SIGNALS)).replace_schema_metadata(None),
+            frozenset(meta.get("measured", SIGNALS)),
+            int(meta.get("exchanges", 0)),
+            meta.get("source", ""),
+            int(meta.get("excluded", 0)),
+            meta.get("fitted_at", ""),
+        )
+
+
+def score(features: pa.Table, tails: dict[str, EmpiricalTail]) -> tuple[np.ndarray, dict]:
+    """Fisher's combination of each signal's tail probability: the score and each -ln p."""
+    evidence = {name: tails[name].evidence(features[name]) for name in SIGNALS}
+    return 2 * sum(WEIGHTS[name] * evidence[name] for name in SIGNALS), evidence
+
+
+def null_thresholds(
+    tails: dict[str, EmpiricalTail],
+    *,
+    flag_fpr: float,
+    community_fpr: float,
+    permutations: int,
+    seed: int,
+) -> tuple[float, float]:
+    """The scores that accounts with unrelated signals exceed with probability ``flag_fpr`` (an
+    account's flag) and ``community_fpr`` (a community median's flag).
+
+    Each signal's reference evidence is shuffled across the reference accounts independently (a
+    signal fitted on another table is drawn from it with replacement): every signal keeps its
+    distribution and loses what makes a campaign, several signals high in the same account.
+    """
+    rng = np.random.default_rng(seed)
+    evidence = {name: tail.evidence(tail.reference) for name, tail in tails.items()}
+    n = max(len(e) for e in evidence.values())
+    null = np.concatenate([
+        2 * sum(
+            WEIGHTS[name] * (rng.permutation(e) if len(e) == n else rng.choice(e, n))
+            for name, e in evidence.items()
+        )
+        for _ in range(permutations)
+    ])  # fmt: skip
+    return float(np.quantile(null, 1 - flag_fpr)), float(np.quantile(null, 1 - community_fpr))
