@@ -97,10 +97,19 @@ def test_a_signal_the_reference_did_not_measure_is_fitted_on_the_scored_log(sims
     assert {"pivot", "fingerprint"}.isdisjoint(blind.measured)
     summary = detect(scored / "traffic.duckdb", tmp_path, reference=blind, **_inputs(scored))
     assert "signal pivot not measured in the reference: fitted on this log" in summary.notes
+    # a reference of zeros would make every non-zero pivot as rare as can be (p = 1 / (n + 1)):
+    # the fallback ranks the scored log's pivots among themselves instead
     table = pq.read_table(tmp_path / "accounts.parquet")
-    # a reference of zeros would make every non-zero pivot as rare as can be (p = 1 / (n + 1))
-    pivots = table["signal_pivot"].to_numpy()
+    scored_values = table.rename_columns([c.removeprefix("signal_") for c in table.column_names])
+    tails, _ = blind.tails(scored_values, SIGNALS)
+    pivots = scored_values["pivot"].to_numpy()
     assert (pivots > 0).sum() > 10
+    np.testing.assert_array_equal(tails["pivot"].values, np.sort(np.round(pivots, 9)))
+    assert tails["pivot"].p(pivots[pivots > 0]).max() > 1 / (blind.accounts + 1)
+    # a signal both measured is scored against the reference
+    np.testing.assert_array_equal(
+        tails["template"].values, np.sort(blind.values["template"].to_numpy())
+    )
 
 
 def test_detect_fit_cli_round_trips_and_refuses_what_is_not_a_reference(sims, tmp_path):

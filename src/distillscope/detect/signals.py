@@ -156,7 +156,7 @@ class Reference:
         (banned ones: the reference should look like ordinary traffic)."""
         exclude = set(exclude)
         keep = np.array([a not in exclude for a in features["account_id"].to_pylist()], bool)
-        kept = features.filter(pa.array(keep)) if len(keep) else features
+        kept = features.filter(pa.array(keep))
         if kept.num_rows == 0:
             raise BadReferenceError("no accounts left to fit the reference on")
         values = pa.table({name: pa.array(_clean(kept[name]), pa.float64()) for name in SIGNALS})
