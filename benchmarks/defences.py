@@ -1,24 +1,30 @@
 """What watermarks and antidistillation sampling cost the teacher, and what they cost a distiller.
 
-    .venv/bin/python benchmarks/defences.py --train 128 --steps 160 \
-        --json benchmarks/defences_results.json
+    .venv/bin/python benchmarks/defences.py --seeds 0,1,2 --proxy layers:2 --student layers:4 \
+        --lams 0.01,0.03 --temperatures 0.8 --watermarks '' \
+        --json benchmarks/antidistillation_results.json
 
-For every setting (clean, KGW, Gumbel, antidistillation at each --lams strength) the default teacher
-answers the same training prompts with the same seeds; a fresh student (same seed, same steps) is
-trained on each set of answers at text exposure; and we report
+For every setting (clean, KGW, Gumbel, antidistillation at each --lams strength, plain temperature
+sampling at each --temperatures value) the default teacher answers the same training prompts with
+the same seeds; a fresh student (same initialisation, same steps) is trained on each set of answers
+at text exposure; and we report, per seed and as ratios to the clean setting of the same seed,
 
-- teacher cost: the clean teacher's NLL (nats/token) and perplexity of the answers, as a ratio to
-  the clean setting's in the same run;
-- distiller's cost: the student's KL(teacher || student) on held-out prompts answered cleanly, as a
-  ratio to the student trained on clean answers.
+- teacher cost: the clean teacher's perplexity of the answers, and the distortion -- the mean
+  per-token KL(sampled || clean teacher) of the distribution each setting sampled from;
+- distiller's cost: the student's KL(teacher || student) on held-out prompts answered cleanly, and
+  the share of the clean student's gain over its untrained initialisation that the setting takes
+  away (``gain_lost``: 0 = no effect, 1 = the student learnt nothing).
 
-A defence works when the second ratio rises more than the first.
+Temperature is the baseline a defence must beat (Savani et al. 2025 compare against it): it too
+makes answers worse training data, at a cost to the teacher. Each seed draws its own prompts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,20 +32,27 @@ from pathlib import Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--train", type=int, default=128, help="training prompts")
+    parser.add_argument("--train", type=int, default=96, help="training prompts")
     parser.add_argument("--heldout", type=int, default=32)
-    parser.add_argument("--proxy-prompts", type=int, default=64)
+    parser.add_argument("--downstream", type=int, default=16, help="proxy's downstream prompts")
     parser.add_argument("--tokens", type=int, default=48, help="max new tokens per answer")
-    parser.add_argument("--steps", type=int, default=160, help="student training steps")
-    parser.add_argument("--student", default="micro")
-    parser.add_argument("--lams", default="", help="antidistillation strengths, e.g. 0.5,2")
+    parser.add_argument("--steps", type=int, default=200, help="student training steps")
+    parser.add_argument("--student", default="micro", help="micro, tiny, ... or layers:N")
+    parser.add_argument("--student-lr", type=float, default=None,
+                        help="default: 3e-3 (random init), 1e-4 (layers:N)")  # fmt: skip
+    parser.add_argument("--proxy", default="layers:2", help="antidistillation's proxy student")
+    parser.add_argument("--lams", default="", help="antidistillation strengths, e.g. 0.01,0.03")
+    parser.add_argument("--temperatures", default="", help="temperature baselines, e.g. 0.8")
     parser.add_argument("--watermarks", default="kgw,gumbel")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--resume", action="store_true",
+                        help="run only the settings --json does not hold yet")  # fmt: skip
     args = parser.parse_args()
 
+    from distillscope.distill.students import build_student
     from distillscope.evaluate import fidelity, teacher_rows
-    from distillscope.forensics.defenses import AntidistillationProcessor, downstream_gradient
+    from distillscope.forensics.defenses import build_antidistillation
     from distillscope.forensics.harness import (
         perplexity,
         teacher_nll,
@@ -51,73 +64,131 @@ def main() -> None:
 
     teacher = load_teacher("default", batch_size=16)
     tok = teacher.tokenizer
-    need = args.train + args.heldout + args.proxy_prompts + 16
-    pool = select_prompts(load_prompts("sharegpt"), need, seed=args.seed)
-    texts = [p.text for p in pool]
-    train = texts[: args.train]
-    heldout = texts[args.train : args.train + args.heldout]
-    proxy_train = texts[args.train + args.heldout : args.train + args.heldout + args.proxy_prompts]
-    downstream = texts[-16:]
-    gen = dict(max_new_tokens=args.tokens, seed=args.seed)
+    pretrained = args.student.startswith("layers:")
+    lr = args.student_lr or (1e-4 if pretrained else 3e-3)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    report: dict = {"commands": [], "seeds": {}}
+    if args.resume and args.json and args.json.exists():
+        report = json.loads(args.json.read_text())
+    report["commands"].append(" ".join(sys.argv))
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-    evaluation = teacher_outputs(teacher, heldout, **gen).examples
-    rows = teacher_rows(teacher, evaluation)
-    settings: dict[str, list] = {"clean": []}
-    if args.watermarks:
-        from distillscope.forensics.watermark import Watermark, derive_key
+    def save() -> None:
+        report["summary"] = summarise(report["seeds"])
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
 
-        for scheme in args.watermarks.split(","):
+    for seed in seeds:
+        need = args.train + args.heldout + args.downstream
+        pool = [p.text for p in select_prompts(load_prompts("sharegpt"), need, seed=seed)]
+        train = pool[: args.train]
+        heldout = pool[args.train : args.train + args.heldout]
+        downstream = pool[args.train + args.heldout :]
+        gen = dict(max_new_tokens=args.tokens, seed=seed)
+        evaluation = teacher_outputs(teacher, heldout, **gen).examples
+        rows = teacher_rows(teacher, evaluation)
+        results = report["seeds"].setdefault(str(seed), {})
+        if "untrained" not in results:
+            untrained = build_student(args.student, tok, seed=seed, teacher_model=teacher.model)
+            kl = fidelity(untrained, teacher, evaluation, rows=rows, pad_id=tok.pad_token_id).kl
+            results["untrained"] = {"student_kl": kl}
+            del untrained
+        init_kl = results["untrained"]["student_kl"]
+        settings: dict[str, tuple[list, float]] = {"clean": ([], 1.0)}
+        for scheme in filter(None, args.watermarks.split(",")):
+            from distillscope.forensics.watermark import Watermark, derive_key
+
             mark = Watermark(scheme=scheme, key=derive_key("benchmark-secret", "acct-1"))
-            settings[scheme] = [mark.processor()]
-    if args.lams:
-        log("training the proxy student")
-        proxy_data = teacher_outputs(teacher, proxy_train, **gen).examples
-        proxy = train_text_student(proxy_data, tok, student="micro", steps=80, seed=args.seed + 7)
-        ds = teacher_outputs(teacher, downstream, **gen).examples
-        sequences = [list(e.prompt_ids) + list(e.completion_ids) for e in ds]
-        gradient = downstream_gradient(proxy, sequences, pad_id=tok.pad_token_id)
-        for lam in (float(x) for x in args.lams.split(",")):
-            settings[f"antidistill lam={lam:g}"] = [
-                AntidistillationProcessor(proxy, gradient, lam=lam, pad_id=tok.pad_token_id)
-            ]
-    results = {}
-    for name, processors in settings.items():
-        log(f"{name}: teacher answering {len(train)} prompts")
-        outputs = teacher_outputs(teacher, train, processors=processors, **gen)
-        nll = teacher_nll(teacher, outputs.examples)
-        log(f"{name}: training the student ({args.steps} steps)")
-        student = train_text_student(
-            outputs.examples, tok, student=args.student, steps=args.steps, seed=args.seed
-        )
-        fid = fidelity(student, teacher, evaluation, rows=rows, pad_id=tok.pad_token_id)
-        results[name] = {
-            "teacher_nll": nll,
-            "teacher_perplexity": perplexity(nll),
-            "student_kl": fid.kl,
-            "student_top1": fid.top1_agreement,
-            "answer_tokens": sum(len(e.completion_ids) for e in outputs.examples),
-            "generation_seconds": outputs.seconds,
-            "example": outputs.texts[0][:160] if outputs.texts else "",
-        }
-        log(f"{name}: teacher NLL {nll:.3f}, student KL {fid.kl:.3f}")
-    clean = results["clean"]
-    for entry in results.values():
-        entry["teacher_perplexity_ratio"] = (
-            entry["teacher_perplexity"] / clean["teacher_perplexity"]
-        )
-        entry["student_kl_ratio"] = entry["student_kl"] / clean["student_kl"]
-    print(f"{'setting':<24} {'teacher ppl':>12} {'x clean':>8} {'student KL':>11} {'x clean':>8}")
-    for name, r in results.items():
+            settings[scheme] = ([mark.processor()], 1.0)
+        for temperature in (float(x) for x in filter(None, args.temperatures.split(","))):
+            settings[f"temperature {temperature:g}"] = ([], temperature)
+        if args.lams and any(f"antidistill lam={float(x):g}" not in results
+                             for x in args.lams.split(",")):  # fmt: skip
+            log(f"seed {seed}: proxy {args.proxy}, downstream loss on {args.downstream} answers")
+            penalty = build_antidistillation(
+                teacher, lam=0.0, proxy=args.proxy, prompts=args.downstream,
+                max_new_tokens=args.tokens, seed=seed, prompt_pool=downstream,
+            )  # fmt: skip
+            for lam in (float(x) for x in args.lams.split(",")):
+                settings[f"antidistill lam={lam:g}"] = ([penalty.scaled(lam)], 1.0)
+        for name, (processors, temperature) in settings.items():
+            if name in results:
+                continue
+            log(f"seed {seed}, {name}: teacher answering {len(train)} prompts")
+            outputs = teacher_outputs(
+                teacher, train, processors=processors, temperature=temperature,
+                distortion=True, **gen,
+            )  # fmt: skip
+            nll = teacher_nll(teacher, outputs.examples)
+            log(f"seed {seed}, {name}: training the {args.student} student ({args.steps} steps)")
+            began = time.perf_counter()
+            student = train_text_student(
+                outputs.examples, tok, student=args.student, steps=args.steps, lr=lr, seed=seed,
+                teacher_model=teacher.model,
+            )  # fmt: skip
+            train_seconds = time.perf_counter() - began
+            fid = fidelity(student, teacher, evaluation, rows=rows, pad_id=tok.pad_token_id)
+            results[name] = {
+                "teacher_nll": nll,
+                "teacher_perplexity": perplexity(nll),
+                "distortion": outputs.distortion,
+                "student_kl": fid.kl,
+                "student_top1": fid.top1_agreement,
+                "answer_tokens": sum(len(e.completion_ids) for e in outputs.examples),
+                "generation_seconds": outputs.seconds,
+                "train_seconds": train_seconds,
+                "example": outputs.texts[0][:160] if outputs.texts else "",
+            }
+            log(
+                f"seed {seed}, {name}: teacher ppl {perplexity(nll):.2f}, distortion "
+                f"{outputs.distortion:.3f}, student KL {fid.kl:.3f} (untrained {init_kl:.3f})"
+            )
+            save()
+    print_table(report["summary"])
+
+
+def summarise(by_seed: dict) -> dict:
+    """Per setting: each seed's ratios to that seed's clean setting, and their geometric mean."""
+    summary: dict = {}
+    for seed, results in by_seed.items():
+        clean = results.get("clean")
+        if clean is None:
+            continue
+        init = results["untrained"]["student_kl"]
+        gain = init - clean["student_kl"]
+        for name, r in results.items():
+            if name == "untrained":
+                continue
+            entry = summary.setdefault(name, {"seeds": [], "teacher_perplexity_ratio": [],
+                                              "distortion": [], "student_kl_ratio": [],
+                                              "gain_lost": []})  # fmt: skip
+            entry["seeds"].append(int(seed))
+            entry["teacher_perplexity_ratio"].append(
+                r["teacher_perplexity"] / clean["teacher_perplexity"]
+            )
+            entry["distortion"].append(r["distortion"])
+            entry["student_kl_ratio"].append(r["student_kl"] / clean["student_kl"])
+            entry["gain_lost"].append((r["student_kl"] - clean["student_kl"]) / gain)
+    for entry in summary.values():
+        for key in ("teacher_perplexity_ratio", "student_kl_ratio"):
+            entry[f"{key}_geomean"] = math.exp(statistics.fmean(math.log(x) for x in entry[key]))
+        entry["gain_lost_mean"] = statistics.fmean(entry["gain_lost"])
+        entry["distortion_mean"] = statistics.fmean(entry["distortion"])
+    return summary
+
+
+def print_table(summary: dict) -> None:
+    print(f"{'setting':<24} {'ppl x clean':>12} {'distortion':>11} {'student KL x':>13} "
+          f"{'gain lost':>10}  per seed (KL x)")  # fmt: skip
+    for name, e in summary.items():
+        per_seed = ", ".join(f"{x:.3f}" for x in e["student_kl_ratio"])
         print(
-            f"{name:<24} {r['teacher_perplexity']:>12.2f} {r['teacher_perplexity_ratio']:>8.3f} "
-            f"{r['student_kl']:>11.3f} {r['student_kl_ratio']:>8.3f}"
+            f"{name:<24} {e['teacher_perplexity_ratio_geomean']:>12.3f} "
+            f"{e['distortion_mean']:>11.3f} {e['student_kl_ratio_geomean']:>13.3f} "
+            f"{e['gain_lost_mean']:>10.3f}  {per_seed}"
         )
-    if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
-                                         "results": results}, indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -12,12 +12,12 @@ from distillscope.forensics.defenses import AntidistillationProcessor, downstrea
 PAD = 0
 
 
-def tiny_model(seed: int) -> LlamaForCausalLM:
+def tiny_model(seed: int, init: float = 0.02) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=PAD,
+        pad_token_id=PAD, initializer_range=init,
     )  # fmt: skip
     return LlamaForCausalLM(config).eval()
 
@@ -69,3 +69,26 @@ def test_lam_scales_the_shift_and_zero_is_the_teacher(proxy_and_gradient):
     three = AntidistillationProcessor(proxy, gradient, lam=3.0, pad_id=PAD)(ids, scores) - scores
     torch.testing.assert_close(three, 3 * one, atol=1e-4, rtol=1e-4)
     assert one.abs().max() > 0
+
+
+def test_the_cached_penalty_equals_a_fresh_pass_at_every_step():
+    # larger weights than the default init, so attention depends on positions and a cache
+    # misaligned by one position shows (at the default init it moves the penalty by ~1e-3)
+    proxy = tiny_model(0, init=0.2)
+    generator = torch.Generator().manual_seed(1)
+    held_out = [torch.randint(1, 50, (12,), generator=generator).tolist() for _ in range(6)]
+    gradient = downstream_gradient(proxy, held_out, pad_id=PAD)
+    cached = AntidistillationProcessor(proxy, gradient, lam=1.0, pad_id=PAD)
+    rows = torch.tensor([[PAD, PAD, 5, 9, 13], [4, 8, 15, 16, 23]])
+    for _ in range(4):
+        fresh = cached.scaled(1.0).delta(rows)  # a copy without the cache
+        assert fresh.abs().max() > 0.05
+        # (float32 log-probabilities differ in the last bits; the difference quotient scales
+        # that by 1/eps)
+        torch.testing.assert_close(cached.delta(rows), fresh, atol=1e-2, rtol=1e-3)
+        rows = torch.cat([rows, torch.randint(1, 50, (2, 1), generator=generator)], dim=1)
+    # a new generation (not an extension of the last rows) starts over
+    other = torch.tensor([[7, 7, 7]])
+    torch.testing.assert_close(
+        cached.delta(other), cached.scaled(1.0).delta(other), atol=1e-2, rtol=1e-3
+    )

@@ -23,7 +23,7 @@ import pytest
 
 from distillscope.gateway import KeyStore, Tier, create_app, serve_in_thread, write_block_list
 from distillscope.gateway.keys import Block
-from distillscope.gateway.tiers import BUILTIN_TIERS, TierError, load_tiers
+from distillscope.gateway.tiers import BUILTIN_TIERS, TierError, load_tiers, tier_from_dict
 from distillscope.gateway.traffic import open_traffic_log, read_traffic
 from distillscope.teachers import load_teacher
 from distillscope.tokens import token_bytes_table
@@ -523,6 +523,47 @@ def test_watermark_hook_transforms_what_is_sampled(tiny_teacher, tmp_path):
     assert {bytes(e.bytes) for e in content} == {forced}
 
 
+def test_antidistill_tiers_sample_under_the_penalty_at_their_own_strength(tiny_teacher, tmp_path):
+    """A tier's ``antidistill: LAMBDA`` steers what is sampled (the reported logprobs are of the
+    steered distribution); lambda 0 is the teacher itself; a tier asking for it without a proxy is
+    refused up front."""
+    from distillscope.forensics import build_antidistillation
+
+    penalty = build_antidistillation(
+        tiny_teacher, lam=0.0, proxy="layers:1", prompts=2, max_new_tokens=6,
+        prompt_pool=["Name a colour.", "Count to three."],
+    )  # fmt: skip
+    top5 = BUILTIN_TIERS["top5"].exposure
+    tiers = {
+        "plain": Tier("plain", top5),
+        "zero": Tier("zero", top5, antidistill=0.0),
+        "strong": Tier("strong", top5, antidistill=5.0),
+    }
+    store = KeyStore(tmp_path / "keys.sqlite")
+    secrets = {name: store.create(f"acct-{name}", name)[1] for name in tiers}
+    with pytest.raises(TierError, match="strong.*antidistill"):
+        create_app(tiny_teacher, model_name="tiny", keys=store, tiers=tiers)
+    app = create_app(
+        tiny_teacher, model_name="tiny", keys=store, tiers=tiers, antidistillation=penalty
+    )
+    answers = {}
+    with serve_in_thread(app) as url:
+        for name, secret in secrets.items():
+            c = openai.OpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0)
+            answer = c.chat.completions.create(
+                model="tiny", messages=HI, max_tokens=6, logprobs=True, top_logprobs=5, seed=3
+            )
+            answers[name] = [
+                [(t.token, round(t.logprob, 4)) for t in entry.top_logprobs]
+                for entry in answer.choices[0].logprobs.content
+            ]
+    assert answers["zero"] == answers["plain"]
+    assert answers["strong"][0] != answers["plain"][0]
+    for bad in (-1, "strong", True):
+        with pytest.raises(TierError, match="antidistill must be a number"):
+            tier_from_dict("bad", {"antidistill": bad})
+
+
 def test_serve_config_with_postgres_log_and_redis_limits(postgres_url, redis_url, tmp_path):
     """What `serve --db postgresql://... --limits redis://...` builds, over real servers."""
     from distillscope.gateway import GatewayConfig, build_gateway
@@ -560,3 +601,24 @@ def test_an_unreachable_upstream_is_a_502_in_openai_shape(tmp_path):
         c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         failed = error_of(lambda: ask(c, model="m"))
     assert failed.status_code == 502 and "upstream failed" in failed.message
+
+
+def test_serve_config_refuses_antidistill_it_cannot_apply_and_a_bad_watermark_context(
+    tmp_path, monkeypatch
+):
+    """`serve` with an `antidistill:` tier needs a local transformers teacher; a bad
+    $DISTILLSCOPE_WATERMARK_CONTEXT is named, not a traceback."""
+    from distillscope.errors import DistillscopeError
+    from distillscope.gateway import GatewayConfig, build_gateway
+
+    tier_file = tmp_path / "tiers.yaml"
+    tier_file.write_text("tiers:\n  guarded:\n    exposure: top5\n    antidistill: 0.03\n")
+    common = dict(db=None, keys=None, tiers=str(tier_file))
+    with pytest.raises(DistillscopeError, match="guarded.*cannot be applied to a proxied upstream"):
+        build_gateway(GatewayConfig(upstream="http://127.0.0.1:9/v1", **common))
+    with pytest.raises(DistillscopeError, match="need a transformers teacher"):
+        build_gateway(GatewayConfig(teacher="synthetic", **common))
+    monkeypatch.setenv("DISTILLSCOPE_WATERMARK_SECRET", "s3cret")
+    monkeypatch.setenv("DISTILLSCOPE_WATERMARK_CONTEXT", "one")
+    with pytest.raises(DistillscopeError, match="DISTILLSCOPE_WATERMARK_CONTEXT='one'"):
+        build_gateway(GatewayConfig(teacher="synthetic", db=None, keys=None))

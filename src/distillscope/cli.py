@@ -402,6 +402,10 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8000, min=1, max=65535, help="Port to listen on."),
     device: str = typer.Option("auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'."),
+    antidistill_proxy: str = typer.Option(
+        "layers:2",
+        help="Proxy student for tiers with 'antidistill:' (layers:N of the teacher, or a size).",
+    ),
 ) -> None:
     """Serve a model through an OpenAI-compatible API that caps exposure per key and logs traffic.
 
@@ -423,6 +427,7 @@ def serve(
         host=host,
         port=port,
         device=device,
+        antidistill_proxy=antidistill_proxy,
     )
     errors.print(
         f"serving {upstream or teacher} on http://{host}:{port}/v1 "

@@ -4,7 +4,8 @@
 ``Watermark.detect`` and ``attribute`` test text for it with exact p-values;
 ``register_gateway_watermarks`` makes the schemes available to gateway tiers. ``CanarySet`` plants
 per-account canaries in answers to trigger prompts and tests a suspect's answers for them.
-See ``docs/forensics.md``.
+``build_antidistillation(teacher, lam=...)`` is a processor that makes a local teacher's answers
+worse training data (antidistillation sampling). See ``docs/forensics.md``.
 
 Names resolve on first use; nothing here imports torch (the processors use it when called).
 """
@@ -23,6 +24,9 @@ _EXPORTS = {
     "CanaryAttribution": "distillscope.forensics.canaries",
     "CanarySet": "distillscope.forensics.canaries",
     "CanaryTest": "distillscope.forensics.canaries",
+    "AntidistillationProcessor": "distillscope.forensics.defenses",
+    "build_antidistillation": "distillscope.forensics.defenses",
+    "downstream_gradient": "distillscope.forensics.defenses",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -65,7 +65,10 @@ class AntidistillationProcessor:
     teacher's logits; see the module docstring. ``proxy`` must share the teacher's token ids.
 
     ``input_ids`` arrive left-padded with ``pad_id`` in batched generation; the proxy is given the
-    matching attention mask and positions so padding does not change its prediction.
+    matching attention mask and positions so padding does not change its prediction. While a
+    generation runs, each call extends the previous one's rows by a token, so the proxy and its
+    shifted copy keep key/value caches and read only the new token: the penalty costs two
+    one-token forward passes of the proxy per step, not two passes over the whole sequence.
     """
 
     def __init__(
@@ -87,21 +90,49 @@ class AntidistillationProcessor:
         with torch.no_grad():
             for param, direction in zip(self.shifted.parameters(), gradient):
                 param.add_(direction.to(param.device, param.dtype), alpha=self.eps)
+        self._seen: torch.Tensor | None = None
+        self._caches: list | None = None
+
+    def scaled(self, lam: float) -> AntidistillationProcessor:
+        """The same penalty at strength ``lam``, sharing this one's proxy weights (not its cache:
+        the two may serve different generations)."""
+        other = copy.copy(self)
+        other.lam = float(lam)
+        other._seen, other._caches = None, None
+        return other
 
     @torch.no_grad()
     def delta(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """``delta(x)`` for every vocabulary entry, at the last position of each row."""
+        from transformers import DynamicCache
+
         device = next(self.base.parameters()).device
         ids = input_ids.to(device)
         # left padding: everything before a row's first real token is padding
         mask = (ids != self.pad_id).long().cumsum(-1).clamp(max=1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        seen = self._seen
+        extends = (
+            seen is not None
+            and seen.shape[0] == ids.shape[0]
+            and seen.shape[1] == ids.shape[1] - 1
+            and torch.equal(seen, ids[:, :-1])
+        )
+        if not extends:
+            self._caches = [DynamicCache(), DynamicCache()]
+        start = ids.shape[1] - 1 if extends else 0
         out = []
-        for model in (self.base, self.shifted):
+        for model, cache in zip((self.base, self.shifted), self._caches):
             logits = model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1
+                input_ids=ids[:, start:],
+                attention_mask=mask,
+                position_ids=positions[:, start:],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
             ).logits[:, -1, :]
             out.append(torch.log_softmax(logits.float(), dim=-1))
+        self._seen = ids
         return (out[1] - out[0]) / self.eps
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -112,3 +143,35 @@ class AntidistillationProcessor:
         adjusted = scores.clone()
         adjusted[:, :vocab] = scores[:, :vocab] + self.lam * delta[:, :vocab].to(scores.dtype)
         return adjusted
+
+
+def build_antidistillation(
+    teacher, *, lam: float, proxy: str = "layers:2", prompts: int = 16, max_new_tokens: int = 48,
+    seed: int = 0, prompt_pool: Sequence[str] | None = None,
+) -> AntidistillationProcessor:  # fmt: skip
+    """Antidistillation for a local ``teacher`` (a ``TransformersTeacher``), ready to pass as a
+    processor.
+
+    The proxy student is ``proxy``: ``layers:N`` (the teacher's embeddings and N of its layers:
+    a pretrained model of the same family, which is what the method needs -- the penalty only
+    transfers to real students when the proxy learns like them) or any other student spec. Its
+    downstream loss is its next-token loss on the teacher's own clean answers to ``prompts``
+    prompts drawn with ``seed`` from ``prompt_pool`` (default: the built-in ShareGPT pool).
+    """
+    from distillscope.distill.students import build_student
+    from distillscope.forensics.harness import teacher_outputs
+    from distillscope.prompts import load_prompts, select_prompts
+
+    if prompts < 1:
+        raise ValueError("the proxy's downstream loss needs at least one prompt")
+    tokenizer = teacher.tokenizer
+    model = build_student(proxy, tokenizer, seed=seed, teacher_model=teacher.model)
+    model.to(teacher.device)
+    if prompt_pool is None:
+        prompt_pool = [p.text for p in select_prompts(load_prompts("sharegpt"), prompts, seed=seed)]
+    answers = teacher_outputs(
+        teacher, list(prompt_pool)[:prompts], max_new_tokens=max_new_tokens, seed=seed
+    ).examples
+    sequences = [list(e.prompt_ids) + list(e.completion_ids) for e in answers]
+    gradient = downstream_gradient(model, sequences, pad_id=tokenizer.pad_token_id)
+    return AntidistillationProcessor(model, gradient, lam=lam, pad_id=tokenizer.pad_token_id)

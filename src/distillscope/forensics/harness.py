@@ -6,7 +6,10 @@ For each setting:
 
 - **teacher cost**: the clean teacher's mean negative log-likelihood (nats/token) of the answers it
   gave under the setting, and its perplexity -- how much less the answers look like the teacher's
-  own best guesses;
+  own best guesses. A setting that sharpens the distribution (a low temperature, a penalty that
+  empties the tail) *lowers* this perplexity without making answers better, so the harness also
+  reports the **distortion**: the mean per-token KL(sampled || clean teacher), in nats, between
+  the distribution the setting actually sampled from and the teacher's own;
 - **distiller's gain**: a student trained on those answers (text exposure: the answers are all a
   text-only API reveals) and its per-token KL(teacher || student) on held-out prompts answered
   cleanly, from the same student seed and the same number of steps for every setting.
@@ -30,34 +33,66 @@ class Outputs:
     examples: list[Example]
     texts: list[str]
     seconds: float
+    #: mean per-token KL(sampled || clean teacher), nats, when measured
+    distortion: float | None = None
 
 
 def teacher_outputs(
     teacher, prompts: Sequence[str], *, max_new_tokens: int, seed: int = 0, processors=(),
-    temperature: float = 1.0, max_prompt_tokens: int = 128,
+    temperature: float = 1.0, max_prompt_tokens: int = 128, distortion: bool = False,
 ) -> Outputs:  # fmt: skip
-    """``teacher`` (a TransformersTeacher) answering ``prompts`` with ``processors`` applied."""
+    """``teacher`` (a TransformersTeacher) answering ``prompts`` with ``processors`` applied.
+
+    ``distortion=True`` also measures ``Outputs.distortion`` (see the module docstring); the
+    examples carry text only either way.
+    """
     import time
 
+    from distillscope.exposure import Text
+    from distillscope.records import Signal
     from distillscope.teachers.base import SamplingConfig
 
     sampling = SamplingConfig(
-        exposure="text", temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
-        max_prompt_tokens=max_prompt_tokens,
+        exposure="full" if distortion else "text", temperature=temperature,
+        max_new_tokens=max_new_tokens, seed=seed, max_prompt_tokens=max_prompt_tokens,
     )  # fmt: skip
     began = time.perf_counter()
     examples, texts = [], []
+    kl_sum, kl_tokens = 0.0, 0
     for start in range(0, len(prompts), teacher.batch_size):
         chunk = list(prompts[start : start + teacher.batch_size])
         encoded = [teacher.encode_prompt(p, max_prompt_tokens) for p in chunk]
         answers = teacher.generate_from_ids(encoded, sampling, keys=chunk, processors=processors)
-        for ids, answer in zip(encoded, answers):
-            if len(answer.signal):
-                examples.append(
-                    Example(np.asarray(ids, np.int64), answer.signal.token_ids, answer.signal)
-                )
-                texts.append(answer.text)
-    return Outputs(examples, texts, time.perf_counter() - began)
+        answers = [a for a in answers if len(a.signal)]
+        if distortion and answers:
+            clean = teacher.score(
+                [a.prompt_ids for a in answers], [a.signal.token_ids for a in answers]
+            )
+            for answer, p in zip(answers, clean):
+                kl_sum += _kl_rows(answer.signal.full_logprobs, p, temperature)
+                kl_tokens += len(p)
+        for answer in answers:
+            ids = answer.signal.token_ids
+            examples.append(
+                Example(np.asarray(answer.prompt_ids, np.int64), ids, Signal(Text(), ids))
+            )
+            texts.append(answer.text)
+    seconds = time.perf_counter() - began
+    return Outputs(examples, texts, seconds, kl_sum / kl_tokens if kl_tokens else None)
+
+
+def _kl_rows(sampled_logprobs: np.ndarray, clean_logprobs: np.ndarray, temperature: float) -> float:
+    """Sum over positions of KL(q || p), q the distribution sampled at ``temperature``."""
+    import torch
+
+    q = torch.from_numpy(np.asarray(sampled_logprobs, np.float32)).double()
+    p = torch.from_numpy(np.asarray(clean_logprobs, np.float32)).double()
+    if temperature == 0:
+        # greedy: q is a point mass on the argmax
+        top = q.argmax(-1, keepdim=True)
+        return float(-p.gather(-1, top).sum())
+    q = torch.log_softmax(q / temperature, dim=-1)
+    return float((q.exp() * (q - p)).sum())
 
 
 def teacher_nll(teacher, examples: Sequence[Example], *, batch_size: int = 8) -> float:

@@ -42,7 +42,7 @@ from distillscope.gateway.backends import (
 )
 from distillscope.gateway.keys import ApiKey, BlockListFile, KeyStore
 from distillscope.gateway.limits import Limiter, MemoryLimiter, RateLimited
-from distillscope.gateway.tiers import BUILTIN_TIERS, WATERMARKS, Tier
+from distillscope.gateway.tiers import BUILTIN_TIERS, WATERMARKS, Tier, TierError
 from distillscope.gateway.traffic import TrafficLog, exposure_name, open_traffic_log
 
 #: ``max_tokens`` when a request gives none (OpenAI's legacy default).
@@ -233,11 +233,14 @@ def create_app(
     limiter: Limiter | None = None,
     tiers: dict[str, Tier] | None = None,
     block_file: str | None = None,
+    antidistillation: Any | None = None,
 ) -> FastAPI:
     """An app serving ``backend`` (a ``Backend``, or a local teacher) as one model.
 
     Without ``keys`` the gateway is open: no key needed, every caller at ``OPEN_TIER``. ``log``
     defaults to no log; ``limiter`` to in-memory limits; ``tiers`` to the built-in ones.
+    ``antidistillation`` (an ``AntidistillationProcessor``, from ``build_antidistillation``) is the
+    penalty tiers with ``antidistill: LAMBDA`` sample under, at their own strength.
     """
     if not isinstance(backend, Backend):
         backend = TeacherBackend(backend, model_name=model_name or "distillscope-default")
@@ -245,6 +248,12 @@ def create_app(
         backend.model_name = model_name
     name = backend.model_name
     tiers = tiers or dict(BUILTIN_TIERS)
+    defended = sorted(name for name, tier in tiers.items() if tier.antidistill)
+    if defended and antidistillation is None:
+        raise TierError(
+            f"tier(s) {', '.join(defended)} set antidistill, which needs a local teacher's proxy "
+            "student: build one with distillscope.forensics.build_antidistillation"
+        )
     log = log or open_traffic_log(None)
     limiter = limiter or MemoryLimiter()
     block_list = BlockListFile(block_file) if block_file else None
@@ -419,8 +428,13 @@ def create_app(
         if prompt_n is not None and not backend.can_score_prompts:
             raise APIError(400, "this model cannot report prompt_logprobs", param="prompt_logprobs")
         request.top_logprobs, request.prompt_logprobs = served, prompt_n
+        processors = []
+        if tier.antidistill:
+            processors.append(antidistillation.scaled(tier.antidistill))
         if tier.watermark is not None:
-            request.processors = [WATERMARKS[tier.watermark](exchange.caller.account_id or "")]
+            # last, so the watermark's bias is on the distribution actually sampled
+            processors.append(WATERMARKS[tier.watermark](exchange.caller.account_id or ""))
+        request.processors = processors
         return request
 
     async def serve(exchange: Exchange, body, request: GenerationRequest, *, chat: bool):

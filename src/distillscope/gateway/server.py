@@ -37,6 +37,8 @@ class GatewayConfig:
     device: str = "auto"
     log_batch: int = 512
     log_wait_ms: float = 0.0
+    #: the proxy student of tiers with ``antidistill:`` (built once, when a tier needs it)
+    antidistill_proxy: str = "layers:2"
 
 
 def build_gateway(config: GatewayConfig) -> tuple[FastAPI, object]:
@@ -54,8 +56,15 @@ def build_gateway(config: GatewayConfig) -> tuple[FastAPI, object]:
         # `watermark: kgw` or `watermark: gumbel` (docs/forensics.md)
         from distillscope.forensics.watermark import register_gateway_watermarks
 
-        register_gateway_watermarks()
+        register_gateway_watermarks(context=_watermark_context())
     tiers = load_tiers(config.tiers)
+    defended = sorted(name for name, tier in tiers.items() if tier.antidistill)
+    if defended and config.upstream:
+        raise DistillscopeError(
+            f"tier(s) {', '.join(defended)} set antidistill, which steers a local teacher's "
+            "sampling: it cannot be applied to a proxied upstream"
+        )
+    antidistillation = None
     keys = KeyStore(config.keys) if config.keys else None
     if config.upstream:
         backend = ProxyBackend(
@@ -69,13 +78,48 @@ def build_gateway(config: GatewayConfig) -> tuple[FastAPI, object]:
         backend = TeacherBackend(
             teacher, model_name=config.model_name or _served_name(config.teacher)
         )
+        if defended:
+            antidistillation = _antidistillation(teacher, config.antidistill_proxy)
     limiter = open_limiter(config.limits)
     log = open_traffic_log(config.db, batch_size=config.log_batch, max_wait_ms=config.log_wait_ms)
     log.start()
     app = create_app(
-        backend, keys=keys, log=log, limiter=limiter, tiers=tiers, block_file=config.block_file
-    )
+        backend, keys=keys, log=log, limiter=limiter, tiers=tiers, block_file=config.block_file,
+        antidistillation=antidistillation,
+    )  # fmt: skip
     return app, log
+
+
+def _watermark_context() -> int:
+    """The gateway watermarks' context width h: ``$DISTILLSCOPE_WATERMARK_CONTEXT``, default 4.
+
+    h = 1 is what a small copy learns well enough for the closed-model radioactivity test
+    (benchmarks/forensics.md); it is also easier to estimate from outputs.
+    """
+    raw = os.environ.get("DISTILLSCOPE_WATERMARK_CONTEXT", "4")
+    try:
+        context = int(raw)
+    except ValueError:
+        context = 0
+    if context < 1:
+        raise DistillscopeError(
+            f"DISTILLSCOPE_WATERMARK_CONTEXT={raw!r}: the context width must be an integer >= 1"
+        )
+    return context
+
+
+def _antidistillation(teacher, proxy: str):
+    from distillscope.forensics.defenses import build_antidistillation
+
+    if not hasattr(teacher, "model"):
+        raise DistillscopeError(
+            "tiers with antidistill need a transformers teacher (default or hf:PATH): "
+            "the proxy student is built from its weights"
+        )
+    try:
+        return build_antidistillation(teacher, lam=0.0, proxy=proxy)
+    except DistillscopeError as exc:
+        raise DistillscopeError(f"--antidistill-proxy {proxy!r}: {exc}") from None
 
 
 def _served_name(spec: str) -> str:

@@ -3,7 +3,8 @@
 A tier caps exposure (``text``: no logprobs; ``topK``: at most K alternatives per token; ``full``:
 ``top_logprobs`` up to 20 plus vLLM's ``prompt_logprobs``), decides what happens to a request
 asking for more (``clamp``: served at the cap; ``reject``: 400), may round or noise the logprobs
-it reveals, may watermark what it samples, and sets the key's rate limits.
+it reveals, may watermark what it samples or steer it away from what a distiller learns from
+(antidistillation sampling), and sets the key's rate limits.
 
 Built-in tiers are named after their cap (``text``, ``top1``, ``top5``, ``top20``, ``full``); a
 YAML file can redefine them or add more::
@@ -15,6 +16,7 @@ YAML file can redefine them or add more::
         round_logprobs: 2          # decimals
         logprob_noise: 0.05        # std of Gaussian noise added to each reported logprob
         watermark: kgw             # a name registered in WATERMARKS
+        antidistill: 0.03          # antidistillation strength lambda (local teachers only)
         requests_per_minute: 600
         tokens_per_minute: 200000
         concurrency: 16
@@ -52,6 +54,7 @@ class Tier:
     round_logprobs: int | None = None
     logprob_noise: float = 0.0
     watermark: str | None = None
+    antidistill: float | None = None
     requests_per_minute: int | None = 600
     tokens_per_minute: int | None = 400_000
     concurrency: int | None = 16
@@ -114,6 +117,12 @@ def _check(tier: Tier) -> None:
             "none registered: set DISTILLSCOPE_WATERMARK_SECRET to enable kgw and gumbel"
         )
         raise TierError(f"tier {tier.name!r}: unknown watermark {tier.watermark!r} ({known})")
+    if tier.antidistill is not None and (
+        isinstance(tier.antidistill, bool)
+        or not isinstance(tier.antidistill, int | float)
+        or not 0 <= tier.antidistill < float("inf")
+    ):
+        raise TierError(f"tier {tier.name!r}: antidistill must be a number >= 0 (the strength)")
     for limit in ("requests_per_minute", "tokens_per_minute", "concurrency"):
         value = getattr(tier, limit)
         if value is not None and (not isinstance(value, int) or value < 1):
