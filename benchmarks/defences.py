@@ -104,7 +104,7 @@ def main() -> None:
             settings[scheme] = ([mark.processor()], 1.0)
         for temperature in (float(x) for x in filter(None, args.temperatures.split(","))):
             settings[f"temperature {temperature:g}"] = ([], temperature)
-        if args.lams and any(f"antidistill lam={float(x):g}" not in results
+        if args.lams and any(f"antidistill {args.proxy} lam={float(x):g}" not in results
                              for x in args.lams.split(",")):  # fmt: skip
             log(f"seed {seed}: proxy {args.proxy}, downstream loss on {args.downstream} answers")
             penalty = build_antidistillation(
@@ -112,7 +112,7 @@ def main() -> None:
                 max_new_tokens=args.tokens, seed=seed, prompt_pool=downstream,
             )  # fmt: skip
             for lam in (float(x) for x in args.lams.split(",")):
-                settings[f"antidistill lam={lam:g}"] = ([penalty.scaled(lam)], 1.0)
+                settings[f"antidistill {args.proxy} lam={lam:g}"] = ([penalty.scaled(lam)], 1.0)
         for name, (processors, temperature) in settings.items():
             if name in results:
                 continue
