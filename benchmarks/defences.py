@@ -55,7 +55,6 @@ def main() -> None:
     from distillscope.forensics.defenses import build_antidistillation
     from distillscope.forensics.harness import (
         perplexity,
-        teacher_nll,
         teacher_outputs,
         train_text_student,
     )
@@ -121,7 +120,7 @@ def main() -> None:
                 teacher, train, processors=processors, temperature=temperature,
                 distortion=True, **gen,
             )  # fmt: skip
-            nll = teacher_nll(teacher, outputs.examples)
+            nll = outputs.teacher_nll  # scored with the distortion, in the same pass
             log(f"seed {seed}, {name}: training the {args.student} student ({args.steps} steps)")
             began = time.perf_counter()
             student = train_text_student(

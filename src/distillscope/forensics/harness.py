@@ -35,6 +35,8 @@ class Outputs:
     seconds: float
     #: mean per-token KL(sampled || clean teacher), nats, when measured
     distortion: float | None = None
+    #: the clean teacher's mean NLL of the answers (nats/token), measured with the distortion
+    teacher_nll: float | None = None
 
 
 def teacher_outputs(
@@ -43,8 +45,8 @@ def teacher_outputs(
 ) -> Outputs:  # fmt: skip
     """``teacher`` (a TransformersTeacher) answering ``prompts`` with ``processors`` applied.
 
-    ``distortion=True`` also measures ``Outputs.distortion`` (see the module docstring); the
-    examples carry text only either way.
+    ``distortion=True`` also measures ``Outputs.distortion`` (see the module docstring) and, from
+    the same scoring pass, ``Outputs.teacher_nll``; the examples carry text only either way.
     """
     import time
 
@@ -58,7 +60,7 @@ def teacher_outputs(
     )  # fmt: skip
     began = time.perf_counter()
     examples, texts = [], []
-    kl_sum, kl_tokens = 0.0, 0
+    kl_sum, nll_sum, kl_tokens = 0.0, 0.0, 0
     for start in range(0, len(prompts), teacher.batch_size):
         chunk = list(prompts[start : start + teacher.batch_size])
         encoded = [teacher.encode_prompt(p, max_prompt_tokens) for p in chunk]
@@ -70,6 +72,7 @@ def teacher_outputs(
             )
             for answer, p in zip(answers, clean):
                 kl_sum += _kl_rows(answer.signal.full_logprobs, p, temperature)
+                nll_sum -= float(p[np.arange(len(p)), answer.signal.token_ids].sum())
                 kl_tokens += len(p)
         for answer in answers:
             ids = answer.signal.token_ids
@@ -78,7 +81,9 @@ def teacher_outputs(
             )
             texts.append(answer.text)
     seconds = time.perf_counter() - began
-    return Outputs(examples, texts, seconds, kl_sum / kl_tokens if kl_tokens else None)
+    if not kl_tokens:
+        return Outputs(examples, texts, seconds)
+    return Outputs(examples, texts, seconds, kl_sum / kl_tokens, nll_sum / kl_tokens)
 
 
 def _kl_rows(sampled_logprobs: np.ndarray, clean_logprobs: np.ndarray, temperature: float) -> float:

@@ -42,7 +42,7 @@ from distillscope.gateway.backends import (
 )
 from distillscope.gateway.keys import ApiKey, BlockListFile, KeyStore
 from distillscope.gateway.limits import Limiter, MemoryLimiter, RateLimited
-from distillscope.gateway.tiers import BUILTIN_TIERS, WATERMARKS, Tier, TierError
+from distillscope.gateway.tiers import BUILTIN_TIERS, WATERMARKS, Tier, TierError, antidistilled
 from distillscope.gateway.traffic import TrafficLog, exposure_name, open_traffic_log
 
 #: ``max_tokens`` when a request gives none (OpenAI's legacy default).
@@ -248,7 +248,7 @@ def create_app(
         backend.model_name = model_name
     name = backend.model_name
     tiers = tiers or dict(BUILTIN_TIERS)
-    defended = sorted(name for name, tier in tiers.items() if tier.antidistill)
+    defended = antidistilled(tiers)
     if defended and antidistillation is None:
         raise TierError(
             f"tier(s) {', '.join(defended)} set antidistill, which needs a local teacher's proxy "

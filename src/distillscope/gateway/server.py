@@ -47,7 +47,7 @@ def build_gateway(config: GatewayConfig) -> tuple[FastAPI, object]:
     from distillscope.gateway.backends import ProxyBackend, TeacherBackend
     from distillscope.gateway.keys import KeyStore
     from distillscope.gateway.limits import open_limiter
-    from distillscope.gateway.tiers import load_tiers
+    from distillscope.gateway.tiers import antidistilled, load_tiers
     from distillscope.gateway.traffic import open_traffic_log
     from distillscope.teachers import load_teacher
 
@@ -58,7 +58,7 @@ def build_gateway(config: GatewayConfig) -> tuple[FastAPI, object]:
 
         register_gateway_watermarks(context=_watermark_context())
     tiers = load_tiers(config.tiers)
-    defended = sorted(name for name, tier in tiers.items() if tier.antidistill)
+    defended = antidistilled(tiers)
     if defended and config.upstream:
         raise DistillscopeError(
             f"tier(s) {', '.join(defended)} set antidistill, which steers a local teacher's "

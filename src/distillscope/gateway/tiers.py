@@ -85,6 +85,11 @@ BUILTIN_TIERS: dict[str, Tier] = {
 }
 
 
+def antidistilled(tiers: dict[str, Tier]) -> list[str]:
+    """The names of the tiers that sample under antidistillation (``antidistill`` > 0)."""
+    return sorted(name for name, tier in tiers.items() if tier.antidistill)
+
+
 def tier_from_dict(name: str, spec: dict) -> Tier:
     """A tier from its YAML mapping, starting from the built-in of the same name if any."""
     if not isinstance(spec, dict):
