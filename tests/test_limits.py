@@ -112,6 +112,32 @@ def test_request_bucket_starts_full_and_refills_continuously():
     asyncio.run(scenario())
 
 
+def test_idle_keys_are_forgotten_but_a_debt_is_not():
+    clock = FakeClock()
+    limiter = MemoryLimiter(clock)
+    limits = Limits(requests_per_minute=60, tokens_per_minute=600, concurrency=4)
+
+    async def scenario():
+        for n in range(500):  # one request each from many keys
+            await limiter.release(await limiter.admit(f"key-{n}", limits, 10), 10)
+        # "debtor" was admitted for 10 tokens and used 710: its bucket is 110 tokens in debt
+        await limiter.release(await limiter.admit("debtor", limits, 10), 710)
+        assert limiter.tracked == 2 * 501
+        assert not limiter._in_flight  # finished requests leave no counters behind
+        clock.now = 61.0  # a minute on: every bucket but the debtor's token bucket has refilled
+        await limiter.admit("other", limits, 0)
+        assert limiter.tracked == 1 + 2  # the debtor's tokens, and "other"'s two buckets
+        # the debt is still owed: -110 + 61 s * 10/s = 500 tokens available, not 600
+        refused = await refusal(limiter, "debtor", limits, 600)
+        assert (refused.limit, refused.retry_after) == ("tokens", 10.0)
+        assert "available 500" in str(refused)
+        clock.now = 200.0
+        await limiter.admit("other", limits, 0)
+        assert limiter.tracked == 2  # paid up and idle: forgotten too
+
+    asyncio.run(scenario())
+
+
 def test_token_bucket_waits_for_the_deficit():
     clock = FakeClock()
     limiter, limits = MemoryLimiter(clock), Limits(tokens_per_minute=600)  # 10 tokens/s

@@ -140,10 +140,17 @@ class _Bucket:
 
     level: float
     updated: float
+    capacity: int = 0
 
     def refill(self, capacity: int, now: float) -> None:
         self.level = min(capacity, self.level + (now - self.updated) * capacity / 60)
         self.updated = now
+        self.capacity = capacity
+
+    def full_at(self, now: float) -> bool:
+        """Whether the bucket has refilled to its capacity by ``now`` (and so is the same as a
+        bucket never used)."""
+        return self.level + (now - self.updated) * self.capacity / 60 >= self.capacity
 
 
 def _longest_wait(refusal: RateLimited) -> float:
@@ -154,17 +161,36 @@ class MemoryLimiter(Limiter):
     """Limits kept in this process: for a single gateway worker.
 
     Safe on one event loop and across threads (each call holds a lock for a few microseconds and
-    never awaits). ``clock`` gives seconds; tests inject a fake one.
+    never awaits). ``clock`` gives seconds; tests inject a fake one. Memory follows the keys
+    active in the last minute, not every key ever seen: at most once a minute, buckets that have
+    refilled to capacity (no different from a key never seen) are dropped; one still in debt (a
+    request that used more tokens than it was admitted for) is kept until it has paid.
     """
+
+    #: seconds between sweeps of refilled buckets
+    sweep_every = 60.0
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._lock = threading.Lock()
         self._buckets: dict[tuple[str, str], _Bucket] = {}
         self._in_flight: Counter[str] = Counter()
+        self._swept = clock()
+
+    @property
+    def tracked(self) -> int:
+        """How many buckets (one per key and limit) are held now."""
+        return len(self._buckets)
+
+    def _sweep(self, now: float) -> None:
+        if now - self._swept < self.sweep_every:
+            return
+        self._swept = now
+        for name in [n for n, bucket in self._buckets.items() if bucket.full_at(now)]:
+            del self._buckets[name]
 
     def _bucket(self, key: str, limit: str, capacity: int, now: float) -> _Bucket:
-        bucket = self._buckets.setdefault((key, limit), _Bucket(capacity, now))
+        bucket = self._buckets.setdefault((key, limit), _Bucket(capacity, now, capacity))
         bucket.refill(capacity, now)
         return bucket
 
@@ -172,6 +198,7 @@ class MemoryLimiter(Limiter):
         _check_tokens(tokens)
         with self._lock:
             now = self.clock()
+            self._sweep(now)
             refusals, charges = [], []
             if limits.concurrency is not None and self._in_flight[key] >= limits.concurrency:
                 free = limits.concurrency - self._in_flight[key]
@@ -213,6 +240,8 @@ class MemoryLimiter(Limiter):
         with self._lock:
             if admission.limits.concurrency is not None:
                 self._in_flight[admission.key] -= 1
+                if self._in_flight[admission.key] <= 0:
+                    del self._in_flight[admission.key]
             if capacity is not None and used_tokens != admission.tokens:
                 bucket = self._bucket(admission.key, "tokens", capacity, self.clock())
                 bucket.level = min(capacity, bucket.level + admission.tokens - used_tokens)
