@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument("--proxy", default="layers:2", help="antidistillation's proxy student")
     parser.add_argument("--lams", default="", help="antidistillation strengths, e.g. 0.01,0.03")
     parser.add_argument("--temperatures", default="", help="temperature baselines, e.g. 0.8")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="keep antidistillation inside the teacher's nucleus (and add the "
+                             "plain nucleus-sampling baseline)")  # fmt: skip
     parser.add_argument("--watermarks", default="kgw,gumbel")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--json", type=Path, default=None)
@@ -103,15 +106,21 @@ def main() -> None:
             settings[scheme] = ([mark.processor()], 1.0)
         for temperature in (float(x) for x in filter(None, args.temperatures.split(","))):
             settings[f"temperature {temperature:g}"] = ([], temperature)
-        if args.lams and any(f"antidistill {args.proxy} lam={float(x):g}" not in results
-                             for x in args.lams.split(",")):  # fmt: skip
+        nucleus = f" top_p={args.top_p:g}" if args.top_p < 1 else ""
+        names = {
+            float(x): f"antidistill {args.proxy} lam={float(x):g}{nucleus}"
+            for x in filter(None, args.lams.split(","))
+        }
+        if nucleus:
+            names[0.0] = f"nucleus{nucleus}"
+        if any(name not in results for name in names.values()):
             log(f"seed {seed}: proxy {args.proxy}, downstream loss on {args.downstream} answers")
             penalty = build_antidistillation(
                 teacher, lam=0.0, proxy=args.proxy, prompts=args.downstream,
                 max_new_tokens=args.tokens, seed=seed, prompt_pool=downstream,
             )  # fmt: skip
-            for lam in (float(x) for x in args.lams.split(",")):
-                settings[f"antidistill {args.proxy} lam={lam:g}"] = ([penalty.scaled(lam)], 1.0)
+            for lam, name in names.items():
+                settings[name] = ([penalty.scaled(lam, top_p=args.top_p)], 1.0)
         for name, (processors, temperature) in settings.items():
             if name in results:
                 continue
@@ -149,7 +158,9 @@ def main() -> None:
 
 
 def summarise(by_seed: dict) -> dict:
-    """Per setting: each seed's ratios to that seed's clean setting, and their geometric mean."""
+    """Per setting: each seed's ratios to that seed's clean setting, and their geometric mean;
+    the rises in nats per token (teacher NLL of its answers, student KL) against clean and, for a
+    penalty inside a nucleus, against plain nucleus sampling at the same ``top_p``."""
     summary: dict = {}
     for seed, results in by_seed.items():
         clean = results.get("clean")
@@ -162,7 +173,8 @@ def summarise(by_seed: dict) -> dict:
                 continue
             entry = summary.setdefault(name, {"seeds": [], "teacher_perplexity_ratio": [],
                                               "distortion": [], "student_kl_ratio": [],
-                                              "gain_lost": []})  # fmt: skip
+                                              "gain_lost": [], "teacher_nll_rise": [],
+                                              "student_kl_rise": []})  # fmt: skip
             entry["seeds"].append(int(seed))
             entry["teacher_perplexity_ratio"].append(
                 r["teacher_perplexity"] / clean["teacher_perplexity"]
@@ -170,23 +182,37 @@ def summarise(by_seed: dict) -> dict:
             entry["distortion"].append(r["distortion"])
             entry["student_kl_ratio"].append(r["student_kl"] / clean["student_kl"])
             entry["gain_lost"].append((r["student_kl"] - clean["student_kl"]) / gain)
+            # the same unit on both sides: nats per token
+            entry["teacher_nll_rise"].append(r["teacher_nll"] - clean["teacher_nll"])
+            entry["student_kl_rise"].append(r["student_kl"] - clean["student_kl"])
+            # a penalty kept inside the nucleus is judged against plain nucleus sampling
+            baseline = results.get(f"nucleus {name.split()[-1]}")
+            if name.startswith("antidistill") and "top_p=" in name and baseline:
+                entry.setdefault("vs_nucleus", {"teacher_nll_rise": [], "student_kl_rise": []})
+                vs = entry["vs_nucleus"]
+                vs["teacher_nll_rise"].append(r["teacher_nll"] - baseline["teacher_nll"])
+                vs["student_kl_rise"].append(r["student_kl"] - baseline["student_kl"])
     for entry in summary.values():
         for key in ("teacher_perplexity_ratio", "student_kl_ratio"):
             entry[f"{key}_geomean"] = math.exp(statistics.fmean(math.log(x) for x in entry[key]))
         entry["gain_lost_mean"] = statistics.fmean(entry["gain_lost"])
         entry["distortion_mean"] = statistics.fmean(entry["distortion"])
+        entry["teacher_nll_rise_mean"] = statistics.fmean(entry["teacher_nll_rise"])
+        entry["student_kl_rise_mean"] = statistics.fmean(entry["student_kl_rise"])
     return summary
 
 
 def print_table(summary: dict) -> None:
-    print(f"{'setting':<24} {'ppl x clean':>12} {'distortion':>11} {'student KL x':>13} "
-          f"{'gain lost':>10}  per seed (KL x)")  # fmt: skip
+    header = (f"{'setting':<36} {'ppl x clean':>12} {'distortion':>11} {'student KL x':>13} "
+              f"{'gain lost':>10} {'teacher +NLL':>13} {'student +KL':>12}")  # fmt: skip
+    print(f"{header}  per seed (KL x)")
     for name, e in summary.items():
         per_seed = ", ".join(f"{x:.3f}" for x in e["student_kl_ratio"])
         print(
-            f"{name:<24} {e['teacher_perplexity_ratio_geomean']:>12.3f} "
+            f"{name:<36} {e['teacher_perplexity_ratio_geomean']:>12.3f} "
             f"{e['distortion_mean']:>11.3f} {e['student_kl_ratio_geomean']:>13.3f} "
-            f"{e['gain_lost_mean']:>10.3f}  {per_seed}"
+            f"{e['gain_lost_mean']:>10.3f} {e['teacher_nll_rise_mean']:>13.3f} "
+            f"{e['student_kl_rise_mean']:>12.3f}  {per_seed}"
         )
 
 

@@ -92,3 +92,50 @@ def test_the_cached_penalty_equals_a_fresh_pass_at_every_step():
     torch.testing.assert_close(
         cached.delta(other), cached.scaled(1.0).delta(other), atol=1e-2, rtol=1e-3
     )
+
+
+def test_the_downstream_loss_scores_answers_only_when_given_prompt_lengths():
+    proxy = tiny_model(2)
+    generator = torch.Generator().manual_seed(4)
+    sequences = [torch.randint(1, 50, (n,), generator=generator).tolist() for n in (9, 12, 7)]
+    lengths = [5, 3, 4]
+    answers_only = downstream_gradient(proxy, sequences, pad_id=PAD, prompt_lengths=lengths)
+    # the same loss by hand: mean cross-entropy over answer tokens, each predicted from its prefix
+    with torch.enable_grad():
+        losses = []
+        for seq, length in zip(sequences, lengths):
+            ids = torch.tensor([seq])
+            logp = torch.log_softmax(proxy(input_ids=ids).logits[0], dim=-1)
+            losses += [-logp[t - 1, seq[t]] for t in range(length, len(seq))]
+        torch.stack(losses).mean().backward()
+    by_hand = [p.grad.clone() for p in proxy.parameters()]
+    proxy.zero_grad(set_to_none=True)
+    norm = torch.sqrt(sum((g**2).sum() for g in by_hand))
+    for got, want in zip(answers_only, by_hand):
+        torch.testing.assert_close(got, want / norm, atol=1e-5, rtol=1e-3)
+    everything = downstream_gradient(proxy, sequences, pad_id=PAD)
+    cosine = sum((a * b).sum() for a, b in zip(answers_only, everything)).item()
+    assert cosine < 0.99  # scoring the prompts too is a different direction
+    with pytest.raises(ValueError, match="no answer tokens"):
+        downstream_gradient(proxy, sequences, pad_id=PAD, prompt_lengths=[9, 12, 7])
+    with pytest.raises(ValueError, match="one length per sequence"):
+        downstream_gradient(proxy, sequences, pad_id=PAD, prompt_lengths=[1])
+
+
+def test_top_p_keeps_every_draw_inside_the_teachers_own_nucleus(proxy_and_gradient):
+    proxy, gradient = proxy_and_gradient
+    scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05] + [0.0] * 46]).clamp_min(1e-12))
+    ids = torch.tensor([[4, 8, 15, 16]])
+    # lam 0: plain nucleus sampling -- 0.5 + 0.3 < 0.9, so the third token is needed, the fourth not
+    plain = AntidistillationProcessor(proxy, gradient, lam=0.0, pad_id=PAD, top_p=0.9)(ids, scores)
+    assert torch.isfinite(plain[0]).tolist() == [True, True, True] + [False] * 47
+    torch.testing.assert_close(plain[0, :3], scores[0, :3])
+    # a strong penalty reorders the nucleus but never reaches past it
+    strong = AntidistillationProcessor(proxy, gradient, lam=1e4, pad_id=PAD, top_p=0.9)
+    steered = strong(ids, scores)
+    assert torch.isfinite(steered[0]).tolist() == [True, True, True] + [False] * 47
+    unrestricted = strong.scaled(1e4, top_p=1.0)
+    assert torch.isfinite(unrestricted(ids, scores)).all()
+    assert steered.argmax().item() == unrestricted(ids, scores)[0, :3].argmax().item()
+    with pytest.raises(ValueError, match="top_p"):
+        AntidistillationProcessor(proxy, gradient, lam=1.0, pad_id=PAD, top_p=0.0)

@@ -19,7 +19,7 @@ is that derivative for every candidate ``x`` at once, from two forward passes of
 ``theta``, one at the shifted copy) -- the finite-difference trick of the paper. ``lam = 0`` is the
 teacher unchanged; larger ``lam`` trades the teacher's likelihood of its own answers for the
 proxy's (and, one hopes, a real student's) loss. The trade is measured in
-``benchmarks/antidistillation.py``.
+``benchmarks/defences.py`` (results in ``benchmarks/forensics.md``).
 """
 
 from __future__ import annotations
@@ -30,9 +30,20 @@ from collections.abc import Sequence
 import torch
 
 
-def downstream_gradient(proxy, sequences: Sequence[Sequence[int]], *, pad_id: int) -> list:
+def downstream_gradient(
+    proxy, sequences: Sequence[Sequence[int]], *, pad_id: int,
+    prompt_lengths: Sequence[int] | None = None,
+) -> list:  # fmt: skip
     """The unit-norm gradient of ``proxy``'s mean next-token loss on ``sequences`` (the teacher's
-    answers with their prompts), one tensor per parameter."""
+    answers with their prompts), one tensor per parameter.
+
+    With ``prompt_lengths`` only the answer tokens are scored: the first ``prompt_lengths[i]``
+    tokens of ``sequences[i]`` are context, not targets. That is the loss a distiller trains on
+    (answers given prompts); scoring the prompts too points the gradient partly at how the proxy
+    models users' questions, which no student is trained to imitate.
+    """
+    if prompt_lengths is not None and len(prompt_lengths) != len(sequences):
+        raise ValueError("prompt_lengths needs one length per sequence")
     proxy.zero_grad(set_to_none=True)
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -43,6 +54,10 @@ def downstream_gradient(proxy, sequences: Sequence[Sequence[int]], *, pad_id: in
     device = next(proxy.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
     labels = ids.masked_fill(mask == 0, -100)
+    for row, length in enumerate(prompt_lengths or ()):
+        labels[row, : min(length, width)] = -100
+    if not (labels[:, 1:] != -100).any():
+        raise ValueError("the proxy's downstream loss has no answer tokens to score")
     was_training = proxy.training
     proxy.train(False)
     with torch.enable_grad():
@@ -64,6 +79,11 @@ class AntidistillationProcessor:
     """A logits processor (``(input_ids, scores) -> scores``) adding ``lam * delta(x)`` to the
     teacher's logits; see the module docstring. ``proxy`` must share the teacher's token ids.
 
+    ``top_p < 1`` keeps the draw inside the teacher's own nucleus: tokens outside the smallest set
+    holding ``top_p`` of the *unpenalised* probability are removed, so the penalty reorders
+    tokens the teacher finds plausible and never reaches into its tail. ``lam = 0`` with
+    ``top_p < 1`` is plain nucleus sampling, the matching baseline.
+
     ``input_ids`` arrive left-padded with ``pad_id`` in batched generation; the proxy is given the
     matching attention mask and positions so padding does not change its prediction. While a
     generation runs, each call extends the previous one's rows by a token, so the proxy and its
@@ -79,10 +99,14 @@ class AntidistillationProcessor:
         lam: float,
         pad_id: int,
         eps: float = 1e-3,
+        top_p: float = 1.0,
     ):
         if eps <= 0:
             raise ValueError("eps must be positive")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         self.lam = float(lam)
+        self.top_p = float(top_p)
         self.eps = float(eps)
         self.pad_id = pad_id
         self.base = proxy.eval()
@@ -93,11 +117,14 @@ class AntidistillationProcessor:
         self._seen: torch.Tensor | None = None
         self._caches: list | None = None
 
-    def scaled(self, lam: float) -> AntidistillationProcessor:
-        """The same penalty at strength ``lam``, sharing this one's proxy weights (not its cache:
-        the two may serve different generations)."""
+    def scaled(self, lam: float, *, top_p: float | None = None) -> AntidistillationProcessor:
+        """The same penalty at strength ``lam`` (and nucleus ``top_p``, if given), sharing this
+        one's proxy weights (not its cache: the two may serve different generations)."""
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         other = copy.copy(self)
         other.lam = float(lam)
+        other.top_p = self.top_p if top_p is None else float(top_p)
         other._seen, other._caches = None, None
         return other
 
@@ -136,18 +163,31 @@ class AntidistillationProcessor:
         return (out[1] - out[0]) / self.eps
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.lam == 0:
+        if self.lam == 0 and self.top_p == 1:
             return scores
-        delta = self.delta(input_ids).to(scores.device)
-        vocab = min(delta.shape[-1], scores.shape[-1])
         adjusted = scores.clone()
-        adjusted[:, :vocab] = scores[:, :vocab] + self.lam * delta[:, :vocab].to(scores.dtype)
+        if self.lam != 0:
+            delta = self.delta(input_ids).to(scores.device)
+            vocab = min(delta.shape[-1], scores.shape[-1])
+            adjusted[:, :vocab] += self.lam * delta[:, :vocab].to(scores.dtype)
+        if self.top_p < 1:
+            adjusted = adjusted.masked_fill(~nucleus(scores, self.top_p), float("-inf"))
         return adjusted
+
+
+def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """A boolean mask of each row's nucleus: the fewest most-likely tokens of ``softmax(scores)``
+    whose probabilities reach ``top_p`` (the top token always)."""
+    probs = torch.softmax(scores.float(), dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked above
+    keep_sorted = before < top_p
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
 def build_antidistillation(
     teacher, *, lam: float, proxy: str = "layers:2", prompts: int = 16, max_new_tokens: int = 48,
-    seed: int = 0, prompt_pool: Sequence[str] | None = None,
+    seed: int = 0, prompt_pool: Sequence[str] | None = None, top_p: float = 1.0,
 ) -> AntidistillationProcessor:  # fmt: skip
     """Antidistillation for a local ``teacher`` (a ``TransformersTeacher``), ready to pass as a
     processor.
@@ -156,7 +196,8 @@ def build_antidistillation(
     a pretrained model of the same family, which is what the method needs -- the penalty only
     transfers to real students when the proxy learns like them) or any other student spec. Its
     downstream loss is its next-token loss on the teacher's own clean answers to ``prompts``
-    prompts drawn with ``seed`` from ``prompt_pool`` (default: the built-in ShareGPT pool).
+    prompts drawn with ``seed`` from ``prompt_pool`` (default: the built-in ShareGPT pool), scored
+    on the answer tokens only. ``top_p`` is passed to the processor.
     """
     from distillscope.distill.students import build_student
     from distillscope.forensics.harness import teacher_outputs
@@ -173,5 +214,10 @@ def build_antidistillation(
         teacher, list(prompt_pool)[:prompts], max_new_tokens=max_new_tokens, seed=seed
     ).examples
     sequences = [list(e.prompt_ids) + list(e.completion_ids) for e in answers]
-    gradient = downstream_gradient(model, sequences, pad_id=tokenizer.pad_token_id)
-    return AntidistillationProcessor(model, gradient, lam=lam, pad_id=tokenizer.pad_token_id)
+    gradient = downstream_gradient(
+        model, sequences, pad_id=tokenizer.pad_token_id,
+        prompt_lengths=[len(e.prompt_ids) for e in answers],
+    )  # fmt: skip
+    return AntidistillationProcessor(
+        model, gradient, lam=lam, pad_id=tokenizer.pad_token_id, top_p=top_p
+    )
