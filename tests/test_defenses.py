@@ -3,6 +3,7 @@ to be, padding does not change it, and lam = 0 leaves the teacher alone."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -139,3 +140,49 @@ def test_top_p_keeps_every_draw_inside_the_teachers_own_nucleus(proxy_and_gradie
     assert steered.argmax().item() == unrestricted(ids, scores)[0, :3].argmax().item()
     with pytest.raises(ValueError, match="top_p"):
         AntidistillationProcessor(proxy, gradient, lam=1.0, pad_id=PAD, top_p=0.0)
+
+
+def test_a_defended_teacher_caps_rounds_and_noises_what_it_reveals(tiny_teacher):
+    from distillscope.errors import TeacherError
+    from distillscope.exposure import TopK, tail_mass
+    from distillscope.forensics import DefendedTeacher
+    from distillscope.teachers import SamplingConfig
+
+    prompts = ["Name a colour.", "Count to three."]
+    ask = SamplingConfig(exposure="top5", max_new_tokens=5, seed=1)
+    at_cap = SamplingConfig(exposure="top2", max_new_tokens=5, seed=1)
+    plain = tiny_teacher.generate(prompts, at_cap)
+
+    capped = DefendedTeacher(tiny_teacher, cap="top2")
+    assert capped.max_exposure == TopK(2) and "cap=top2" in capped.id
+    for got, want in zip(capped.generate(prompts, ask), plain):
+        assert got.signal.exposure == TopK(2)  # asked for top5, served at the cap
+        assert got.text == want.text
+        np.testing.assert_array_equal(got.signal.topk_logprobs, want.signal.topk_logprobs)
+
+    rounded = DefendedTeacher(tiny_teacher, cap="top2", round_logprobs=1)
+    for got, want in zip(rounded.generate(prompts, ask), plain):
+        np.testing.assert_array_equal(got.signal.token_ids, want.signal.token_ids)
+        tenths = got.signal.topk_logprobs.astype(np.float64) * 10
+        np.testing.assert_allclose(tenths, np.round(tenths), atol=1e-4)
+        np.testing.assert_allclose(got.signal.topk_logprobs, want.signal.topk_logprobs, atol=0.05)
+
+    noisy = DefendedTeacher(tiny_teacher, cap="top2", logprob_noise=0.5)
+    first, again = noisy.generate(prompts, ask), noisy.generate(prompts, ask)
+    for got, rerun, want in zip(first, again, plain):
+        np.testing.assert_array_equal(got.signal.topk_logprobs, rerun.signal.topk_logprobs)
+        assert not np.allclose(got.signal.topk_logprobs, want.signal.topk_logprobs, atol=0.05)
+        assert (got.signal.topk_logprobs <= 0).all() and (got.signal.token_logprobs <= 0).all()
+        assert (np.diff(got.signal.topk_logprobs, axis=-1) <= 0).all()  # re-sorted
+        np.testing.assert_array_equal(got.signal.tail_mass, tail_mass(got.signal.topk_logprobs))
+        # each step's alternatives are the same tokens, perhaps in another order
+        np.testing.assert_array_equal(
+            np.sort(got.signal.topk_ids, axis=-1), np.sort(want.signal.topk_ids, axis=-1)
+        )
+
+    with pytest.raises(TeacherError, match="reveals only its answers"):
+        noisy.score([np.array([1, 2])], [np.array([3])])
+    with pytest.raises(TeacherError, match="round_logprobs"):
+        DefendedTeacher(tiny_teacher, round_logprobs=9)
+    with pytest.raises(TeacherError, match="logprob_noise"):
+        DefendedTeacher(tiny_teacher, logprob_noise=-1)

@@ -20,8 +20,10 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import torch
 
 from distillscope.gateway import KeyStore, Tier, create_app, serve_in_thread, write_block_list
+from distillscope.gateway.backends import LOGPROB_FLOOR
 from distillscope.gateway.keys import Block
 from distillscope.gateway.tiers import BUILTIN_TIERS, TierError, load_tiers, tier_from_dict
 from distillscope.gateway.traffic import open_traffic_log, read_traffic
@@ -538,6 +540,8 @@ def test_antidistill_tiers_sample_under_the_penalty_at_their_own_strength(tiny_t
         "plain": Tier("plain", top5),
         "zero": Tier("zero", top5, antidistill=0.0),
         "strong": Tier("strong", top5, antidistill=5.0),
+        # a nucleus of one token: however strong the penalty, the teacher's own top choice
+        "nucleus": Tier("nucleus", top5, antidistill=5.0, antidistill_top_p=1e-6),
     }
     store = KeyStore(tmp_path / "keys.sqlite")
     secrets = {name: store.create(f"acct-{name}", name)[1] for name in tiers}
@@ -557,11 +561,25 @@ def test_antidistill_tiers_sample_under_the_penalty_at_their_own_strength(tiny_t
                 [(t.token, round(t.logprob, 4)) for t in entry.top_logprobs]
                 for entry in answer.choices[0].logprobs.content
             ]
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key=secrets["plain"], max_retries=0)
+        greedy = c.chat.completions.create(
+            model="tiny", messages=HI, max_tokens=6, logprobs=True, top_logprobs=5, temperature=0
+        )
     assert answers["zero"] == answers["plain"]
     assert answers["strong"][0] != answers["plain"][0]
+    # the one-token nucleus tier answers with the plain teacher's greedy choices, each certain
+    greedy_tokens = [entry.token for entry in greedy.choices[0].logprobs.content]
+    assert [step[0][0] for step in answers["nucleus"]] == greedy_tokens
+    for step in answers["nucleus"]:
+        assert step[0][1] == 0 and all(logprob == LOGPROB_FLOOR for _, logprob in step[1:])
     for bad in (-1, "strong", True):
         with pytest.raises(TierError, match="antidistill must be a number"):
             tier_from_dict("bad", {"antidistill": bad})
+    for bad in (0, 1.5, "0.9", True):
+        with pytest.raises(TierError, match="antidistill_top_p must be a number"):
+            tier_from_dict("bad", {"antidistill": 0.1, "antidistill_top_p": bad})
+    with pytest.raises(TierError, match="set antidistill"):
+        tier_from_dict("bad", {"antidistill_top_p": 0.9})
 
 
 def test_serve_config_with_postgres_log_and_redis_limits(postgres_url, redis_url, tmp_path):
@@ -622,3 +640,32 @@ def test_serve_config_refuses_antidistill_it_cannot_apply_and_a_bad_watermark_co
     monkeypatch.setenv("DISTILLSCOPE_WATERMARK_CONTEXT", "one")
     with pytest.raises(DistillscopeError, match="DISTILLSCOPE_WATERMARK_CONTEXT='one'"):
         build_gateway(GatewayConfig(teacher="synthetic", db=None, keys=None))
+
+
+def test_serve_builds_the_antidistillation_proxy_from_the_providers_own_prompts(
+    tiny_teacher, tmp_path
+):
+    """`serve --antidistill-prompts FILE`: the proxy's downstream set is the teacher's answers to
+    prompts from that file (the same penalty as building it in Python from those prompts); the
+    serving batch size is left as it was; a missing file is named."""
+    from distillscope.errors import DistillscopeError
+    from distillscope.forensics import build_antidistillation
+    from distillscope.gateway.server import _antidistillation
+
+    ours = tmp_path / "ours.txt"
+    ours.write_text("Name a colour.\nCount to three.\n")
+    shared = tiny_teacher.batch_size  # a session fixture: leave it as found
+    tiny_teacher.batch_size = 1
+    try:
+        built = _antidistillation(tiny_teacher, "layers:1", str(ours))
+        assert tiny_teacher.batch_size == 1
+    finally:
+        tiny_teacher.batch_size = shared
+    by_hand = build_antidistillation(
+        tiny_teacher, lam=0.0, proxy="layers:1", prompts=2, max_new_tokens=48,
+        prompt_pool=["Count to three.", "Name a colour."],
+    )  # fmt: skip
+    for got, want in zip(built.shifted.parameters(), by_hand.shifted.parameters()):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(DistillscopeError, match="--antidistill-prompts .*missing.txt"):
+        _antidistillation(tiny_teacher, "layers:1", str(tmp_path / "missing.txt"))

@@ -406,6 +406,11 @@ def serve(
         "layers:2",
         help="Proxy student for tiers with 'antidistill:' (layers:N of the teacher, or a size).",
     ),
+    antidistill_prompts: str = typer.Option(
+        "sharegpt",
+        help="Prompt pool (name or .jsonl/.json/.parquet/.txt file) whose teacher answers are "
+        "the proxy's downstream set: 16 drawn from it; best, what your users ask.",
+    ),
 ) -> None:
     """Serve a model through an OpenAI-compatible API that caps exposure per key and logs traffic.
 
@@ -428,6 +433,7 @@ def serve(
         port=port,
         device=device,
         antidistill_proxy=antidistill_proxy,
+        antidistill_prompts=antidistill_prompts,
     )
     errors.print(
         f"serving {upstream or teacher} on http://{host}:{port}/v1 "

@@ -5,7 +5,8 @@
 ``register_gateway_watermarks`` makes the schemes available to gateway tiers. ``CanarySet`` plants
 per-account canaries in answers to trigger prompts and tests a suspect's answers for them.
 ``build_antidistillation(teacher, lam=...)`` is a processor that makes a local teacher's answers
-worse training data (antidistillation sampling). See ``docs/forensics.md``.
+worse training data (antidistillation sampling); ``DefendedTeacher`` caps, rounds and noises what a
+teacher reveals, as a gateway tier does. See ``docs/forensics.md``.
 
 Names resolve on first use; nothing here imports torch (the processors use it when called).
 """
@@ -25,6 +26,7 @@ _EXPORTS = {
     "CanarySet": "distillscope.forensics.canaries",
     "CanaryTest": "distillscope.forensics.canaries",
     "AntidistillationProcessor": "distillscope.forensics.defenses",
+    "DefendedTeacher": "distillscope.forensics.defenses",
     "build_antidistillation": "distillscope.forensics.defenses",
     "downstream_gradient": "distillscope.forensics.defenses",
 }

@@ -1,8 +1,9 @@
 """Output defences: make a teacher's outputs worse training data without making them worse answers.
 
-The exposure caps (top-k, logprob rounding and noise) live in the gateway's tiers
-(``distillscope.gateway.tiers.Tier``: ``exposure``, ``round_logprobs``, ``logprob_noise``). This
-module holds the sampling-time defence that needs a model of the distiller:
+The exposure defences (a top-k cap, logprob rounding and noise) are gateway tier options
+(``distillscope.gateway.tiers.Tier``: ``exposure``, ``round_logprobs``, ``logprob_noise``) and,
+for a teacher used without a gateway, ``DefendedTeacher`` below. This module also holds the
+sampling-time defence that needs a model of the distiller:
 
 **Antidistillation sampling** (Savani et al. 2025, "Antidistillation Sampling", arXiv:2504.13146).
 A *proxy student* stands in for whoever distils the teacher. Let ``L(theta)`` be the proxy's loss on
@@ -26,8 +27,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import replace
 
+import numpy as np
 import torch
+
+from distillscope.errors import TeacherError
+from distillscope.exposure import Exposure, Signal, is_at_least, parse_exposure, tail_mass
+from distillscope.teachers.base import Completion, SamplingConfig, row_seed
 
 
 def downstream_gradient(
@@ -221,3 +228,87 @@ def build_antidistillation(
     return AntidistillationProcessor(
         model, gradient, lam=lam, pad_id=tokenizer.pad_token_id, top_p=top_p
     )
+
+
+class DefendedTeacher:
+    """A teacher behind the output defences a gateway tier applies, for use without a gateway
+    (a local harvest, the audit harness measuring what a defence costs a distiller).
+
+    - ``cap``: the richest exposure revealed; a request for more is served at the cap (a tier's
+      ``over_limit: clamp``).
+    - ``logprob_noise``: the std of Gaussian noise added to every revealed logprob (clipped at 0),
+      seeded by the run seed and the prompt, so a rerun reveals the same values.
+    - ``round_logprobs``: decimals every revealed logprob is rounded to, after the noise.
+
+    The sampled tokens are the inner teacher's own (sampling-time defences -- antidistillation, a
+    watermark -- are the inner teacher's ``processors``). Alternatives are re-sorted by their
+    revealed values. ``score`` is refused: a defended teacher reveals nothing but its answers.
+    """
+
+    def __init__(
+        self, teacher, *, cap: Exposure | str | None = None, round_logprobs: int | None = None,
+        logprob_noise: float = 0.0,
+    ):  # fmt: skip
+        cap = teacher.max_exposure if cap is None else parse_exposure(cap, max_k=None)
+        if round_logprobs is not None and not 0 <= round_logprobs <= 8:
+            raise TeacherError(f"round_logprobs must be 0..8 decimals, got {round_logprobs}")
+        if not logprob_noise >= 0:
+            raise TeacherError(f"logprob_noise must be >= 0, got {logprob_noise}")
+        self.inner = teacher
+        self.max_exposure = cap if is_at_least(teacher.max_exposure, cap) else teacher.max_exposure
+        self.round_logprobs = round_logprobs
+        self.logprob_noise = float(logprob_noise)
+        self.tokenizer = teacher.tokenizer
+        self.logprobs_kind = teacher.logprobs_kind
+        policy = [f"cap={self.max_exposure}"]
+        if round_logprobs is not None:
+            policy.append(f"round={round_logprobs}")
+        if logprob_noise:
+            policy.append(f"noise={logprob_noise:g}")
+        self.id = f"{teacher.id}+defended({','.join(policy)})"
+
+    def generate(self, prompts: Sequence[str], sampling: SamplingConfig) -> list[Completion]:
+        if not is_at_least(self.max_exposure, sampling.exposure):
+            sampling = replace(sampling, exposure=self.max_exposure)
+        completions = self.inner.generate(prompts, sampling)
+        if self.round_logprobs is None and not self.logprob_noise:
+            return completions
+        for completion in completions:
+            rng = np.random.default_rng(row_seed(sampling.seed, completion.prompt))
+            completion.signal = self._reveal(completion.signal, rng)
+        return completions
+
+    def _reveal(self, signal: Signal, rng: np.random.Generator) -> Signal:
+        def veil(logprobs: np.ndarray | None) -> np.ndarray | None:
+            if logprobs is None:
+                return None
+            values = np.asarray(logprobs, dtype=np.float64)
+            if self.logprob_noise:
+                noisy = np.minimum(0.0, values + rng.normal(0.0, self.logprob_noise, values.shape))
+                values = np.where(np.isfinite(values), noisy, values)
+            if self.round_logprobs is not None:
+                values = np.round(values, self.round_logprobs)
+            return values.astype(np.float32)
+
+        topk_ids, topk = signal.topk_ids, veil(signal.topk_logprobs)
+        if topk is not None:
+            order = np.argsort(-topk, axis=-1, kind="stable")
+            topk_ids = np.take_along_axis(signal.topk_ids, order, axis=-1)
+            topk = np.take_along_axis(topk, order, axis=-1)
+        return Signal(
+            signal.exposure,
+            signal.token_ids,
+            token_logprobs=veil(signal.token_logprobs),
+            topk_ids=topk_ids,
+            topk_logprobs=topk,
+            tail_mass=None if topk is None else tail_mass(topk),
+            full_logprobs=veil(signal.full_logprobs),
+        )
+
+    def score(self, prompt_ids, completion_ids):
+        raise TeacherError(
+            f"{self.id} reveals only its answers; score with the undefended teacher instead"
+        )
+
+    def close(self) -> None:
+        self.inner.close()

@@ -430,7 +430,9 @@ def create_app(
         request.top_logprobs, request.prompt_logprobs = served, prompt_n
         processors = []
         if tier.antidistill:
-            processors.append(antidistillation.scaled(tier.antidistill))
+            processors.append(
+                antidistillation.scaled(tier.antidistill, top_p=tier.antidistill_top_p)
+            )
         if tier.watermark is not None:
             # last, so the watermark's bias is on the distribution actually sampled
             processors.append(WATERMARKS[tier.watermark](exchange.caller.account_id or ""))

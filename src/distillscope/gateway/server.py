@@ -39,6 +39,8 @@ class GatewayConfig:
     log_wait_ms: float = 0.0
     #: the proxy student of tiers with ``antidistill:`` (built once, when a tier needs it)
     antidistill_proxy: str = "layers:2"
+    #: the prompt pool (a name or a file) whose teacher answers are the proxy's downstream set
+    antidistill_prompts: str = "sharegpt"
 
 
 def build_gateway(config: GatewayConfig) -> tuple[FastAPI, object]:
@@ -79,7 +81,9 @@ def build_gateway(config: GatewayConfig) -> tuple[FastAPI, object]:
             teacher, model_name=config.model_name or _served_name(config.teacher)
         )
         if defended:
-            antidistillation = _antidistillation(teacher, config.antidistill_proxy)
+            antidistillation = _antidistillation(
+                teacher, config.antidistill_proxy, config.antidistill_prompts
+            )
     limiter = open_limiter(config.limits)
     log = open_traffic_log(config.db, batch_size=config.log_batch, max_wait_ms=config.log_wait_ms)
     log.start()
@@ -108,8 +112,12 @@ def _watermark_context() -> int:
     return context
 
 
-def _antidistillation(teacher, proxy: str):
+def _antidistillation(teacher, proxy: str, prompts: str = "sharegpt", n: int = 16):
+    """The gateway's one antidistillation proxy: ``proxy`` with its downstream loss on the
+    teacher's answers to ``n`` prompts drawn from the pool ``prompts`` (all of them, if fewer): the
+    provider's own set of what its users ask, ideally."""
     from distillscope.forensics.defenses import build_antidistillation
+    from distillscope.prompts import load_prompts, select_prompts
 
     if not hasattr(teacher, "model"):
         raise DistillscopeError(
@@ -117,9 +125,20 @@ def _antidistillation(teacher, proxy: str):
             "the proxy student is built from its weights"
         )
     try:
-        return build_antidistillation(teacher, lam=0.0, proxy=proxy)
+        pool = load_prompts(prompts)
+        pool = [p.text for p in select_prompts(pool, min(n, len(pool)), seed=0)]
+    except DistillscopeError as exc:
+        raise DistillscopeError(f"--antidistill-prompts {prompts}: {exc}") from None
+    serving = teacher.batch_size
+    teacher.batch_size = max(serving, len(pool))  # the gateway serves one at a time; build at once
+    try:
+        return build_antidistillation(
+            teacher, lam=0.0, proxy=proxy, prompts=len(pool), prompt_pool=pool
+        )
     except DistillscopeError as exc:
         raise DistillscopeError(f"--antidistill-proxy {proxy!r}: {exc}") from None
+    finally:
+        teacher.batch_size = serving
 
 
 def _served_name(spec: str) -> str:

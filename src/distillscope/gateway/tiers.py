@@ -16,7 +16,8 @@ YAML file can redefine them or add more::
         round_logprobs: 2          # decimals
         logprob_noise: 0.05        # std of Gaussian noise added to each reported logprob
         watermark: kgw             # a name registered in WATERMARKS
-        antidistill: 0.03          # antidistillation strength lambda (local teachers only)
+        antidistill: 0.3           # antidistillation strength lambda (local teachers only)
+        antidistill_top_p: 0.9     # ... kept inside the teacher's own nucleus (default 1: off)
         requests_per_minute: 600
         tokens_per_minute: 200000
         concurrency: 16
@@ -55,6 +56,7 @@ class Tier:
     logprob_noise: float = 0.0
     watermark: str | None = None
     antidistill: float | None = None
+    antidistill_top_p: float = 1.0
     requests_per_minute: int | None = 600
     tokens_per_minute: int | None = 400_000
     concurrency: int | None = 16
@@ -128,6 +130,14 @@ def _check(tier: Tier) -> None:
         or not 0 <= tier.antidistill < float("inf")
     ):
         raise TierError(f"tier {tier.name!r}: antidistill must be a number >= 0 (the strength)")
+    top_p = tier.antidistill_top_p
+    if isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0 < top_p <= 1:
+        raise TierError(f"tier {tier.name!r}: antidistill_top_p must be a number in (0, 1]")
+    if top_p < 1 and not tier.antidistill:
+        raise TierError(
+            f"tier {tier.name!r}: antidistill_top_p keeps antidistillation's draw inside the "
+            "teacher's nucleus; set antidistill (the strength) too"
+        )
     for limit in ("requests_per_minute", "tokens_per_minute", "concurrency"):
         value = getattr(tier, limit)
         if value is not None and (not isinstance(value, int) or value < 1):
