@@ -186,3 +186,23 @@ def test_a_defended_teacher_caps_rounds_and_noises_what_it_reveals(tiny_teacher)
         DefendedTeacher(tiny_teacher, round_logprobs=9)
     with pytest.raises(TeacherError, match="logprob_noise"):
         DefendedTeacher(tiny_teacher, logprob_noise=-1)
+
+
+def test_distortion_counts_tokens_ruled_out_of_the_draw_as_zero(tiny_teacher):
+    """Sampling from the teacher's own nucleus q = p / p(N) on N has KL(q || p) = -ln p(N): the
+    harness must get that (not nan) although q is -inf outside N."""
+    import math
+
+    from distillscope.forensics.defenses import nucleus
+    from distillscope.forensics.harness import _kl_rows, teacher_outputs
+
+    half = [lambda ids, scores: scores.masked_fill(~nucleus(scores, 0.5), float("-inf"))]
+    outputs = teacher_outputs(
+        tiny_teacher, ["Name a colour.", "Count to three."], processors=half, max_new_tokens=4,
+        distortion=True,
+    )  # fmt: skip
+    # the tiny random teacher is close to uniform, so its half-nucleus holds just over half
+    assert 0.6 < outputs.distortion <= math.log(2) + 1e-6
+    q = np.array([[math.log(0.5), math.log(0.5), -np.inf]])
+    p = np.log(np.array([[0.25, 0.25, 0.5]]))
+    assert _kl_rows(q, p, 1.0) == pytest.approx(math.log(2))

@@ -97,7 +97,9 @@ def _kl_rows(sampled_logprobs: np.ndarray, clean_logprobs: np.ndarray, temperatu
         top = q.argmax(-1, keepdim=True)
         return float(-p.gather(-1, top).sum())
     q = torch.log_softmax(q / temperature, dim=-1)
-    return float((q.exp() * (q - p)).sum())
+    # tokens the sampler ruled out (a nucleus, a forced choice) have q = 0: they add nothing
+    terms = torch.where(q > float("-inf"), q.exp() * (q - p), torch.zeros_like(q))
+    return float(terms.sum())
 
 
 def teacher_nll(teacher, examples: Sequence[Example], *, batch_size: int = 8) -> float:
