@@ -10,7 +10,10 @@ the same seeds; a fresh student (same initialisation, same steps) is trained on 
 at text exposure; and we report, per seed and as ratios to the clean setting of the same seed,
 
 - teacher cost: the clean teacher's perplexity of the answers, and the distortion -- the mean
-  per-token KL(sampled || clean teacher) of the distribution each setting sampled from;
+  per-token KL(sampled || clean teacher) of the distribution each setting sampled from; and two
+  measures that do not ask the teacher: ``repetition`` (the share of an answer's token bigrams
+  that repeat an earlier one in it; degenerate loops have low perplexity) and ``relevance`` (mean
+  cosine of all-MiniLM-L6-v2 embeddings of prompt and answer);
 - distiller's cost: the student's KL(teacher || student) on held-out prompts answered cleanly, and
   the share of the clean student's gain over its untrained initialisation that the setting takes
   away (``gain_lost``: 0 = no effect, 1 = the student learnt nothing).
@@ -49,6 +52,12 @@ def main() -> None:
     parser.add_argument("--watermarks", default="kgw,gumbel")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--teacher-only",
+        action="store_true",
+        help="recompute only the teacher-side figures of settings already in "
+        "--json (the answers are seeded, so they are the same answers)",
+    )
     parser.add_argument("--resume", action="store_true",
                         help="run only the settings --json does not hold yet")  # fmt: skip
     args = parser.parse_args()
@@ -113,7 +122,7 @@ def main() -> None:
         }
         if nucleus:
             names[0.0] = f"nucleus{nucleus}"
-        if any(name not in results for name in names.values()):
+        if any((name in results) == args.teacher_only for name in names.values()):
             log(f"seed {seed}: proxy {args.proxy}, downstream loss on {args.downstream} answers")
             penalty = build_antidistillation(
                 teacher, lam=0.0, proxy=args.proxy, prompts=args.downstream,
@@ -122,7 +131,7 @@ def main() -> None:
             for lam, name in names.items():
                 settings[name] = ([penalty.scaled(lam, top_p=args.top_p)], 1.0)
         for name, (processors, temperature) in settings.items():
-            if name in results:
+            if (name in results) != args.teacher_only:
                 continue
             log(f"seed {seed}, {name}: teacher answering {len(train)} prompts")
             outputs = teacher_outputs(
@@ -130,6 +139,21 @@ def main() -> None:
                 distortion=True, **gen,
             )  # fmt: skip
             nll = outputs.teacher_nll  # scored with the distortion, in the same pass
+            teacher_side = {
+                "teacher_nll": nll,
+                "teacher_perplexity": perplexity(nll),
+                "distortion": outputs.distortion,
+                "repetition": repetition(outputs.examples),
+                "relevance": relevance(outputs.prompts, outputs.texts),
+                "answer_tokens": sum(len(e.completion_ids) for e in outputs.examples),
+                "generation_seconds": outputs.seconds,
+                "example": outputs.texts[0][:160] if outputs.texts else "",
+            }
+            if args.teacher_only:
+                results[name].update(teacher_side)
+                log(f"seed {seed}, {name}: teacher side {teacher_side}")
+                save()
+                continue
             log(f"seed {seed}, {name}: training the {args.student} student ({args.steps} steps)")
             began = time.perf_counter()
             student = train_text_student(
@@ -139,15 +163,10 @@ def main() -> None:
             train_seconds = time.perf_counter() - began
             fid = fidelity(student, teacher, evaluation, rows=rows, pad_id=tok.pad_token_id)
             results[name] = {
-                "teacher_nll": nll,
-                "teacher_perplexity": perplexity(nll),
-                "distortion": outputs.distortion,
+                **teacher_side,
                 "student_kl": fid.kl,
                 "student_top1": fid.top1_agreement,
-                "answer_tokens": sum(len(e.completion_ids) for e in outputs.examples),
-                "generation_seconds": outputs.seconds,
                 "train_seconds": train_seconds,
-                "example": outputs.texts[0][:160] if outputs.texts else "",
             }
             log(
                 f"seed {seed}, {name}: teacher ppl {perplexity(nll):.2f}, distortion "
@@ -155,6 +174,27 @@ def main() -> None:
             )
             save()
     print_table(report["summary"])
+
+
+def repetition(examples) -> float:
+    """The share of answer-token bigrams that repeat an earlier bigram of the same answer."""
+    repeated = total = 0
+    for example in examples:
+        ids = [int(t) for t in example.completion_ids]
+        pairs = list(zip(ids, ids[1:]))
+        repeated += len(pairs) - len(set(pairs))
+        total += len(pairs)
+    return repeated / total if total else 0.0
+
+
+def relevance(prompts, texts) -> float:
+    """Mean cosine similarity of each prompt's and its answer's sentence embeddings."""
+    from distillscope.detect.paraphrase import embed
+
+    if not texts:
+        return 0.0
+    asked, answered = embed(prompts, max_words=64), embed(texts, max_words=64)
+    return float((asked * answered).sum(axis=1).mean())
 
 
 def summarise(by_seed: dict) -> dict:
@@ -180,6 +220,9 @@ def summarise(by_seed: dict) -> dict:
                 r["teacher_perplexity"] / clean["teacher_perplexity"]
             )
             entry["distortion"].append(r["distortion"])
+            for key in ("repetition", "relevance"):
+                if key in r:
+                    entry.setdefault(key, []).append(r[key])
             entry["student_kl_ratio"].append(r["student_kl"] / clean["student_kl"])
             entry["gain_lost"].append((r["student_kl"] - clean["student_kl"]) / gain)
             # the same unit on both sides: nats per token

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,6 +37,8 @@ class Outputs:
     distortion: float | None = None
     #: the clean teacher's mean NLL of the answers (nats/token), measured with the distortion
     teacher_nll: float | None = None
+    #: the prompt each of ``texts`` answers (prompts with an empty answer are left out of both)
+    prompts: list[str] = field(default_factory=list)
 
 
 def teacher_outputs(
@@ -59,7 +61,7 @@ def teacher_outputs(
         max_new_tokens=max_new_tokens, seed=seed, max_prompt_tokens=max_prompt_tokens,
     )  # fmt: skip
     began = time.perf_counter()
-    examples, texts = [], []
+    examples, texts, asked = [], [], []
     kl_sum, nll_sum, kl_tokens = 0.0, 0.0, 0
     for start in range(0, len(prompts), teacher.batch_size):
         chunk = list(prompts[start : start + teacher.batch_size])
@@ -80,10 +82,11 @@ def teacher_outputs(
                 Example(np.asarray(answer.prompt_ids, np.int64), ids, Signal(Text(), ids))
             )
             texts.append(answer.text)
+            asked.append(answer.prompt)
     seconds = time.perf_counter() - began
     if not kl_tokens:
-        return Outputs(examples, texts, seconds)
-    return Outputs(examples, texts, seconds, kl_sum / kl_tokens, nll_sum / kl_tokens)
+        return Outputs(examples, texts, seconds, prompts=asked)
+    return Outputs(examples, texts, seconds, kl_sum / kl_tokens, nll_sum / kl_tokens, asked)
 
 
 def _kl_rows(sampled_logprobs: np.ndarray, clean_logprobs: np.ndarray, temperature: float) -> float:
