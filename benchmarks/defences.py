@@ -198,65 +198,82 @@ def relevance(prompts, texts) -> float:
 
 
 def summarise(by_seed: dict) -> dict:
-    """Per setting: each seed's ratios to that seed's clean setting, and their geometric mean;
-    the rises in nats per token (teacher NLL of its answers, student KL) against clean and, for a
-    penalty inside a nucleus, against plain nucleus sampling at the same ``top_p``."""
+    """Per setting and seed, the figures against that seed's ``clean`` setting (ratios, and rises
+    in nats per token on both sides), with their geometric or plain means; a penalty kept inside
+    a nucleus is also compared with plain nucleus sampling at the same ``top_p`` (``vs_nucleus``).
+    """
     summary: dict = {}
     for seed, results in by_seed.items():
         clean = results.get("clean")
         if clean is None:
             continue
-        init = results["untrained"]["student_kl"]
-        gain = init - clean["student_kl"]
+        gain = results["untrained"]["student_kl"] - clean["student_kl"]
         for name, r in results.items():
             if name == "untrained":
                 continue
-            entry = summary.setdefault(name, {"seeds": [], "teacher_perplexity_ratio": [],
-                                              "distortion": [], "student_kl_ratio": [],
-                                              "gain_lost": [], "teacher_nll_rise": [],
-                                              "student_kl_rise": []})  # fmt: skip
+            entry = summary.setdefault(name, {"seeds": []})
             entry["seeds"].append(int(seed))
-            entry["teacher_perplexity_ratio"].append(
-                r["teacher_perplexity"] / clean["teacher_perplexity"]
-            )
-            entry["distortion"].append(r["distortion"])
+            figures = {
+                "teacher_perplexity_ratio": r["teacher_perplexity"] / clean["teacher_perplexity"],
+                "distortion": r["distortion"],
+                "student_kl_ratio": r["student_kl"] / clean["student_kl"],
+                "gain_lost": (r["student_kl"] - clean["student_kl"]) / gain,
+                **_rises(r, clean),
+            }
             for key in ("repetition", "relevance"):
                 if key in r:
-                    entry.setdefault(key, []).append(r[key])
-            entry["student_kl_ratio"].append(r["student_kl"] / clean["student_kl"])
-            entry["gain_lost"].append((r["student_kl"] - clean["student_kl"]) / gain)
-            # the same unit on both sides: nats per token
-            entry["teacher_nll_rise"].append(r["teacher_nll"] - clean["teacher_nll"])
-            entry["student_kl_rise"].append(r["student_kl"] - clean["student_kl"])
-            # a penalty kept inside the nucleus is judged against plain nucleus sampling
+                    figures[key] = r[key]
+            for key, value in figures.items():
+                entry.setdefault(key, []).append(value)
             baseline = results.get(f"nucleus {name.split()[-1]}")
             if name.startswith("antidistill") and "top_p=" in name and baseline:
-                entry.setdefault("vs_nucleus", {"teacher_nll_rise": [], "student_kl_rise": []})
-                vs = entry["vs_nucleus"]
-                vs["teacher_nll_rise"].append(r["teacher_nll"] - baseline["teacher_nll"])
-                vs["student_kl_rise"].append(r["student_kl"] - baseline["student_kl"])
+                for key, value in _rises(r, baseline).items():
+                    entry.setdefault("vs_nucleus", {}).setdefault(key, []).append(value)
     for entry in summary.values():
         for key in ("teacher_perplexity_ratio", "student_kl_ratio"):
             entry[f"{key}_geomean"] = math.exp(statistics.fmean(math.log(x) for x in entry[key]))
-        entry["gain_lost_mean"] = statistics.fmean(entry["gain_lost"])
-        entry["distortion_mean"] = statistics.fmean(entry["distortion"])
-        entry["teacher_nll_rise_mean"] = statistics.fmean(entry["teacher_nll_rise"])
-        entry["student_kl_rise_mean"] = statistics.fmean(entry["student_kl_rise"])
+        for group in (entry, entry.get("vs_nucleus", {})):
+            for key in [k for k, v in group.items() if isinstance(v, list) and k != "seeds"]:
+                if not key.endswith("_ratio"):
+                    group[f"{key}_mean"] = statistics.fmean(group[key])
     return summary
 
 
+def _rises(r: dict, base: dict) -> dict:
+    """How far a setting moved from ``base``: nats per token on both sides (the teacher's NLL of
+    its answers, the student's KL), and the answers' relevance and repetition where measured."""
+    rises = {
+        "teacher_nll_rise": r["teacher_nll"] - base["teacher_nll"],
+        "student_kl_rise": r["student_kl"] - base["student_kl"],
+    }
+    for key in ("relevance", "repetition"):
+        if key in r and key in base:
+            rises[f"{key}_change"] = r[key] - base[key]
+    return rises
+
+
 def print_table(summary: dict) -> None:
-    header = (f"{'setting':<36} {'ppl x clean':>12} {'distortion':>11} {'student KL x':>13} "
-              f"{'gain lost':>10} {'teacher +NLL':>13} {'student +KL':>12}")  # fmt: skip
+    header = (f"{'setting':<40} {'ppl x clean':>11} {'distortion':>10} {'student KL x':>12} "
+              f"{'gain lost':>9} {'teacher +NLL':>12} {'student +KL':>11} {'relevance':>9} "
+              f"{'repetition':>10}")  # fmt: skip
     print(f"{header}  per seed (KL x)")
     for name, e in summary.items():
         per_seed = ", ".join(f"{x:.3f}" for x in e["student_kl_ratio"])
-        print(
-            f"{name:<36} {e['teacher_perplexity_ratio_geomean']:>12.3f} "
-            f"{e['distortion_mean']:>11.3f} {e['student_kl_ratio_geomean']:>13.3f} "
-            f"{e['gain_lost_mean']:>10.3f} {e['teacher_nll_rise_mean']:>13.3f} "
-            f"{e['student_kl_rise_mean']:>12.3f}  {per_seed}"
+        quality = "".join(
+            f" {e[f'{key}_mean']:>{width}.3f}" if f"{key}_mean" in e else f" {'-':>{width}}"
+            for key, width in (("relevance", 9), ("repetition", 10))
         )
+        print(
+            f"{name:<40} {e['teacher_perplexity_ratio_geomean']:>11.3f} "
+            f"{e['distortion_mean']:>10.3f} {e['student_kl_ratio_geomean']:>12.3f} "
+            f"{e['gain_lost_mean']:>9.3f} {e['teacher_nll_rise_mean']:>12.3f} "
+            f"{e['student_kl_rise_mean']:>11.3f}{quality}  {per_seed}"
+        )
+    for name, e in summary.items():
+        if "vs_nucleus" in e:
+            vs = e["vs_nucleus"]
+            changes = ", ".join(f"{k[:-5]} {v:+.3f}" for k, v in vs.items() if k.endswith("_mean"))
+            print(f"{name} against plain nucleus sampling (means): {changes}")
 
 
 if __name__ == "__main__":
