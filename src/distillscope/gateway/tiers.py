@@ -16,7 +16,7 @@ YAML file can redefine them or add more::
         round_logprobs: 2          # decimals
         logprob_noise: 0.05        # std of Gaussian noise added to each reported logprob
         watermark: kgw             # a name registered in WATERMARKS
-        antidistill: 0.3           # antidistillation strength lambda (local teachers only)
+        antidistill: 0.03          # antidistillation strength lambda (local teachers only)
         antidistill_top_p: 0.9     # ... kept inside the teacher's own nucleus (default 1: off)
         requests_per_minute: 600
         tokens_per_minute: 200000
