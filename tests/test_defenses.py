@@ -193,10 +193,11 @@ def test_distortion_counts_tokens_ruled_out_of_the_draw_as_zero(tiny_teacher):
     harness must get that (not nan) although q is -inf outside N."""
     import math
 
-    from distillscope.forensics.defenses import nucleus
+    from transformers import TopPLogitsWarper
+
     from distillscope.forensics.harness import _kl_rows, teacher_outputs
 
-    half = [lambda ids, scores: scores.masked_fill(~nucleus(scores, 0.5), float("-inf"))]
+    half = [TopPLogitsWarper(0.5)]
     outputs = teacher_outputs(
         tiny_teacher, ["Name a colour.", "Count to three."], processors=half, max_new_tokens=4,
         distortion=True,

@@ -112,6 +112,23 @@ def tail_mass(topk_logprobs: np.ndarray) -> np.ndarray:
     return np.clip(1.0 - mass, 0.0, 1.0).astype(np.float32)
 
 
+def reveal_logprobs(
+    logprobs, *, noise: float = 0.0, decimals: int | None = None,
+    rng: np.random.Generator | None = None, floor: float = float("-inf"),
+) -> np.ndarray:  # fmt: skip
+    """Logprobs as an output defence reveals them: Gaussian noise of std ``noise`` drawn from
+    ``rng`` (clipped at 0), then rounding to ``decimals``. Values at or below ``floor`` (a token too
+    unlikely to represent, or -inf) are not noised. Gateway tiers (``round_logprobs``,
+    ``logprob_noise``) and ``forensics.DefendedTeacher`` both apply this, so they agree."""
+    values = np.asarray(logprobs, dtype=np.float64)
+    if noise:
+        noisy = np.minimum(0.0, values + rng.normal(0.0, noise, values.shape))
+        values = np.where(values > floor, noisy, values)
+    if decimals is not None:
+        values = np.round(values, decimals)
+    return values
+
+
 @dataclass
 class Signal:
     """What the teacher revealed about one completion of T tokens, at one exposure level.

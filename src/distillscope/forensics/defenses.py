@@ -31,9 +31,17 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from transformers import TopPLogitsWarper
 
 from distillscope.errors import TeacherError
-from distillscope.exposure import Exposure, Signal, is_at_least, parse_exposure, tail_mass
+from distillscope.exposure import (
+    Exposure,
+    Signal,
+    is_at_least,
+    parse_exposure,
+    reveal_logprobs,
+    tail_mass,
+)  # fmt: skip
 from distillscope.teachers.base import Completion, SamplingConfig, row_seed
 
 
@@ -110,10 +118,8 @@ class AntidistillationProcessor:
     ):
         if eps <= 0:
             raise ValueError("eps must be positive")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         self.lam = float(lam)
-        self.top_p = float(top_p)
+        self.top_p = _checked_top_p(top_p)
         self.eps = float(eps)
         self.pad_id = pad_id
         self.base = proxy.eval()
@@ -127,11 +133,9 @@ class AntidistillationProcessor:
     def scaled(self, lam: float, *, top_p: float | None = None) -> AntidistillationProcessor:
         """The same penalty at strength ``lam`` (and nucleus ``top_p``, if given), sharing this
         one's proxy weights (not its cache: the two may serve different generations)."""
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         other = copy.copy(self)
         other.lam = float(lam)
-        other.top_p = self.top_p if top_p is None else float(top_p)
+        other.top_p = self.top_p if top_p is None else _checked_top_p(top_p)
         other._seen, other._caches = None, None
         return other
 
@@ -178,18 +182,16 @@ class AntidistillationProcessor:
             vocab = min(delta.shape[-1], scores.shape[-1])
             adjusted[:, :vocab] += self.lam * delta[:, :vocab].to(scores.dtype)
         if self.top_p < 1:
-            adjusted = adjusted.masked_fill(~nucleus(scores, self.top_p), float("-inf"))
+            # the nucleus of the unpenalised scores: transformers' own top-p filter marks it
+            outside = torch.isneginf(TopPLogitsWarper(self.top_p)(input_ids, scores.float()))
+            adjusted = adjusted.masked_fill(outside, float("-inf"))
         return adjusted
 
 
-def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """A boolean mask of each row's nucleus: the fewest most-likely tokens of ``softmax(scores)``
-    whose probabilities reach ``top_p`` (the top token always)."""
-    probs = torch.softmax(scores.float(), dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked above
-    keep_sorted = before < top_p
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+def _checked_top_p(top_p: float) -> float:
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    return float(top_p)
 
 
 def build_antidistillation(
@@ -282,13 +284,9 @@ class DefendedTeacher:
         def veil(logprobs: np.ndarray | None) -> np.ndarray | None:
             if logprobs is None:
                 return None
-            values = np.asarray(logprobs, dtype=np.float64)
-            if self.logprob_noise:
-                noisy = np.minimum(0.0, values + rng.normal(0.0, self.logprob_noise, values.shape))
-                values = np.where(np.isfinite(values), noisy, values)
-            if self.round_logprobs is not None:
-                values = np.round(values, self.round_logprobs)
-            return values.astype(np.float32)
+            return reveal_logprobs(
+                logprobs, noise=self.logprob_noise, decimals=self.round_logprobs, rng=rng
+            ).astype(np.float32)
 
         topk_ids, topk = signal.topk_ids, veil(signal.topk_logprobs)
         if topk is not None:

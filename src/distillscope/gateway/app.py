@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field, model_validator
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
-from distillscope.exposure import TopK
+from distillscope.exposure import TopK, reveal_logprobs
 from distillscope.gateway.backends import (
     LOGPROB_FLOOR,
     Backend,
@@ -552,11 +552,15 @@ class _Reveal:
         self.rng = np.random.default_rng(seed) if self.noise else None
 
     def value(self, logprob: float) -> float:
-        if self.rng is not None and logprob > LOGPROB_FLOOR:
-            logprob = min(0.0, logprob + float(self.rng.normal(0, self.noise)))
-        if self.decimals is not None:
-            logprob = round(logprob, self.decimals)
-        return logprob
+        return float(
+            reveal_logprobs(
+                logprob,
+                noise=self.noise,
+                decimals=self.decimals,
+                rng=self.rng,
+                floor=LOGPROB_FLOOR,
+            )  # fmt: skip
+        )
 
     def apply_entries(self, entries: list[dict[str, Any]] | None) -> None:
         if not entries or (self.decimals is None and self.rng is None):
