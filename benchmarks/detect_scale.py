@@ -14,10 +14,10 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
-from distillscope.detect import detect, evaluate_alerts, load_scenario, simulate
+from distillscope.detect import detect, evaluate_alerts
+from distillscope.traffic import load_scenario, simulate
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
         root = Path(tempfile.mkdtemp(prefix="detect-scale-"))
         try:
             sim = root / "sim"
-            simulate(replace(load_scenario("default"), scale=scale), sim, progress=False)
+            simulate(load_scenario("default").replace(scale=scale), sim, progress=False)
             began = time.perf_counter()
             summary = detect(
                 sim / "traffic.duckdb",

@@ -13,8 +13,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from distillscope.detect import DetectError, detect, evaluate_alerts, load_scenario, simulate
+from distillscope.detect import DetectError, detect, evaluate_alerts
 from distillscope.gateway.keys import parse_block_list
+from distillscope.traffic import load_scenario, simulate
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +186,8 @@ def test_robustness_sweep_runs_each_point_once_and_resumes(tmp_path):
 
 
 def test_robustness_knobs_are_checked_before_any_work(tmp_path):
-    from distillscope.detect import ScenarioError
     from distillscope.detect.robustness import parse_knobs, robustness
+    from distillscope.traffic import ScenarioError
 
     assert parse_knobs("ip_rotation")["ip_rotation"] == (0.0, 0.3, 0.6, 1.0)
     for bad in ("", "nonsense", "mixing_share=a,b"):

@@ -17,10 +17,9 @@ from distillscope.detect import (
     detect,
     evaluate_alerts,
     fit_reference,
-    load_scenario,
-    simulate,
 )
 from distillscope.detect.signals import SIGNALS, EmpiricalTail
+from distillscope.traffic import load_scenario, simulate
 
 
 @pytest.fixture(scope="module")

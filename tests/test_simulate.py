@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from distillscope.detect import (
+from distillscope.gateway.traffic import EXCHANGE_SCHEMA, open_traffic_log, read_traffic
+from distillscope.traffic import (
     ReplayError,
     Scenario,
     ScenarioError,
@@ -25,7 +26,6 @@ from distillscope.detect import (
     replay,
     simulate,
 )
-from distillscope.gateway.traffic import EXCHANGE_SCHEMA, open_traffic_log, read_traffic
 
 SEED = 11
 FILES = (
@@ -87,7 +87,9 @@ def test_writes_the_gateway_table_and_the_truth(sim):
     assert set(metadata["account_id"]) == set(sim["truth"])
     assert set(sim["content"]) == set(ids)
     roles = Counter(t["role"] for t in sim["truth"].values())
-    assert set(roles) == {"legitimate", "hydra", "replacement"}
+    assert set(roles) == {"legitimate", "campaign", "replacement"}
+    shapes = Counter(t["shape"] for t in sim["truth"].values())
+    assert set(shapes) == {"background", "hydra"}
     assert load_scenario(out / "scenario.yaml").seed == SEED
 
 
@@ -257,7 +259,13 @@ def test_campaigns_move_to_a_new_model_within_a_day(sim):
 
 
 def test_scenarios_load_and_refuse_mistakes(tmp_path):
-    assert load_scenario("default") == Scenario()
+    default = load_scenario("default")
+    names = ["hydra-coding", "agentic-reasoning", "cot-elicitation"]
+    assert [c.name for c in default.campaigns] == names
+    assert {c.shape for c in default.campaigns} == {"hydra"} and default.populations == []
+    (tmp_path / "resolved.yaml").write_text(default.to_yaml())
+    assert load_scenario(tmp_path / "resolved.yaml") == default  # the resolved file round-trips
+    assert isinstance(default, Scenario)
     smoke = load_scenario("smoke")
     assert smoke.campaigns[1].ban_rate == 0.6  # from campaign_defaults
     swept = smoke.for_all_campaigns(mixing_share=0.5, timing_jitter=0.4)

@@ -782,14 +782,12 @@ def simulate(
 
     Example: distillscope simulate --scenario default --out sim/
     """
-    from dataclasses import replace
-
-    from distillscope.detect import load_scenario
-    from distillscope.detect import simulate as run_simulation
+    from distillscope.traffic import load_scenario
+    from distillscope.traffic import simulate as run_simulation
 
     chosen = load_scenario(scenario)
     overrides = {"days": days, "scale": scale}
-    chosen = replace(chosen, **{k: v for k, v in overrides.items() if v is not None})
+    chosen = chosen.replace(**{k: v for k, v in overrides.items() if v is not None})
     summary = run_simulation(chosen, out, seed=seed)
     table = Table("who", "accounts", "exchanges", "share", "requests/account/day")
     legit = summary.exchanges - summary.campaign_exchanges
@@ -831,8 +829,8 @@ def replay(
 
     Example: distillscope replay sim/ --url http://127.0.0.1:8000 --max-requests 200
     """
-    from distillscope.detect import keystore_keys
-    from distillscope.detect import replay as run_replay
+    from distillscope.traffic import keystore_keys
+    from distillscope.traffic import replay as run_replay
     from distillscope.gateway import KeyStore
 
     summary = run_replay(

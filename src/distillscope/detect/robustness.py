@@ -25,7 +25,7 @@ from rich.table import Table
 
 from distillscope.detect.detector import DetectConfig, detect
 from distillscope.detect.evaluate import evaluate_alerts
-from distillscope.detect.simulate import Scenario, ScenarioError, load_scenario, simulate
+from distillscope.traffic import Scenario, ScenarioError, load_scenario, simulate
 
 #: The knobs swept by default and their values (the issue's ranges; the default scenario's
 #: settings lie inside each range).
@@ -74,11 +74,9 @@ def robustness(
     ``scale`` multiplies every account count (0.5 of the default scenario: ~1,000 legitimate
     accounts and ~150 campaign accounts, about 40 s a point on 2 cores).
     """
-    from dataclasses import replace
-
     out = Path(out)
     base = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
-    base = replace(base, scale=base.scale * scale)
+    base = base.replace(scale=base.scale * scale)
     knobs = dict(knobs or KNOBS)
     for name, values in knobs.items():
         base.for_all_campaigns(**{name: values[0]})  # unknown knobs fail before any work
