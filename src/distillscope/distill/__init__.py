@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from distillscope.distill.train import (
     DistillConfig,
@@ -48,19 +50,38 @@ def distill_records(
 
     ``teacher`` (a local spec) scores online/full/on-policy signals, seeds ``layers:N`` students
     and, with ``heldout`` > 0, measures held-out fidelity on the last ``heldout`` records.
+
+    Everything is checked before anything is written to ``out``: a refused run leaves ``out`` as
+    it was. A run resumed in ``out`` must name the same data, student, teacher and held-out split
+    (``inputs.json``) as well as the same config.
     """
     from distillscope.distill.students import build_student, load_tokenizer_for, parameter_count
+    from distillscope.distill.train import TrainingError, check_resume
     from distillscope.records import RecordSet
     from distillscope.teachers import load_teacher, pick_device
 
     config.validate()
-    torch_device = pick_device(device)
+    if config.needs_teacher() and teacher is None:
+        raise TrainingError(
+            f"--exposure {config.level()} needs a local --teacher to score in the loop"
+        )
+    if heldout and teacher is None:
+        raise TrainingError("--heldout measures fidelity against the teacher: give --teacher")
+    check_resume(out, config)
     records = RecordSet(data)
+    inputs = {
+        "data": str(records.path),
+        "data_fingerprint": records.fingerprint(),
+        "records": len(records),
+        "student": student,
+        "teacher": teacher,
+        "heldout": heldout,
+    }
+    _check_inputs(Path(out), inputs)
+    torch_device = pick_device(device)
     tok = load_tokenizer_for(records.provenance, tokenizer)
     examples = examples_from_records(records, config.exposure, tok)
     if heldout and heldout >= len(examples):
-        from distillscope.distill.train import TrainingError
-
         raise TrainingError(
             f"--heldout {heldout} leaves no training data ({len(examples)} records)"
         )
@@ -69,6 +90,8 @@ def distill_records(
     model = build_student(
         student, tok, teacher_model=getattr(local, "model", None), seed=config.seed
     )
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / INPUTS).write_text(json.dumps(inputs, indent=2))
     result = distill(
         model,
         train_set,
@@ -85,3 +108,31 @@ def distill_records(
 
         report = fidelity(model, local, held, pad_id=tok.pad_token_id).as_dict()
     return DistillRun(result, parameter_count(model), len(train_set), report)
+
+
+#: What a distill run was trained from, beside its config.json.
+INPUTS = "inputs.json"
+
+
+def _check_inputs(out: Path, inputs: dict) -> None:
+    """Refuse to resume a run in ``out`` from other data, another student, teacher or split."""
+    from distillscope.distill.train import TrainingError
+
+    path = out / INPUTS
+    if not path.exists():
+        return
+    held = json.loads(path.read_text())
+    if held.get("data_fingerprint") != inputs["data_fingerprint"]:
+        raise TrainingError(
+            f"--data {inputs['data']} is not the data the run in {out} trained on "
+            f"({held.get('data')}, {held.get('records')} records): use a new --out, or that --data"
+        )
+    for name in ("student", "teacher", "heldout"):
+        theirs, ours = held.get(name), inputs[name]
+        if theirs != ours:
+            asked = f"--{name} {ours}" if ours is not None else f"no --{name}"
+            fix = f"--{name} {theirs}" if theirs is not None else f"no --{name}"
+            raise TrainingError(
+                f"{asked}: the run in {out} was trained with {name} {theirs}; use a new --out, "
+                f"or {fix} to resume it"
+            )

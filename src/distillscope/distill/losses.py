@@ -9,28 +9,36 @@ scale independent of T (Hinton et al. 2015) is applied once, in ``_scale``. The 
 temperature of a harvest never enters here unless a server returned processed logprobs; then
 ``retemper`` undoes it first.
 
-Each loss declares the exposure levels it accepts in ``ACCEPTS``.
+Each loss names the signal it takes in ``SIGNAL_OF``; ``YIELDS`` says which signals each exposure
+level gives, and ``ACCEPTS`` (derived from both) the levels each loss can train at. The training
+loop builds a batch's signal from ``SIGNAL_OF``, so what is accepted is what runs.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 from distillscope.exposure import Full, Text, TopK
 
 
+class _OnDevice:
+    def to(self, device):
+        """The same signal with every tensor on ``device``."""
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
 @dataclass(frozen=True)
-class DenseSignal:
+class DenseSignal(_OnDevice):
     """The teacher's full distribution: raw logprobs (B, T, V)."""
 
     logprobs: torch.Tensor
 
 
 @dataclass(frozen=True)
-class SparseSignal:
+class SparseSignal(_OnDevice):
     """Top-k teacher logprobs (B, T, k), their token ids, and the tail mass (B, T) they leave."""
 
     ids: torch.Tensor
@@ -39,7 +47,7 @@ class SparseSignal:
 
 
 @dataclass(frozen=True)
-class SampledSignal:
+class SampledSignal(_OnDevice):
     """Tokens drawn from a proposal (B, T, m), with importance weights summing to 1 per position,
     and the teacher's raw logprobs of those tokens (for the loss value; gradients do not need them).
     """
@@ -50,7 +58,7 @@ class SampledSignal:
 
 
 @dataclass(frozen=True)
-class HardSignal:
+class HardSignal(_OnDevice):
     """The sampled tokens only (B, T): one-hot targets."""
 
     ids: torch.Tensor
@@ -239,15 +247,37 @@ def draw_sampled_signal(
     return SampledSignal(ids, weights, teacher_logprobs.gather(-1, ids))
 
 
-#: What each loss can be computed from: the exposure levels that carry enough of the teacher.
+#: The teacher signal each loss is a function of (what the training loop builds for it).
+SIGNAL_OF: dict[str, type] = {
+    "forward-kl": DenseSignal,
+    "reverse-kl": DenseSignal,
+    "jsd": DenseSignal,
+    "sampled-kl": SampledSignal,
+    "sparse-kl": SparseSignal,
+    "sparse-kl-renorm": SparseSignal,
+    "ce": HardSignal,
+}
+
+#: The signals each exposure level yields. Full is the teacher's whole distribution, scored in the
+#: loop (sampled tokens are drawn from it); a loss on the text alone at Full would train on text,
+#: not on what Full reveals, so it is a Text loss. TopK records carry their top-k and their text.
+YIELDS: dict[type, tuple[type, ...]] = {
+    Full: (DenseSignal, SampledSignal),
+    TopK: (SparseSignal, HardSignal),
+    Text: (HardSignal,),
+}
+
+#: What each loss can be computed from: the exposure levels that yield its signal.
 ACCEPTS: dict[str, tuple[type, ...]] = {
-    "forward-kl": (Full,),
-    "reverse-kl": (Full,),
-    "jsd": (Full,),
-    "sampled-kl": (Full,),
-    "sparse-kl": (Full, TopK),
-    "sparse-kl-renorm": (Full, TopK),
-    "ce": (Full, TopK, Text),
+    loss: tuple(level for level, signals in YIELDS.items() if signal in signals)
+    for loss, signal in SIGNAL_OF.items()
+}
+
+#: Losses defined at temperature 1 only, and why: the distillation temperature must be 1.
+RAW_ONLY: dict[str, str] = {
+    "sparse-kl": "the tail bucket's shape is unknown, so it cannot be re-tempered",
+    "sampled-kl": "the importance weights are for the raw distribution",
+    "ce": "hard labels have no temperature",
 }
 
 LOSSES = {

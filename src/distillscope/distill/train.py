@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,14 @@ from distillscope.exposure import Full, Signal, Text, TopK, is_at_least, parse_e
 from distillscope.records import RecordSet
 from distillscope.teachers.local import encode_prompt
 
-SIGNAL_MODES = ("offline", "online", "on-policy")
+#: Where the teacher signal comes from at each exposure level, the default first: full
+#: distributions are never stored (49k floats per token), so the teacher in the loop scores every
+#: batch, either the records' completions (online) or the student's own samples (on-policy).
+SIGNAL_MODES: dict[type, tuple[str, ...]] = {
+    Full: ("online", "on-policy"),
+    TopK: ("offline",),
+    Text: ("offline",),
+}
 DEFAULT_LOSS = {Full: "forward-kl", TopK: "sparse-kl", Text: "ce"}
 
 
@@ -36,16 +43,21 @@ class TrainingError(DistillscopeError):
     """A training run that cannot start or resume as asked."""
 
 
+def _level_name(level_type: type) -> str:
+    return "topK" if level_type is TopK else level_type.__name__.lower()
+
+
 @dataclass(frozen=True)
 class DistillConfig:
-    """How a student is trained. ``temperature`` is the *distillation* temperature."""
+    """How a student is trained. ``temperature`` is the *distillation* temperature. ``loss`` and
+    ``signal`` default by exposure level (``DEFAULT_LOSS``, ``SIGNAL_MODES``)."""
 
     exposure: str = "top20"
     loss: str | None = None
     temperature: float = 1.0
     alpha: float = 0.0
     beta: float = 0.5
-    signal: str = "offline"
+    signal: str | None = None
     sampled_tokens: int = 12
     steps: int = 300
     batch_size: int = 8
@@ -64,29 +76,90 @@ class DistillConfig:
     def loss_name(self) -> str:
         return self.loss or DEFAULT_LOSS[type(self.level())]
 
+    def signal_mode(self) -> str:
+        return self.signal or SIGNAL_MODES[type(self.level())][0]
+
+    def needs_teacher(self) -> bool:
+        """Whether a local teacher must score in the loop (every Full-exposure mode)."""
+        return isinstance(self.level(), Full)
+
+    def normalized(self) -> DistillConfig:
+        """The same run with every default and spelling made explicit (what config.json holds)."""
+        return replace(
+            self, exposure=str(self.level()), loss=self.loss_name(), signal=self.signal_mode()
+        )
+
     def validate(self) -> None:
+        """Refuse, in one line naming the option and the fix, what cannot train as documented."""
         level, loss = self.level(), self.loss_name()
+        kind = type(level)
         if loss not in L.LOSSES:
-            raise TrainingError(f"unknown loss {loss!r}: expected one of {', '.join(L.LOSSES)}")
-        if not isinstance(level, L.ACCEPTS[loss]):
-            accepted = ", ".join(c.__name__.lower() for c in L.ACCEPTS[loss])
-            raise TrainingError(f"loss {loss} needs exposure {accepted}, not {level}")
-        if self.signal not in SIGNAL_MODES:
-            raise TrainingError(f"signal must be one of {', '.join(SIGNAL_MODES)}")
-        if self.signal == "on-policy" and not isinstance(level, Full):
+            raise TrainingError(f"--loss {loss!r} is unknown: use one of {', '.join(L.LOSSES)}")
+        if kind not in L.ACCEPTS[loss]:
+            needs = " or ".join(_level_name(t) for t in L.ACCEPTS[loss])
+            fits = ", ".join(n for n, levels in L.ACCEPTS.items() if kind in levels)
             raise TrainingError(
-                "on-policy training scores the student's samples: exposure must be full"
+                f"--loss {loss} needs --exposure {needs}; at {level} use --loss {fits}"
             )
-        if isinstance(level, Full) and self.signal == "offline":
+        signal = self.signal_mode()
+        known = sorted({m for modes in SIGNAL_MODES.values() for m in modes})
+        if signal not in known:
+            raise TrainingError(f"--signal {signal!r} is unknown: use one of {', '.join(known)}")
+        if signal not in SIGNAL_MODES[kind]:
+            if kind is Full:
+                raise TrainingError(
+                    "--signal offline: full exposure is not stored in records (49k floats per "
+                    "token); use --signal online or on-policy with a local --teacher"
+                )
             raise TrainingError(
-                "full exposure is not stored in records (49k floats per token): use "
-                "--signal online with a local --teacher"
+                f"--signal {signal} scores with the teacher's full distribution: use --exposure "
+                f"full, or --signal offline to train on the {level} records"
+            )
+        if signal == "on-policy" and self.alpha:
+            raise TrainingError(
+                "--alpha mixes in cross-entropy on the sampled tokens, which on-policy are the "
+                "student's own: use --alpha 0"
+            )
+        if loss in L.RAW_ONLY and self.temperature != 1.0:
+            tempered = {"sparse-kl": "sparse-kl-renorm", "sampled-kl": "forward-kl"}.get(loss)
+            fix = f"use --loss {tempered}" if tempered else "leave --temperature at 1"
+            raise TrainingError(
+                f"--loss {loss} takes --temperature 1 only ({L.RAW_ONLY[loss]}); for "
+                f"--temperature {self.temperature:g} {fix}"
             )
         if not 0.0 <= self.alpha <= 1.0:
-            raise TrainingError(f"alpha (hard-label weight) must be in [0, 1], got {self.alpha}")
+            raise TrainingError(f"--alpha (hard-label weight) must be in [0, 1], not {self.alpha}")
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every"):
             if getattr(self, name) < 1:
-                raise TrainingError(f"{name} must be at least 1")
+                option = name.replace("_", "-")
+                raise TrainingError(f"--{option} must be at least 1")
+
+
+def check_resume(out: str | os.PathLike, config: DistillConfig) -> None:
+    """Refuse an ``out`` holding a run with another config, naming each field that differs.
+
+    Both sides are normalised first, so equivalent spellings (a default loss left out or named,
+    ``1`` or ``1.0``) are the same run.
+    """
+    path = Path(out) / "config.json"
+    if not path.exists():
+        return
+    try:
+        held = json.loads(path.read_text())
+        known = {f.name for f in fields(DistillConfig)}
+        stored = DistillConfig(**{k: v for k, v in held.items() if k in known})
+        theirs = asdict(stored.normalized())
+    except (ValueError, TypeError, DistillscopeError):
+        raise TrainingError(
+            f"--out {out} holds a config.json that is not a run's: use a new --out"
+        ) from None
+    ours = asdict(config.normalized())
+    differ = [f"{k}={theirs[k]} (asked {ours[k]})" for k in ours if ours[k] != theirs[k]]
+    if differ:
+        raise TrainingError(
+            f"--out {out} holds a run with {', '.join(differ)}: use a new --out, or the run's "
+            "own options to resume it"
+        )
 
 
 @dataclass
@@ -218,51 +291,49 @@ class ScoreCache:
         return [self.rows.get(id(e), fresh.get(id(e))) for e in examples]
 
 
-def _signal_for(batch: Batch, level, device, teacher=None):
-    """The teacher signal of a batch at ``level``, padded to (B, T, ...)."""
+def _dense(batch: Batch, teacher) -> list[np.ndarray]:
+    """The teacher's raw logprobs (T, V) of each example's completion, scored in the loop."""
+    if isinstance(teacher, ScoreCache):
+        return teacher.score(batch.examples)
+    return teacher.score(
+        [e.prompt_ids for e in batch.examples], [e.completion_ids for e in batch.examples]
+    )
+
+
+def batch_signal(config: DistillConfig, batch: Batch, device, teacher=None, generator=None):
+    """The signal ``config``'s loss takes (``losses.SIGNAL_OF``), padded to (B, T, ...)."""
     length = batch.mask.shape[1]
-    sigs = [e.signal for e in batch.examples]
-    if isinstance(level, Full):
-        if isinstance(teacher, ScoreCache):
-            dense = teacher.score(batch.examples)
-        else:
-            dense = teacher.score(
-                [e.prompt_ids for e in batch.examples], [e.completion_ids for e in batch.examples]
-            )
-        return L.DenseSignal(_pad_stack(dense, length, 0.0).to(device))
-    if isinstance(level, TopK):
+    kind = L.SIGNAL_OF[config.loss_name()]
+    if kind is L.HardSignal:
+        ids = _pad_stack([e.completion_ids for e in batch.examples], length, 0)
+        return L.HardSignal(ids.long()).to(device)
+    if kind is L.SparseSignal:
+        sigs = [e.signal for e in batch.examples]
         return L.SparseSignal(
-            _pad_stack([s.topk_ids for s in sigs], length, 0).long().to(device),
-            _pad_stack([s.topk_logprobs for s in sigs], length, 0.0).to(device),
-            _pad_stack([s.tail_mass for s in sigs], length, 0.0).to(device),
-        )
-    return None
+            _pad_stack([s.topk_ids for s in sigs], length, 0).long(),
+            _pad_stack([s.topk_logprobs for s in sigs], length, 0.0),
+            _pad_stack([s.tail_mass for s in sigs], length, 0.0),
+        ).to(device)
+    dense = _pad_stack(_dense(batch, teacher), length, 0.0)
+    if kind is L.DenseSignal:
+        return L.DenseSignal(dense).to(device)
+    drawn = L.draw_sampled_signal(dense, config.sampled_tokens, generator=generator)
+    return drawn.to(device)
 
 
 def batch_loss(config: DistillConfig, logits, batch: Batch, device, teacher=None, generator=None):
-    """The configured loss of one batch (mean over its completion tokens)."""
-    level, name = config.level(), config.loss_name()
+    """The configured loss of one batch (mean over its completion tokens), with ``alpha`` of
+    hard-label cross-entropy on the batch's completions mixed in."""
+    name = config.loss_name()
     mask = batch.mask.to(device)
-    hard = L.HardSignal(
-        _pad_stack([e.completion_ids for e in batch.examples], mask.shape[1], 0).long().to(device)
-    )
-    if name == "ce":
-        soft = L.hard_ce(logits, hard, mask, temperature=1.0)
-    else:
-        signal = _signal_for(batch, level, device, teacher)
-        kwargs = {"temperature": config.temperature}
-        if name == "jsd":
-            kwargs["beta"] = config.beta
-        if name == "sampled-kl":
-            signal = L.draw_sampled_signal(
-                signal.logprobs, config.sampled_tokens, generator=generator
-            )
-            signal = L.SampledSignal(
-                *(t.to(device) for t in (signal.ids, signal.weights, signal.teacher_logprobs))
-            )
-        soft = L.LOSSES[name](logits, signal, mask, **kwargs)
+    kwargs = {"beta": config.beta} if name == "jsd" else {}
+    signal = batch_signal(config, batch, device, teacher, generator)
+    soft = L.LOSSES[name](logits, signal, mask, temperature=config.temperature, **kwargs)
     if config.alpha and name != "ce":
-        return (1 - config.alpha) * soft + config.alpha * L.hard_ce(logits, hard, mask)
+        hard = L.HardSignal(
+            _pad_stack([e.completion_ids for e in batch.examples], mask.shape[1], 0).long()
+        )
+        return (1 - config.alpha) * soft + config.alpha * L.hard_ce(logits, hard.to(device), mask)
     return soft
 
 
@@ -347,21 +418,21 @@ def distill(
     writes no checkpoints and no final student (callers that keep the model in memory).
     """
     config.validate()
+    config = config.normalized()
     level = config.level()
-    if (isinstance(level, Full) or config.signal == "on-policy") and teacher is None:
-        raise TrainingError("full exposure and on-policy training need a local --teacher to score")
+    if config.needs_teacher() and teacher is None:
+        raise TrainingError(f"--exposure {level} needs a local --teacher to score in the loop")
     if config.signal == "on-policy" and tokenizer is None:
         raise TrainingError("on-policy training needs the tokenizer to sample from the student")
     stored = examples[0].signal.exposure if examples else level
     if not isinstance(level, Full) and not is_at_least(stored, level):
-        raise TrainingError(f"examples are at {stored}, training asks {level}")
+        raise TrainingError(
+            f"--exposure {level} is richer than the records' {stored}: use --exposure {stored} "
+            "or poorer"
+        )
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_resume(out, config)
     device = torch.device(device)
-    config_path = out / "config.json"
-    if config_path.exists() and json.loads(config_path.read_text()) != asdict(config):
-        raise TrainingError(f"{out} holds a run with another config; use a new --out")
-    config_path.write_text(json.dumps(asdict(config), indent=2))
 
     # Scale-out goes through accelerate/torch.distributed: under `accelerate launch` or torchrun,
     # every process takes its share of each micro-batch and DDP averages the gradients.
@@ -388,6 +459,10 @@ def distill(
     if latest is not None:
         start = _load_checkpoint(latest, student, optimizer, scheduler)
         resumed_from = start
+    # written once everything above has been checked: a refused run leaves nothing behind
+    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
     metrics_path = out / "metrics.jsonl"
     if main:
         _truncate_metrics(metrics_path, start)
@@ -469,6 +544,8 @@ def distill(
         student.save_pretrained(final)
         if tokenizer is not None:
             tokenizer.save_pretrained(final)
+    if end == start and start:  # a finished run asked again: its last logged loss
+        last_loss = read_metrics(out)[-1]["loss"]
     return TrainResult(
         out=str(out),
         steps=end,
@@ -514,7 +591,13 @@ def _save_checkpoint(out: Path, step: int, model, optimizer, scheduler, keep: in
 
 def _load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError:
+        raise TrainingError(
+            f"{path} holds another student's weights: use a new --out, or the run's own "
+            "--student to resume it"
+        ) from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["step"])

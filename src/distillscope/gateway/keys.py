@@ -95,8 +95,14 @@ class KeyStore:
         self._local = threading.local()
         self._cache: dict[str, tuple[float, ApiKey | None, str | None]] = {}
         self._blocks: tuple[float, frozenset[tuple[str, str]]] = (-1e18, frozenset())
-        with self._connect() as db:
-            db.executescript(_SCHEMA)
+        try:
+            with self._connect() as db:
+                db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise KeyStoreError(
+                f"{self.path} is not a key store ({exc}): point --keys at the gateway's key "
+                "store, or at a new file to start one"
+            ) from None
 
     def _connect(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -148,8 +154,19 @@ class KeyStore:
         return next(k for k in self.list() if k.key_id == key_id)
 
     def block(self, kind: str, value: str, *, reason: str | None = None) -> Block:
+        """Block an account or a key the store knows (one with keys, or a key id)."""
         if kind not in ("account", "key"):
             raise KeyStoreError(f"can block an account or a key, not {kind!r}")
+        check_block_value(kind, value)
+        column = "account_id" if kind == "account" else "key_id"
+        known = (
+            self._connect()
+            .execute(f"SELECT 1 FROM keys WHERE {column} = ? LIMIT 1", (value,))
+            .fetchone()
+        )
+        if not known:
+            hint = "distillscope keys list shows them" if kind == "key" else "create its key first"
+            raise KeyStoreError(f"no {kind} {value!r} in {self.path} ({hint})")
         self._connect().execute(
             "INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?)", (kind, value, reason, time.time())
         )
@@ -232,6 +249,14 @@ class BlockListFile:
             self._entries = parse_block_list(self.path.read_text(errors="replace"))
             self._stamp = stamp
         return self._entries
+
+
+def check_block_value(kind: str, value: str) -> None:
+    """Refuse a value a block list line could not hold: empty, spaces, ``:`` or ``#``."""
+    if not value or value != value.strip() or any(c in value for c in ":#\n\r\t "):
+        raise KeyStoreError(
+            f"--{kind} {value!r}: {kind} ids are one word without spaces, ':' or '#'"
+        )
 
 
 def parse_block_list(text: str) -> frozenset[tuple[str, str]]:

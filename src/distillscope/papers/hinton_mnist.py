@@ -90,6 +90,7 @@ from rich.table import Table
 from torch import nn
 
 from distillscope.distill.losses import DenseSignal, HardSignal, forward_kl, hard_ce
+from distillscope.errors import DistillscopeError
 
 PAPER = 'Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network", section 3'
 
@@ -119,6 +120,10 @@ QUICK_EPOCHS = 1
 QUICK_BATCH = 64
 
 _EVAL_CHUNK = 5000
+
+
+class PaperError(DistillscopeError, ValueError):
+    """A paper setting that cannot be run."""
 
 
 @dataclass
@@ -158,21 +163,23 @@ class HintonMnistConfig:
     def __post_init__(self) -> None:
         self.omit_classes = tuple(sorted({int(c) for c in self.omit_classes}))
         if any(not 0 <= c < NUM_CLASSES for c in self.omit_classes):
-            raise ValueError(f"omit_classes must be digits 0-9, got {self.omit_classes}")
+            raise PaperError(f"--omit takes digits 0-9, not {self.omit_classes}")
         if len(self.omit_classes) == NUM_CLASSES:
-            raise ValueError("cannot omit every class from the transfer set")
+            raise PaperError("--omit names every digit: leave at least one in the transfer set")
         if not 0.0 < self.transfer_fraction <= 1.0:
-            raise ValueError(f"transfer_fraction must be in (0, 1], got {self.transfer_fraction}")
+            raise PaperError(
+                f"--transfer-fraction must be in (0, 1], not {self.transfer_fraction:g}"
+            )
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
+            raise PaperError(f"--temperature must be positive, not {self.temperature:g}")
         if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+            raise PaperError(f"--alpha must be in [0, 1], not {self.alpha:g}")
         if self.big_epochs < 1 or self.small_epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be positive")
+            raise PaperError("--big-epochs, --small-epochs and the batch size must be at least 1")
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
+            raise PaperError(f"threads must be >= 1 or None, not {self.threads}")
         if self.jitter_pixels < 0:
-            raise ValueError(f"jitter_pixels must be >= 0, got {self.jitter_pixels}")
+            raise PaperError(f"jitter_pixels must be >= 0, not {self.jitter_pixels}")
 
     def effective(self) -> dict[str, int]:
         """The sizes actually used (quick mode shrinks them)."""
@@ -464,7 +471,10 @@ def _run(config: HintonMnistConfig, progress: bool) -> dict:
         keep = ~torch.isin(y_train[pool], torch.tensor(config.omit_classes))
         pool = pool[keep]
     if pool.numel() == 0:
-        raise ValueError("the transfer set is empty")
+        raise PaperError(
+            f"--transfer-fraction {config.transfer_fraction:g} leaves no transfer examples "
+            f"({x_train.shape[0]} training images): raise it"
+        )
 
     x_train, y_train = x_train.to(device), y_train.to(device)
     x_test, y_test = x_test.to(device), y_test.to(device)
