@@ -98,3 +98,25 @@ def test_queries_to_target_interpolates_and_never_extrapolates():
     assert value is None and "not reached" in reason
     value, reason = queries_to_target([10, 100], [4.0, 3.0], 5.0)
     assert value == 10 and "at most 10" in reason
+
+
+def test_the_headline_says_each_caveat_once():
+    """Both levels at the smallest budget: the note states that once, then what it does to the
+    multiplier, not the same words again."""
+    from distillscope.audit import _multiplier
+    from distillscope.report.audit_report import _headline_rows
+
+    config = AuditConfig(budgets=(16, 64), seeds=1)
+    summary = {}
+    for level in ("top5", "text"):
+        q, reason = queries_to_target([16, 64], [0.1, 0.05], target=0.5)
+        summary[level] = {"queries_to_target": q, "reason": reason, "per_seed": [q]}
+    for entry in summary.values():
+        entry["multiplier_vs_text"], entry["multiplier_reason"], _ = _multiplier(
+            entry, summary["text"], config
+        )
+    results = {"config": {"budgets": [16, 64], "exposures": ["top5", "text"]}, "summary": summary}
+    for row in _headline_rows(results):
+        note = "; ".join(row.notes)
+        assert note.count("reached at the smallest budget") == 1, note
+    assert "upper bounds" in summary["top5"]["multiplier_reason"]

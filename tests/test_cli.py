@@ -87,3 +87,112 @@ def test_issue_harvest_command_on_the_default_teacher(default_dir, tmp_path):
     assert summary["exposure"] == "top20" and summary["has_tail_mass"] is True
     assert summary["provenance"]["k"] == 20 and summary["provenance"]["vocab_size"] == 49152
     assert 0 < summary["bytes_per_token"] < 240
+
+
+# --- one contract for every command: one line and exit 2 for a user's mistake --------------
+
+
+def _log(path):
+    """A minimal traffic log as Parquet (what the checks before the detector read)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"account_id": ["a"], "ts": ["2026-01-01T00:00:00Z"], "prompt": ["hi"]})
+    pq.write_table(table, path)
+    return path
+
+
+def test_detect_inputs_are_checked_before_it_runs(cli, tmp_path, blocker):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conftest import one_line_error
+
+    log = _log(tmp_path / "traffic.parquet")
+    one_line_error(cli("detect", "--log", log, "--out", blocker), "--out", "is a file")
+    one_line_error(cli("detect", "--log", log, "--out", blocker / "o"), "--out", "is a file")
+    quoted = _log(tmp_path / "it's.parquet")
+    one_line_error(cli("detect", "--log", quoted, "--out", tmp_path / "o"), "--log", "quote")
+    csv = tmp_path / "traffic.csv"
+    csv.write_text("account_id,ts,prompt\na,2026-01-01,hi\n")
+    one_line_error(cli("detect", "--log", csv, "--out", tmp_path / "o"), "--log", "Parquet")
+    accounts = tmp_path / "accounts.csv"
+    accounts.write_text("account_id,payment_fingerprint\na,x\n")
+    found = cli("detect", "--log", log, "--accounts", accounts, "--out", tmp_path / "o")
+    one_line_error(found, "--accounts", "not Parquet")
+    pq.write_table(pa.table({"account_id": ["a"]}), tmp_path / "meta.parquet")
+    found = cli("detect", "--log", log, "--accounts", tmp_path / "meta.parquet")
+    one_line_error(found, "--accounts", "payment_fingerprint")
+    one_line_error(cli("detect-fit", "--log", csv, "--out", tmp_path / "r.parquet"), "--log")
+    assert not (tmp_path / "o").exists()
+
+
+def test_keys_commands_refuse_what_they_cannot_keep(cli, tmp_path, blocker):
+    from conftest import one_line_error
+
+    one_line_error(cli("keys", "list", "--keys", blocker), "--keys", "not a key store")
+    store = ("--keys", tmp_path / "keys.sqlite")
+    assert cli("keys", "create", "--account", "acme", "--tier", "top5", *store).exit_code == 0
+    for value in ("", "a b", "x:y", "# z"):
+        one_line_error(cli("keys", "block", "--account", value, *store), "--account", "one word")
+    one_line_error(cli("keys", "block", "--account", "nobody", *store), "no account 'nobody'")
+    one_line_error(cli("keys", "block", "--key", "0000", *store), "no key '0000'")
+    assert cli("keys", "block", "--account", "acme", "--reason", "seen", *store).exit_code == 0
+    listed = cli("keys", "list", *store)
+    assert "blocked" in listed.stdout and "seen" in listed.stdout
+    [key] = json.loads(cli("keys", "list", "--json", *store).stdout)
+    assert key["blocked"] and key["block_reason"] == "seen"
+
+
+def test_paper_settings_are_checked(cli):
+    from conftest import one_line_error
+
+    found = cli("paper", "hinton-mnist", "--transfer-fraction", 0)
+    one_line_error(found, "--transfer-fraction", "(0, 1]")
+    one_line_error(cli("paper", "hinton-mnist", "--omit", 11), "--omit")
+
+
+def test_version_help_choices_and_exit_codes(cli, monkeypatch):
+    from distillscope import __version__
+
+    assert cli("--version").stdout.strip() == f"distillscope {__version__}"
+    for command, choices in (
+        ("distill", ("forward-kl", "sparse-kl-renorm", "on-policy")),
+        ("audit", ("quick", "full")),
+        ("radioactivity", ("gumbel", "both")),
+    ):
+        shown = cli(command, "--help").stdout
+        assert all(c in shown for c in choices), (command, shown)
+    assert cli("distill", "--data", "d", "--out", "o", "--loss", "kl").exit_code == 2
+
+    def interrupted(self, path):
+        raise KeyboardInterrupt
+
+    from distillscope.records import RecordSet
+
+    monkeypatch.setattr(RecordSet, "__init__", interrupted)
+    stopped = cli("data", "inspect", ".")
+    assert stopped.exit_code == 130 and "interrupted" in stopped.stderr
+
+
+def test_an_internal_error_exits_1_with_its_trace(monkeypatch, capsys):
+    from distillscope import cli as command_line
+    from distillscope.records import RecordSet
+
+    def broken(self, path):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(RecordSet, "__init__", broken)
+    monkeypatch.setattr(sys, "argv", ["distillscope", "data", "inspect", "."])
+    with pytest.raises(SystemExit) as exit:
+        command_line.main()
+    assert exit.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: a bug" in err and "internal error" in err
+
+
+def test_cli_and_detection_import_no_torch():
+    modules = "distillscope, distillscope.cli, distillscope.detect, distillscope.traffic"
+    code = f"import sys, {modules}; print('torch' in sys.modules)"
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert found.stdout.strip() == "False", found.stderr

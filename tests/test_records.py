@@ -122,3 +122,38 @@ def test_text_records_hold_no_logprobs(tiny_teacher, tmp_path):
 def test_empty_folder_is_a_clear_error(tmp_path):
     with pytest.raises(IncompatibleDataError, match="no record parts"):
         RecordSet(tmp_path)
+
+
+def test_damaged_and_foreign_parts_are_one_line_errors(top5_parts, cli, tmp_path):
+    """A truncated part, or Parquet that is not a record part, named in one line by `data
+    inspect` and `distill --data` alike; a part file itself can be inspected."""
+    import json
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conftest import one_line_error
+
+    path, _, _ = top5_parts
+    part = path / "records" / "part-000000.parquet"
+    shown = cli("data", "inspect", part, "--json")
+    assert shown.exit_code == 0, shown.stderr
+    assert json.loads(shown.stdout)["records"] == len(PROMPTS)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(path, damaged)
+    copy = damaged / "records" / part.name
+    copy.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    for args in (
+        ("data", "inspect", damaged),
+        ("distill", "--data", damaged, "--out", tmp_path / "s"),
+    ):
+        one_line_error(cli(*args), part.name, "Parquet")
+    assert not (tmp_path / "s").exists()
+    foreign = tmp_path / "foreign"
+    (foreign / "records").mkdir(parents=True)
+    pq.write_table(pa.table({"a": [1]}), foreign / "records" / "part-000001.parquet")
+    one_line_error(cli("data", "inspect", foreign), "not a distillscope record part")
+    one_line_error(cli("data", "inspect", tmp_path / "notes.txt"), "does not exist")
+    (tmp_path / "notes.txt").write_text("x")
+    one_line_error(cli("data", "inspect", tmp_path / "notes.txt"), "harvest folder")
