@@ -277,6 +277,18 @@ def test_scenarios_load_and_refuse_mistakes(tmp_path):
         "campaigns:\n  - name: a\n    mixing_share: 1.5\n": "mixing_share must be in [0, 1]",
         "campaigns:\n  - name: a\n    focus: {poetry: 1}\n": "unknown capability 'poetry'",
         "days: [\n": "not valid YAML",
+        "campaigns:\n  - {shape: stealth, camouflage_share: 2}\n": (
+            "campaigns[0].camouflage_share must be in [0, 1], not 2"
+        ),
+        "campaigns:\n  - {shape: stealth, waves: 3}\n": "campaigns[0]: unknown key 'waves'",
+        "populations:\n  - {shape: coding_agents, steps: [5, 2]}\n": "populations[0].steps must",
+        "populations:\n  - {shape: payroll}\n": "populations[0].shape: unknown shape 'payroll'",
+        "populations:\n  - {shape: corporate_nat, accounts: many}\n": (
+            "populations[0].accounts must be an integer, not 'many'"
+        ),
+        "shape_defaults: {stealth: {accounts: 0}}\ncampaigns:\n  - {shape: stealth}\n": (
+            "campaigns[0].accounts must be >= 1"
+        ),
     }
     for i, (text, message) in enumerate(cases.items()):
         path = tmp_path / f"bad{i}.yaml"

@@ -1028,20 +1028,34 @@ def simulate(
     seed: int | None = typer.Option(None, help="Overrides the scenario's seed."),
     days: float | None = typer.Option(None, min=0.01, help="Overrides the simulated days."),
     scale: float | None = typer.Option(None, min=0.001, help="Multiplies every account count."),
+    random_shapes: int | None = typer.Option(
+        None, min=1, help="Instead of --scenario: N random worlds of mixed shapes (seed: --seed) "
+        "into OUT/world-000, OUT/world-001, ...",
+    ),  # fmt: skip
 ) -> None:
     """Simulate a provider's traffic with distillation campaigns in it, and write the truth.
 
     Writes traffic.duckdb and traffic.parquet (the gateway's exchanges table), truth.parquet,
     exchange_truth.parquet, accounts.parquet, events.parquet and scenario.yaml.
 
-    Example: distillscope simulate --scenario default --out sim/
+    Example: distillscope simulate --scenario default --out sim/ ; distillscope simulate
+    --random-shapes 20 --seed 1 --out worlds/
     """
-    from distillscope.traffic import load_scenario
+    from distillscope.traffic import load_scenario, random_worlds
     from distillscope.traffic import simulate as run_simulation
 
-    chosen = load_scenario(scenario)
     overrides = {"days": days, "scale": scale}
-    chosen = chosen.replace(**{k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if random_shapes is not None:
+        for world in random_worlds(random_shapes, seed or 0):
+            done = run_simulation(world.replace(**overrides), out / world.name)
+            shapes = ", ".join(c.shape for c in world.campaigns)
+            console.print(
+                f"{world.name}: {done.exchanges:,} exchanges, campaigns {shapes}; "
+                f"{len(world.populations)} legitimate traps -> {done.out}"
+            )
+        return
+    chosen = load_scenario(scenario).replace(**overrides)
     summary = run_simulation(chosen, out, seed=seed)
     table = Table("who", "accounts", "exchanges", "share", "requests/account/day")
     legit = summary.exchanges - summary.campaign_exchanges
@@ -1051,6 +1065,11 @@ def simulate(
         "legitimate", f"{summary.legit_accounts:,}", f"{legit:,}",
         f"{legit / max(1, summary.exchanges):.1%}", spread,
     )  # fmt: skip
+    for p in summary.populations:
+        table.add_row(
+            f"legitimate {p.name}", f"{p.accounts:,}", f"{p.exchanges:,}",
+            f"{p.exchanges / max(1, summary.exchanges):.1%}", "",
+        )  # fmt: skip
     for c in summary.campaigns:
         accounts = f"{c.accounts:,} ({c.slots} at once, {c.banned} banned)"
         table.add_row(

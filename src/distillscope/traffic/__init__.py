@@ -41,6 +41,7 @@ from distillscope.traffic.simulate import (
     SimulationSummary,
     simulate,
 )
+from distillscope.traffic.worlds import random_worlds
 
 __all__ = [
     "CampaignSummary",
@@ -52,6 +53,7 @@ __all__ = [
     "SimulationSummary",
     "keystore_keys",
     "load_scenario",
+    "random_worlds",
     "replay",
     "scenario_names",
     "simulate",

@@ -146,12 +146,15 @@ class Population:
         content: str = "legitimate",
         template_id: str | None = None,
         capability: str | None = None,
+        exposure: str | None = None,
     ) -> Request:
-        """What ``client`` sends: its main address and agent most of the time."""
+        """What ``client`` sends: its main address and agent most of the time, at ``exposure``
+        (default: the client's, most of the time)."""
         r = self.r
         ips = client.ips
         ip = ips[0] if len(ips) == 1 or r.random() < 0.7 else r.choice(ips)
-        exposure = client.exposure if r.random() < 0.7 else "text"
+        if exposure is None:
+            exposure = client.exposure if r.random() < 0.7 else "text"
         return Request(
             account=account,
             ip=ip,
@@ -262,9 +265,7 @@ class Population:
                 continue
             remaining = max(1, int(self.rng.poisson(rate)))
             while remaining > 0:
-                hour = bisect.bisect(hours, r.random() * hours[-1])
-                t = day_start + (hour - tz) * 3600 + r.random() * 3600
-                t = max(t, account.created_at)
+                t = max(self.local_time(day, tz, hours), account.created_at)
                 while remaining > 0:
                     t, sent = session(t, remaining)
                     remaining -= sent
@@ -272,11 +273,51 @@ class Population:
                         break
                     t += r.lognormvariate(math.log(150), 1.0)  # to the next conversation
 
+    def local_time(self, day: int, tz: float, hours: list[float] = HOURS_PERSONAL) -> float:
+        """A moment of ``day`` at an hour drawn from the cumulative local-hour weights
+        ``hours`` (personal by default), in time zone ``tz``."""
+        hour = bisect.bisect(hours, self.r.random() * hours[-1])
+        return day * 86400 + (hour - tz) * 3600 + self.r.random() * 3600
+
     def clock(self, begin: float, end: float, period: float, jitter: float) -> np.ndarray:
         """A machine's schedule: every ``period`` seconds from a random phase, each tick off by
         ``jitter x period`` (std)."""
         grid = np.arange(begin + self.r.uniform(0, period), end, period)
         return grid + self.rng.normal(0, jitter * period, len(grid))
+
+
+class Counted(Population):
+    """A population of ``settings.accounts`` accounts (times the scenario's ``scale``)."""
+
+    @property
+    def size(self) -> int:
+        return max(1, round(self.settings.accounts * self.s.scale))
+
+
+class ShapeCampaign(Counted):
+    """A campaign shape other than hydra: its name is the truth's ``campaign_id``; it runs from
+    ``start_day`` to ``end_day``, asks for exposures from ``exposure_mix`` and moves to a new
+    model per ``pivot_share`` and ``pivot_hours``."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        c = self.settings
+        self.begin = c.start_day * 86400
+        self.end = min(self.s.days if c.end_day is None else c.end_day, self.s.days) * 86400
+
+    @property
+    def campaign_id(self) -> str:
+        return self.settings.name
+
+    def exposure(self) -> str:
+        return weighted(self.r, self.settings.exposure_mix)
+
+    def client(self, agents: list[str], ips: list[str], *, max_tokens: int = 4096) -> Client:
+        c = self.settings
+        return chat_client(
+            agents, ips, switch=self.pivot(c.pivot_share, c.pivot_hours),
+            temperature=c.temperature, max_tokens=max_tokens,
+        )  # fmt: skip
 
 
 def chat_client(

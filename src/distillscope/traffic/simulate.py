@@ -14,7 +14,14 @@ import numpy as np
 import pyarrow as pa
 
 from distillscope.traffic.campaigns.hydra import Hydra
+from distillscope.traffic.campaigns.reseller import Reseller
+from distillscope.traffic.campaigns.slow_drip_cot import SlowDripCot
+from distillscope.traffic.campaigns.stealth import Stealth
+from distillscope.traffic.campaigns.tool_trajectory import ToolTrajectory
 from distillscope.traffic.legit.background import Background
+from distillscope.traffic.legit.benchmarks import BenchmarkRunners
+from distillscope.traffic.legit.people import CodingAgents, CorporateNat, LogprobResearchers
+from distillscope.traffic.legit.pipelines import IntegrationFleet, SharedTemplateCustomers
 from distillscope.traffic.log import Account, Log, exchanges_table, truth_tables, write
 from distillscope.traffic.material import sharegpt
 from distillscope.traffic.population import Population, World
@@ -22,8 +29,12 @@ from distillscope.traffic.scenario import Scenario, ScenarioError, load_scenario
 
 #: Each shape's simulation, by the name a scenario's ``shape:`` gives.
 SHAPES: dict[str, type[Population]] = {
-    "hydra": Hydra,
-}
+    shape.shape: shape
+    for shape in (
+        Hydra, Stealth, Reseller, SlowDripCot, ToolTrajectory, IntegrationFleet,
+        SharedTemplateCustomers, CodingAgents, BenchmarkRunners, LogprobResearchers, CorporateNat,
+    )
+}  # fmt: skip
 
 
 @dataclass
