@@ -16,7 +16,6 @@ CORPORATE: list[int] = _CLIENTS["corporate"]
 #: /16s of commercial proxy and VPN providers: campaigns rent pools here, some users exit here.
 PROXY_16S: list[tuple[int, int]] = [tuple(pair) for pair in _CLIENTS["proxy_16s"]]
 SDK_AGENTS: list[str] = _CLIENTS["sdk_agents"]
-BROWSER_AGENTS: list[str] = _CLIENTS["browser_agents"]
 PIPELINE_AGENTS: list[str] = _CLIENTS["pipeline_agents"]
 IDE_AGENTS: list[str] = _CLIENTS["ide_agents"]
 FREE_MAIL: list[str] = _CLIENTS["free_mail"]

@@ -1,7 +1,7 @@
 """What simulated requests are made of: real ShareGPT text, and the simulator's data files.
 
 ``sharegpt()`` reads the conversations once per process; ``data(name)`` reads one of the YAML
-files under ``traffic/data/`` (templates, slots, phrases, clients, grammar, legit).
+files under ``traffic/data/`` (templates, slots, phrases, clients, grammar, legit, tools).
 """
 
 from __future__ import annotations

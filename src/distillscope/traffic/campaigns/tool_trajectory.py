@@ -1,5 +1,5 @@
 """Tool-trajectory harvesting: accounts that sweep tasks over a tool catalogue in order
-(``data/legit.yaml``'s ``tool_domains``), each task a trajectory of requests. The first request
+(``data/tools.yaml``), each task a trajectory of requests. The first request
 of a trajectory holds a system prompt listing the tools and the task; each later one adds the
 model's previous tool call and the ``tool`` result, so the ``prompt`` column holds the tool result
 (the last message, as a gateway logs it). Automation timing, optionally a shared proxy pool."""
@@ -44,7 +44,7 @@ class ToolTrajectory(ShapeCampaign):
 
     def run(self, advance: Callable[[], None]) -> list[Account]:
         c, r = self.settings, self.r
-        catalogue = data("legit")
+        catalogue = data("tools")
         grid = [
             (domain, task) for domain, spec in catalogue["tool_domains"].items()
             for task in spec["tasks"]

@@ -17,7 +17,6 @@ from datetime import timedelta
 import numpy as np
 
 from distillscope.traffic.clients import (
-    BROWSER_AGENTS,
     CLOUD,
     CORPORATE,
     FREE_MAIL,
@@ -30,6 +29,7 @@ from distillscope.traffic.clients import (
     RESIDENTIAL,
     SDK_AGENTS,
     TEMPERATURES,
+    browser_agent,
     hex_id,
     ip,
     timezone,
@@ -118,7 +118,7 @@ class Background(Population):
     def _client(self, account: Account, behaviour: dict) -> Client:
         r, g = self.r, self.g
         browser = r.random() < 0.35
-        agents = [r.choice(BROWSER_AGENTS if browser else SDK_AGENTS)]
+        agents = [browser_agent(r) if browser else r.choice(SDK_AGENTS)]
         if r.random() < 0.25:
             agents.append(r.choice(SDK_AGENTS))
         if behaviour["org"]:
