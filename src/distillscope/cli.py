@@ -103,8 +103,7 @@ def _root(
     explicit exposure level, audit what each level costs, serve a model through a gateway that
     controls exposure and logs traffic, and detect distillation campaigns in that traffic.
 
-    Exit codes: 0 done, 1 internal error (a bug: please report the trace), 2 a usage error (the
-    line printed names the option and the fix), 130 interrupted.
+    Exit codes: 0 done, 1 internal error, 2 usage error, 130 interrupted.
     """
 
 
@@ -701,7 +700,8 @@ def _traffic_log(option: str, log: Path) -> Path:
     """A traffic log the detector can read: a gateway DuckDB file (``.duckdb``) or Parquet."""
     if not log.is_file():
         raise DistillscopeError(
-            f"{option} {log}: no such file; give the gateway's traffic.duckdb or a Parquet export"
+            f"{option} {log}: no traffic log there; give the gateway's traffic.duckdb or a "
+            "Parquet export"
         )
     _sql_safe(option, log)
     found, wanted = _magic(log), "duckdb" if log.suffix == ".duckdb" else "parquet"
