@@ -377,3 +377,21 @@ def test_a_finished_run_resumes_only_as_itself(cli, tiny_records, tmp_path):
     student = [("tiny" if a == "micro" else a) for a in base]
     one_line_error(cli(*student), "--student tiny", "micro")
     assert json.loads((out / "config.json").read_text())["loss"] == "sparse-kl"
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (("--exposure", "top20"), ["--exposure top20", "top5"]),
+        (("--exposure", "top5", "--student", "huge"), ["huge"]),
+        (("--exposure", "full", "--teacher", "hf:/no/such/model"), ["/no/such/model"]),
+        (("--exposure", "top5", "--heldout", 99, "--teacher", "default"), ["--heldout 99"]),
+    ],
+)
+def test_odd_inputs_are_one_line_and_leave_nothing(args, words, cli, tiny_records, tmp_path):
+    from conftest import one_line_error
+
+    out = tmp_path / "s"
+    found = cli("distill", "--data", tiny_records.path, "--out", out, "--device", "cpu", *args)
+    one_line_error(found, *words)
+    assert not out.exists()

@@ -56,7 +56,7 @@ def distill_records(
     (``inputs.json``) as well as the same config.
     """
     from distillscope.distill.students import build_student, load_tokenizer_for, parameter_count
-    from distillscope.distill.train import TrainingError, check_resume
+    from distillscope.distill.train import TrainingError, check_downgrade, check_resume
     from distillscope.records import RecordSet
     from distillscope.teachers import load_teacher, pick_device
 
@@ -69,6 +69,7 @@ def distill_records(
         raise TrainingError("--heldout measures fidelity against the teacher: give --teacher")
     check_resume(out, config)
     records = RecordSet(data)
+    check_downgrade(records.exposure, config.level())
     inputs = {
         "data": str(records.path),
         "data_fingerprint": records.fingerprint(),

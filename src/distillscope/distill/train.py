@@ -135,6 +135,15 @@ class DistillConfig:
                 raise TrainingError(f"--{option} must be at least 1")
 
 
+def check_downgrade(stored, level) -> None:
+    """Refuse training at a level richer than the records' (full is scored in the loop)."""
+    if not isinstance(level, Full) and not is_at_least(stored, level):
+        raise TrainingError(
+            f"--exposure {level} is richer than the records' {stored}: use --exposure {stored} "
+            "or poorer"
+        )
+
+
 def check_resume(out: str | os.PathLike, config: DistillConfig) -> None:
     """Refuse an ``out`` holding a run with another config, naming each field that differs.
 
@@ -424,12 +433,7 @@ def distill(
         raise TrainingError(f"--exposure {level} needs a local --teacher to score in the loop")
     if config.signal == "on-policy" and tokenizer is None:
         raise TrainingError("on-policy training needs the tokenizer to sample from the student")
-    stored = examples[0].signal.exposure if examples else level
-    if not isinstance(level, Full) and not is_at_least(stored, level):
-        raise TrainingError(
-            f"--exposure {level} is richer than the records' {stored}: use --exposure {stored} "
-            "or poorer"
-        )
+    check_downgrade(examples[0].signal.exposure if examples else level, level)
     out = Path(out)
     check_resume(out, config)
     device = torch.device(device)
