@@ -196,3 +196,36 @@ def test_cli_and_detection_import_no_torch():
     code = f"import sys, {modules}; print('torch' in sys.modules)"
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert found.stdout.strip() == "False", found.stderr
+
+
+def test_serve_says_ready_only_when_it_answers(tmp_path):
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = ["serve", "--teacher", "synthetic", "--open", "--db", "off", "--port", str(port)]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "distillscope", *args],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        lines = []
+        while time.monotonic() < deadline:
+            line = server.stderr.readline()
+            assert line, f"serve ended: {''.join(lines)}"
+            lines.append(line)
+            if line.startswith("ready"):
+                break
+        assert f"http://127.0.0.1:{port}/v1" in lines[-1], lines
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -566,11 +566,15 @@ def serve(
         antidistill_proxy=antidistill_proxy,
         antidistill_prompts=antidistill_prompts,
     )
-    errors.print(
-        f"serving {upstream or teacher} on http://{host}:{port}/v1 "
-        f"(log: {db}; keys: {'none, open' if open_gateway else keys}); Ctrl-C stops"
+    target = upstream or teacher
+    errors.print(f"loading {target} ...")
+    run_gateway(
+        config,
+        on_ready=lambda: errors.print(
+            f"ready: serving {target} on http://{host}:{port}/v1 (log: {db}; keys: "
+            f"{'none, open' if open_gateway else keys}); Ctrl-C stops"
+        ),
     )
-    run_gateway(config)
 
 
 @keys_app.command("create")

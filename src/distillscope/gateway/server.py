@@ -6,7 +6,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,14 +147,32 @@ def _served_name(spec: str) -> str:
     return Path(spec.split(":", 1)[-1]).name or spec
 
 
-def run_gateway(config: GatewayConfig) -> None:
-    """Serve until Ctrl-C or SIGTERM; the traffic log is drained and closed on the way out."""
+def run_gateway(config: GatewayConfig, on_ready: Callable[[], None] | None = None) -> None:
+    """Serve until Ctrl-C or SIGTERM; the traffic log is drained and closed on the way out.
+
+    ``on_ready()`` is called once the gateway answers: the teacher loaded and the port listening.
+    """
     _check_port(config.host, config.port)
     app, log = build_gateway(config)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=config.host, port=config.port, log_level="warning", access_log=False
+        )
+    )
+    if on_ready is not None:
+        threading.Thread(target=_when_started, args=(server, on_ready), daemon=True).start()
     try:
-        uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False)
+        server.run()
     finally:
         log.close()
+
+
+def _when_started(server: uvicorn.Server, then: Callable[[], None]) -> None:
+    while not server.started:
+        if server.should_exit:
+            return
+        time.sleep(0.05)
+    then()
 
 
 def _check_port(host: str, port: int) -> None:
