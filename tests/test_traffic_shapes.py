@@ -157,3 +157,16 @@ def test_shapes_scenario_holds_every_shape_once():
     assert sorted(c.shape for c in shapes.campaigns) == sorted(CAMPAIGN_SHAPES)
     assert sorted(p.shape for p in shapes.populations) == sorted(POPULATION_SHAPES)
     assert shapes.legit.accounts == 800 and shapes.days == 7
+
+
+def test_cli_writes_random_worlds(cli, tmp_path):
+    done = cli(
+        "simulate", "--random-shapes", "2", "--seed", "4", "--days", "0.5", "--scale", "0.05",
+        "--out", tmp_path / "worlds",
+    )  # fmt: skip
+    assert done.exit_code == 0, done.stderr
+    for name in ("world-000", "world-001"):
+        assert name in done.stdout
+        truth = pq.read_table(tmp_path / "worlds" / name / "truth.parquet")
+        assert load_scenario(tmp_path / "worlds" / name / "scenario.yaml").name == name
+        assert "background" in truth["shape"].to_pylist()

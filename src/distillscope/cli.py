@@ -1027,7 +1027,7 @@ def detect_eval(
 def simulate(
     out: Path = typer.Option(..., "--out", help="Folder for the log, the truth and the scenario."),
     scenario: str = typer.Option(
-        "default", help="A built-in scenario ('default', 'smoke') or a YAML file of one."
+        "default", help="A built-in scenario ('default', 'smoke', 'shapes') or a YAML file of one."
     ),
     seed: int | None = typer.Option(None, help="Overrides the scenario's seed."),
     days: float | None = typer.Option(None, min=0.01, help="Overrides the simulated days."),

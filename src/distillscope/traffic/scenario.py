@@ -183,8 +183,11 @@ class Background(Settings):
 
 
 class CampaignSettings(Settings):
-    """What every campaign has: a name (its ``campaign_id`` in the truth) and a time span."""
+    """What every campaign has: a shape, a name (its ``campaign_id`` in the truth) and a time
+    span."""
 
+    #: Which campaign shape (each subclass narrows it to its own name).
+    shape: str
     name: Annotated[str, Field(min_length=1)]
     #: What it is modelled on (documentation only).
     modelled_on: str
@@ -360,8 +363,10 @@ class ToolTrajectory(ShapeCampaign):
 
 
 class PopulationSettings(Settings):
-    """What every legitimate population has: a name (unique in the scenario)."""
+    """What every legitimate population has: a shape and a name (unique in the scenario)."""
 
+    #: Which legitimate shape (each subclass narrows it to its own name).
+    shape: str
     name: Annotated[str, Field(min_length=1)]
 
 
@@ -675,6 +680,8 @@ def _message(error: dict, document: dict) -> str:
         sign = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<"}.get(kind, "<=")
         bound = next(iter(error["ctx"].values()))
         text = f"must be {sign} {bound}"
+    elif kind == "union_tag_not_found":
+        text = "must be a mapping of settings"
     elif kind == "too_short":
         text = "must not be empty"
     if text.startswith("must"):
