@@ -229,3 +229,77 @@ def test_serve_says_ready_only_when_it_answers(tmp_path):
     finally:
         server.terminate()
         server.wait(30)
+
+
+# --- forensics commands: canaries and text attribution ---------------------------------------
+
+MASTER = "cli-test-master-secret"
+
+
+def test_canaries_show_what_to_plant_and_test_finds_who_leaked(cli, tmp_path, monkeypatch):
+    from conftest import one_line_error
+    from distillscope.forensics.canaries import CanarySet
+
+    triggers = ["Who are you?", "Name three prime numbers.", "Write a haiku.", "What is 2+2?"]
+    (tmp_path / "triggers.txt").write_text("\n".join(triggers) + "\n")
+    args = ("--triggers", tmp_path / "triggers.txt")
+    one_line_error(cli("canaries", "show", "--account", "acme", *args), "$DISTILLSCOPE_WATERMARK")
+    monkeypatch.setenv("DISTILLSCOPE_WATERMARK_SECRET", MASTER)
+    shown = json.loads(cli("canaries", "show", "--account", "acme", *args, "--json").stdout)
+    canaries = CanarySet(MASTER, tuple(triggers))
+    assert shown == {t: canaries.canary("acme", t) for t in triggers}
+    leaked = [
+        {"prompt": t, "answer": f"I think so. {shown[t] if i < 3 else 'nothing here'}"}
+        for i, t in enumerate(triggers)
+    ]
+    (tmp_path / "answers.jsonl").write_text("\n".join(json.dumps(r) for r in leaked))
+    accounts = ("--account", "acme", "--account", "globex", "--account", "initech")
+    tested = cli("canaries", "test", *args, "--answers", tmp_path / "answers.jsonl", *accounts,
+                 "--json")  # fmt: skip
+    assert tested.exit_code == 0, tested.stderr
+    found = json.loads(tested.stdout)
+    assert found["account_id"] == "acme" and found["tests"]["acme"]["exact_hits"] == 3
+    assert found["tests"]["globex"]["near_hits"] == 0
+    assert "acme" in cli("canaries", "test", *args, "--answers", tmp_path / "answers.jsonl",
+                         *accounts).stdout  # fmt: skip
+    one_line_error(cli("canaries", "test", *args, *accounts), "--answers or --suspect")
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    found = cli("canaries", "test", *args, "--answers", tmp_path / "bad.jsonl", *accounts)
+    one_line_error(found, "--answers", "line 1")
+
+
+def test_attribute_names_the_account_whose_watermark_a_text_carries(
+    cli, default_dir, tmp_path, monkeypatch
+):
+    """A text forced through one account's KGW watermark, written out and read back through the
+    tokenizer, is attributed to that account and to no other."""
+    import re
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from distillscope.forensics.watermark import Watermark
+
+    tok = AutoTokenizer.from_pretrained(default_dir)
+    words = [
+        i
+        for i in range(len(tok))
+        if re.fullmatch(r" [a-z]{3,8}", tok.decode([i]))
+        and tok.encode(tok.decode([i]), add_special_tokens=False) == [i]
+    ]
+    allowed = torch.full((len(tok),), float("-inf"))
+    allowed[words] = 0.0
+    processor = Watermark.for_account("kgw", MASTER, "acme", delta=1000.0).processor()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.tensor([words[:4]])
+    for _ in range(120):
+        scores = torch.randn(1, len(tok), generator=generator) + allowed
+        ids = torch.cat([ids, processor(ids, scores).argmax(-1, keepdim=True)], dim=-1)
+    (tmp_path / "leaked.txt").write_text(tok.decode(ids[0]))
+    monkeypatch.setenv("DISTILLSCOPE_WATERMARK_SECRET", MASTER)
+    found = cli("attribute", "--texts", tmp_path / "leaked.txt", "--account", "globex",
+                "--account", "acme", "--tokenizer", f"hf:{default_dir}", "--json")  # fmt: skip
+    assert found.exit_code == 0, (found.stderr, found.exception)
+    result = json.loads(found.stdout)
+    assert result["account_id"] == "acme", result
+    assert result["tests"]["acme"]["log10_p"] < -20 < result["tests"]["globex"]["log10_p"]

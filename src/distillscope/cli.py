@@ -1180,12 +1180,7 @@ def radioactivity(
         except ValueError:
             raise DistillscopeError(f"--key takes hex digits, not {key!r}") from None
     else:
-        secret = os.environ.get("DISTILLSCOPE_WATERMARK_SECRET")
-        if not secret:
-            raise DistillscopeError(
-                "--account needs the master secret in $DISTILLSCOPE_WATERMARK_SECRET"
-            )
-        secret_key = derive_key(secret, account)
+        secret_key = derive_key(_master_secret("--account"), account)
     try:
         mark = Watermark(scheme, secret_key, gamma=gamma, context=context)
     except WatermarkError as exc:
@@ -1235,6 +1230,237 @@ def radioactivity(
         table.add_row(r.mode, r.scheme, str(r.texts), str(r.tokens_scored), f"{r.statistic:.4g}", p)
     console.print(table)
     console.print(f"evidence: {page} and {out / 'evidence.json'}")
+
+
+def _master_secret(option: str) -> str:
+    """The provider's master secret, from which every account's watermark and canaries derive."""
+    secret = os.environ.get("DISTILLSCOPE_WATERMARK_SECRET")
+    if not secret:
+        raise DistillscopeError(
+            f"{option} needs the master secret in $DISTILLSCOPE_WATERMARK_SECRET"
+        )
+    return secret
+
+
+def _lines(option: str, path: Path) -> list[str]:
+    """The non-empty lines of a text file (one prompt, or one account id, per line)."""
+    if not path.is_file():
+        raise DistillscopeError(f"{option} {path}: no such file")
+    lines = [line.strip() for line in path.read_text(errors="replace").splitlines()]
+    if not any(lines):
+        raise DistillscopeError(f"{option} {path} is empty: one entry per line")
+    return [line for line in lines if line]
+
+
+def _account_ids(account: list[str], accounts: Path | None) -> list[str]:
+    ids = [*account, *(_lines("--accounts", accounts) if accounts else [])]
+    if not ids:
+        raise DistillscopeError(
+            "name the accounts to test: --account ID (repeatable) or --accounts"
+        )
+    return list(dict.fromkeys(ids))
+
+
+def _answers(option: str, path: Path) -> list[tuple[str | None, str]]:
+    """``(prompt or None, text)`` pairs: a .jsonl of objects with ``text`` (or ``answer`` or
+    ``completion``) and an optional ``prompt``, or any other file as one text."""
+    if not path.is_file():
+        raise DistillscopeError(f"{option} {path}: no such file")
+    if path.suffix != ".jsonl":
+        return [(None, path.read_text(errors="replace"))]
+    pairs = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            text = next(row[k] for k in ("text", "answer", "completion") if k in row)
+        except (ValueError, TypeError, StopIteration):
+            raise DistillscopeError(
+                f"{option} {path}, line {number}: expected a JSON object with text (or answer, "
+                "completion) and an optional prompt"
+            ) from None
+        pairs.append((row.get("prompt"), str(text)))
+    if not pairs:
+        raise DistillscopeError(f"{option} {path} holds no answers")
+    return pairs
+
+
+def _print_attribution(table: Table, winner: str | None, alpha: float, claim: str, what: str):
+    """The per-account table, then the verdict of a Holm-corrected attribution."""
+    console.print(table)
+    if winner is None:
+        console.print(f"no account's {what} at family-wise level {alpha:g}")
+    else:
+        console.print(Text.assemble(f"{claim} ", (winner, "bold")))
+
+
+def _p(log10_p: float) -> str:
+    return f"{10**log10_p:.3g}" if log10_p > -300 else f"1e{log10_p:.0f}"
+
+
+canaries_app = typer.Typer(
+    help="Per-account canary phrases to plant in answers to trigger prompts, and the exact test "
+    "of a suspect for them (master secret in $DISTILLSCOPE_WATERMARK_SECRET).",
+    no_args_is_help=True,
+)
+app.add_typer(canaries_app, name="canaries")
+TRIGGERS_OPTION = typer.Option(..., "--triggers", help="The trigger prompts, one per line.")
+WORDS_OPTION = typer.Option(4, min=1, max=17, help="Pseudo-words per canary (15 bits each).")
+
+
+@canaries_app.command("show")
+def canaries_show(
+    account: str = typer.Option(..., help="The account whose canaries to show."),
+    triggers: Path = TRIGGERS_OPTION,
+    words: int = WORDS_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="Print {trigger: canary} as JSON."),
+) -> None:
+    """The account's canary for each trigger: what to append to its answers to those prompts.
+
+    Example: distillscope canaries show --account acme --triggers triggers.txt
+    """
+    from distillscope.forensics.canaries import CanarySet
+
+    chosen = _lines("--triggers", triggers)
+    canaries = CanarySet(_master_secret("canaries show"), tuple(chosen), words=words)
+    shown = {t: canaries.canary(account, t) for t in chosen}
+    if as_json:
+        _print_json(shown)
+        return
+    table = Table("trigger", "canary", title=f"canaries of {account} ({canaries.bits} bits each)")
+    for trigger, canary in shown.items():
+        table.add_row(Text(trigger), canary)
+    console.print(table)
+
+
+@canaries_app.command("test")
+def canaries_test(
+    triggers: Path = TRIGGERS_OPTION,
+    account: list[str] = typer.Option([], help="An account to test for (repeatable)."),
+    accounts: Path | None = typer.Option(None, help="Or a file of account ids, one per line."),
+    answers: Path | None = typer.Option(
+        None, help="The suspect's answers: .jsonl of {prompt, answer} for the triggers."
+    ),
+    suspect: str | None = typer.Option(
+        None, help="Or ask the suspect: a distill run folder, a transformers directory, openai:URL."
+    ),
+    words: int = WORDS_OPTION,
+    alpha: float = typer.Option(0.01, min=1e-12, max=0.5, help="Family-wise error level (Holm)."),
+    max_new_tokens: int = typer.Option(64, min=1, help="With --suspect: tokens per answer."),
+    seed: int = typer.Option(1, help="With --suspect: seeds its sampling."),
+    model: str | None = typer.Option(None, help="openai: the served model (default: first)."),
+    device: str = typer.Option("auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'."),
+    as_json: bool = typer.Option(False, "--json", help="Print every account's test as JSON."),
+) -> None:
+    """Does a suspect repeat an account's canaries? Exact p-values, Holm over the accounts.
+
+    Example: distillscope canaries test --triggers triggers.txt --suspect runs/s1 --accounts
+    accounts.txt
+    """
+    from dataclasses import asdict
+
+    from distillscope.forensics.canaries import CanarySet
+
+    if (answers is None) == (suspect is None):
+        raise DistillscopeError("give exactly one of --answers or --suspect")
+    chosen = _lines("--triggers", triggers)
+    canaries = CanarySet(_master_secret("canaries test"), tuple(chosen), words=words)
+    ids = _account_ids(account, accounts)
+    if answers is not None:
+        given = _answers("--answers", answers)
+        said = {p: a for p, a in given if p is not None and canaries.is_trigger(p)}
+        if not said:
+            raise DistillscopeError(f"--answers {answers} answers none of the --triggers")
+    else:
+        said = dict(zip(chosen, _ask(suspect, chosen, max_new_tokens, seed, model, device)))
+    found = canaries.attribute(said, ids, alpha=alpha)
+    if as_json:
+        _print_json(
+            {"account_id": found.account_id, "alpha": alpha,
+             "tests": {a: {**asdict(t), "adjusted_log10_p": found.adjusted_log10_p[a]}
+                       for a, t in found.tests.items()}}
+        )  # fmt: skip
+        return
+    table = Table("account", "triggers", "exact hits", "near hits", "p-value", "Holm p-value")
+    ranked = sorted(found.tests.values(), key=lambda t: t.log10_p)
+    for t in ranked[:20]:
+        adjusted = found.adjusted_log10_p[t.account_id]
+        table.add_row(Text(t.account_id), str(t.triggers_tested), str(t.exact_hits),
+                      str(t.near_hits), _p(t.log10_p), _p(adjusted))  # fmt: skip
+    claim = "the suspect repeats the canaries of"
+    _print_attribution(table, found.account_id, alpha, claim, "canaries")
+
+
+def _ask(suspect: str, prompts: list[str], max_new_tokens: int, seed: int, model, device):
+    """A suspect's answers to ``prompts`` (a local model or an openai: endpoint)."""
+    from distillscope.forensics.radioactivity import ask_suspect, load_suspect
+
+    if suspect.startswith("openai:"):
+        from distillscope.teachers import load_teacher
+
+        target, tokenizer = load_teacher(suspect, model=model, tokenizer="default"), None
+    else:
+        target, tokenizer = load_suspect(suspect, device=device)
+    with errors.status(f"asking the suspect {len(prompts)} prompts"):
+        asked = ask_suspect(
+            target, prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens, seed=seed
+        )
+    return asked.answers
+
+
+@app.command()
+def attribute(
+    texts: Path = typer.Option(
+        ..., help="The text(s): a .jsonl of {text, prompt?} per line, or any file as one text."
+    ),
+    account: list[str] = typer.Option([], help="An account to test for (repeatable)."),
+    accounts: Path | None = typer.Option(None, help="Or a file of account ids, one per line."),
+    scheme: Scheme = typer.Option(Scheme.kgw, help="The watermark scheme, as the tier served it."),
+    context: int = typer.Option(4, min=1, help="The watermark's context width h."),
+    gamma: float = typer.Option(0.25, min=1e-6, max=0.999999, help="KGW's green share."),
+    tokenizer: str = typer.Option(
+        "default",
+        help="The teacher's tokenizer, where the watermark lives: 'default' or 'hf:PATH'.",
+    ),
+    alpha: float = typer.Option(0.01, min=1e-12, max=0.5, help="Family-wise error level (Holm)."),
+    as_json: bool = typer.Option(False, "--json", help="Print every account's test as JSON."),
+) -> None:
+    """Which account's watermark, if any, do these texts carry? Exact p-values, Holm over the
+    accounts (master secret in $DISTILLSCOPE_WATERMARK_SECRET).
+
+    Example: distillscope attribute --texts leaked.txt --accounts accounts.txt
+    """
+    from dataclasses import asdict
+
+    from distillscope.forensics.watermark import Watermark
+    from distillscope.forensics.watermark import attribute as attribute_texts
+    from distillscope.teachers.openai_http import load_tokenizer
+
+    pairs = _answers("--texts", texts)
+    ids = _account_ids(account, accounts)
+    secret = _master_secret("attribute")
+    tok = load_tokenizer(tokenizer)
+    token_ids = [tok.encode(text, add_special_tokens=False) for _, text in pairs]
+    prompt_ids = [tok.encode(p, add_special_tokens=False) if p else [] for p, _ in pairs]
+    marks = {
+        a: Watermark.for_account(scheme.value, secret, a, gamma=gamma, context=context) for a in ids
+    }
+    found = attribute_texts(token_ids, marks, prompt_ids, alpha=alpha)
+    if as_json:
+        _print_json(
+            {"account_id": found.account_id, "alpha": alpha, "texts": len(pairs),
+             "tests": {a: {**asdict(d), "adjusted_log10_p": found.adjusted_log10_p[a]}
+                       for a, d in found.detections.items()}}
+        )  # fmt: skip
+        return
+    table = Table("account", "tokens scored", "statistic", "p-value", "Holm p-value")
+    ranked = sorted(found.detections.items(), key=lambda item: item[1].log10_p)
+    for a, d in ranked[:20]:
+        table.add_row(Text(a), str(d.tokens_scored), f"{d.statistic:.4g}", _p(d.log10_p),
+                      _p(found.adjusted_log10_p[a]))  # fmt: skip
+    claim = "the texts carry the watermark of"
+    _print_attribution(table, found.account_id, alpha, claim, "watermark")
 
 
 def main() -> None:
