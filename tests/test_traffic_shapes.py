@@ -48,7 +48,16 @@ def world(tmp_path_factory):
     for row in pq.read_table(root / "sim" / "traffic.parquet").to_pylist():
         rows[truth[row["account_id"]]["shape"]].append(row)
     accounts = pq.read_table(root / "sim" / "accounts.parquet").to_pylist()
-    return {"truth": truth, "rows": rows, "accounts": {a["account_id"]: a for a in accounts}}
+    accounts = {a["account_id"]: a for a in accounts}
+    return {"root": root, "truth": truth, "rows": rows, "accounts": accounts}
+
+
+def test_the_same_seed_writes_the_same_world(world, tmp_path):
+    simulate(load_scenario(world["root"] / "world.yaml"), tmp_path / "again", progress=False)
+    for name in ("traffic.parquet", "truth.parquet", "exchange_truth.parquet"):
+        assert pq.read_table(tmp_path / "again" / name).equals(
+            pq.read_table(world["root"] / "sim" / name)
+        )
 
 
 def test_every_shape_writes_rows_with_its_truth(world):
@@ -170,3 +179,8 @@ def test_cli_writes_random_worlds(cli, tmp_path):
         truth = pq.read_table(tmp_path / "worlds" / name / "truth.parquet")
         assert load_scenario(tmp_path / "worlds" / name / "scenario.yaml").name == name
         assert "background" in truth["shape"].to_pylist()
+    again = cli(
+        "simulate", "--random-shapes", "2", "--seed", "4", "--days", "0.5", "--scale", "0.05",
+        "--out", tmp_path / "worlds",
+    )  # fmt: skip
+    assert again.stdout.count("already written") == 2  # an interrupted run resumes

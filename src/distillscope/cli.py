@@ -1047,16 +1047,18 @@ def simulate(
     """
     from distillscope.traffic import load_scenario, random_worlds
     from distillscope.traffic import simulate as run_simulation
+    from distillscope.traffic.worlds import simulate_worlds
 
     overrides = {"days": days, "scale": scale}
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if random_shapes is not None:
-        for world in random_worlds(random_shapes, seed or 0):
-            done = run_simulation(world.replace(**overrides), out / world.name)
+    if random_shapes is not None:  # resumable: worlds already written are kept
+        worlds = [w.replace(**overrides) for w in random_worlds(random_shapes, seed or 0)]
+        for world, done in simulate_worlds(worlds, out):
             shapes = ", ".join(c.shape for c in world.campaigns)
+            written = f"{done.exchanges:,} exchanges" if done else "already written"
             console.print(
-                f"{world.name}: {done.exchanges:,} exchanges, campaigns {shapes}; "
-                f"{len(world.populations)} legitimate traps -> {done.out}"
+                f"{world.name}: {written}, campaigns {shapes}; "
+                f"{len(world.populations)} legitimate traps -> {out / world.name}"
             )
         return
     chosen = load_scenario(scenario).replace(**overrides)

@@ -252,11 +252,13 @@ def truth_tables(
 def write(
     out: Path, scenario: Scenario, table: pa.Table, extra: dict[str, pa.Table], start: datetime
 ) -> None:
-    """The simulation's files in ``out`` (the module docstring lists them)."""
+    """The simulation's files in ``out`` (the module docstring lists them). ``scenario.yaml`` is
+    written last: its presence marks a complete simulation."""
     import duckdb
 
     from distillscope.gateway.traffic import open_traffic_log
 
+    (out / "scenario.yaml").unlink(missing_ok=True)
     pq.write_table(table, out / "traffic.parquet", compression="zstd")
     for name, extra_table in extra.items():
         pq.write_table(extra_table, out / f"{name}.parquet", compression="zstd")
@@ -274,7 +276,6 @@ def write(
         }
     )
     pq.write_table(events, out / "events.parquet")
-    (out / "scenario.yaml").write_text(scenario.to_yaml(), encoding="utf-8")
     database = out / "traffic.duckdb"
     database.unlink(missing_ok=True)
     with open_traffic_log(database):  # the gateway's own table, created the gateway's way
@@ -284,3 +285,4 @@ def write(
         con.register("simulated", table)
         con.execute("INSERT INTO exchanges SELECT * FROM simulated")
         con.unregister("simulated")
+    (out / "scenario.yaml").write_text(scenario.to_yaml(), encoding="utf-8")

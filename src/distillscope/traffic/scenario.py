@@ -650,13 +650,13 @@ def _validate(document: dict, where: str) -> Scenario:
     try:
         return Scenario.model_validate(document)
     except ValidationError as exc:
-        raise ScenarioError(f"{where}: {_message(exc.errors()[0], document)}") from None
+        raise ScenarioError(f"{where}: {_message(exc.errors()[0])}") from None
 
 
 _SHAPES = {**CAMPAIGN_SHAPES, **POPULATION_SHAPES}
 
 
-def _message(error: dict, document: dict) -> str:
+def _message(error: dict) -> str:
     """One line for pydantic's first error, naming the key path (``campaigns[1].cot_rate``)."""
     loc = [part for part in error["loc"] if not (isinstance(part, str) and part in _SHAPES)]
     parts = [f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc]

@@ -8,14 +8,20 @@ a list is a choice among its items.
 
 from __future__ import annotations
 
+import os
 import random
+from collections.abc import Iterator
+from pathlib import Path
 
 from distillscope.traffic.scenario import (
     CAMPAIGN_SHAPES,
     POPULATION_SHAPES,
     Scenario,
+    ScenarioError,
+    load_scenario,
     scenario_from_mapping,
 )
+from distillscope.traffic.simulate import SimulationSummary, simulate
 
 #: The documented ranges of every shape's drawn knobs (see the module docstring).
 RANGES: dict[str, dict[str, tuple | list]] = {
@@ -124,3 +130,20 @@ def random_worlds(
         }
         worlds.append(scenario_from_mapping(document, f"random world {i}"))
     return worlds
+
+
+def simulate_worlds(
+    worlds: list[Scenario], out: str | os.PathLike, *, progress: bool = True
+) -> Iterator[tuple[Scenario, SimulationSummary | None]]:
+    """Simulate each world into ``out/<its name>/``; (world, summary) as each is done, or
+    (world, None) for a world already complete there (the same scenario.yaml), so an
+    interrupted run resumes."""
+    for world in worlds:
+        folder = Path(out) / world.name
+        try:
+            if load_scenario(folder / "scenario.yaml") == world:
+                yield world, None
+                continue
+        except ScenarioError:  # absent, or another scenario: simulate it
+            pass
+        yield world, simulate(world, folder, progress=progress)
