@@ -845,19 +845,22 @@ def detect(
         from distillscope.detect import Reference
 
         fitted = Reference.load(reference)
-    summary = run_detect(
-        log, out, accounts=accounts, events=events, banned=banned_ids,
-        until=_moment("--until", until), since=_moment("--since", since), reference=fitted,
-        config=DetectConfig(flag_fpr=flag_fpr, paraphrase=paraphrase),
-    )  # fmt: skip
+    until_at, since_at = _moment("--until", until), _moment("--since", since)
+    with errors.status(f"scoring the accounts of {log}"):
+        summary = run_detect(
+            log, out, accounts=accounts, events=events, banned=banned_ids, until=until_at,
+            since=since_at, reference=fitted,
+            config=DetectConfig(flag_fpr=flag_fpr, paraphrase=paraphrase),
+        )  # fmt: skip
     runs = None
     if daily:
         from distillscope.detect.detector import daily_first_flags
 
-        runs = daily_first_flags(
-            log, out, every_hours=every, accounts=accounts, events=events, banned=banned_ids,
-            reference=fitted, config=DetectConfig(flag_fpr=flag_fpr, paraphrase=paraphrase),
-        )  # fmt: skip
+        with errors.status(f"replaying a job every {every:g} h over {log}"):
+            runs = daily_first_flags(
+                log, out, every_hours=every, accounts=accounts, events=events, banned=banned_ids,
+                reference=fitted, config=DetectConfig(flag_fpr=flag_fpr, paraphrase=paraphrase),
+            )  # fmt: skip
         errors.print(
             f"job replayed every {every:g} h ({runs} runs): first_flagged_at in accounts.parquet"
         )
@@ -924,14 +927,11 @@ def detect_fit(
             f"--out {out} is a folder: give a file name, e.g. {out}/ref.parquet"
         )
     _out_folder("--out", out.parent)
-    reference = fit_reference(
-        log,
-        out,
-        accounts=_beside(log, accounts, "accounts"),
-        events=_beside(log, events, "events"),
-        until=_moment("--until", until),
-        exclude=_blocked_accounts(exclude),
-    )
+    side = {name: _beside(log, given, name) for name, given in (("accounts", accounts),
+                                                                 ("events", events))}  # fmt: skip
+    until_at, excluded = _moment("--until", until), _blocked_accounts(exclude)
+    with errors.status(f"fitting the signals on {log}"):
+        reference = fit_reference(log, out, **side, until=until_at, exclude=excluded)
     unmeasured = sorted(set(SIGNALS) - reference.measured)
     if as_json:
         _print_json(
