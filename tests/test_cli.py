@@ -303,3 +303,28 @@ def test_attribute_names_the_account_whose_watermark_a_text_carries(
     result = json.loads(found.stdout)
     assert result["account_id"] == "acme", result
     assert result["tests"]["acme"]["log10_p"] < -20 < result["tests"]["globex"]["log10_p"]
+
+
+def test_audit_and_serve_refusals_are_one_line_and_leave_nothing(cli, tmp_path, blocker):
+    import dataclasses
+
+    from conftest import one_line_error
+    from distillscope.audit import PRESETS
+
+    out = tmp_path / "audit"
+    for args, words in (
+        (("--budgets", "0,-5"), ["--budgets"]),
+        (("--target", 2), ["--target"]),
+        (("--exposures", "full,nope"), ["nope"]),
+        (("--teacher", "gpt-17"), ["gpt-17"]),
+    ):
+        one_line_error(cli("audit", "--out", out, *args), *words)
+        assert not out.exists()
+    one_line_error(cli("audit", "--out", blocker), "--out", "is a file")
+    out.mkdir()
+    held = dataclasses.replace(PRESETS["quick"], seeds=5, preset="quick")
+    (out / "audit-config.json").write_text(json.dumps(dataclasses.asdict(held)))
+    one_line_error(cli("audit", "--out", out, "--seeds", 2), "seeds=5 (asked 2)")
+    (tmp_path / "tiers.yaml").write_text("nothing: here\n")
+    serve = ("serve", "--teacher", "synthetic", "--open", "--db", "off")
+    one_line_error(cli(*serve, "--tiers", tmp_path / "tiers.yaml"), "tiers")

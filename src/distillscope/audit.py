@@ -68,14 +68,18 @@ class AuditConfig:
 
     def validate(self) -> None:
         if not self.exposures:
-            raise AuditError("name at least one exposure level")
+            raise AuditError("--exposures: name at least one exposure level")
         self.levels()
         if sorted(set(self.budgets)) != list(self.budgets) or min(self.budgets) < 1:
-            raise AuditError("budgets must be distinct positive integers in increasing order")
+            raise AuditError(
+                "--budgets must be distinct positive integers in increasing order, e.g. 32,128,512"
+            )
         if self.seeds < 1:
-            raise AuditError("seeds must be at least 1")
+            raise AuditError("--seeds must be at least 1")
         if not 0 < self.target_fraction < 1:
-            raise AuditError("target_fraction must be between 0 and 1")
+            raise AuditError(
+                f"--target must be between 0 and 1 (exclusive), not {self.target_fraction}"
+            )
 
 
 PRESETS = {
@@ -127,20 +131,30 @@ def run_audit(config: AuditConfig, out: str | os.PathLike, *, progress: bool = T
     """Run (or resume) the audit into ``out``; returns and writes ``results.json``."""
     config.validate()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     config_path = out / "audit-config.json"
-    if config_path.exists() and json.loads(config_path.read_text()) != json.loads(
-        json.dumps(asdict(config))
-    ):
-        raise AuditError(f"{out} holds an audit with another config; use a new --out")
-    config_path.write_text(json.dumps(asdict(config), indent=2))
+    asked = json.loads(json.dumps(asdict(config)))
+    if config_path.exists():
+        held = json.loads(config_path.read_text())
+        differ = [
+            f"{k}={held.get(k)} (asked {v})"
+            for k, v in asked.items()
+            if held.get(k) != v and k != "device"  # a run may resume on another device
+        ]
+        if differ:
+            raise AuditError(
+                f"--out {out} holds an audit with {', '.join(differ)}: use a new --out, or the "
+                "audit's own options to resume it"
+            )
     began = time.perf_counter()
     levels = config.levels()
     teacher = load_teacher(config.teacher, device=config.device)
     if not hasattr(teacher, "model"):
-        raise AuditError("the audit trains against a local teacher (default or hf:PATH)")
+        raise AuditError("--teacher: the audit trains against a local teacher (default or hf:PATH)")
     tok = teacher.tokenizer
     train_prompts, val_prompts, test_prompts = _split_prompts(config)
+    # written once the teacher and the prompts are there: a refused audit leaves nothing behind
+    out.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(json.dumps(asdict(config), indent=2))
     stored = _harvest_level(levels)
     sampling = SamplingConfig(
         exposure=stored,

@@ -567,14 +567,20 @@ def serve(
         antidistill_prompts=antidistill_prompts,
     )
     target = upstream or teacher
-    errors.print(f"loading {target} ...")
-    run_gateway(
-        config,
-        on_ready=lambda: errors.print(
+    loading = errors.status(f"loading {target}")  # transient: a refusal stays one line
+
+    def ready() -> None:
+        loading.stop()
+        errors.print(
             f"ready: serving {target} on http://{host}:{port}/v1 (log: {db}; keys: "
             f"{'none, open' if open_gateway else keys}); Ctrl-C stops"
-        ),
-    )
+        )
+
+    loading.start()
+    try:
+        run_gateway(config, on_ready=ready)
+    finally:
+        loading.stop()
 
 
 @keys_app.command("create")
