@@ -50,7 +50,7 @@ RANGES: dict[str, dict[str, tuple | list]] = {
     },
     "reseller": {
         "accounts": (2, 8),
-        "requests_per_day": [[100, 300], [300, 900], [600, 1500]],
+        "requests_per_day": [[100, 300], [300, 900], [500, 1200]],
         "distill_share": (0.1, 0.5),
         "grammar_share": (0.0, 1.0),
         "cot_rate": (0.2, 0.9),
@@ -71,13 +71,13 @@ RANGES: dict[str, dict[str, tuple | list]] = {
     "integration_fleet": {
         "orgs": (3, 12),
         "accounts_per_org": [[1, 3], [1, 6], [2, 8]],
-        "requests_per_day": [[20, 200], [50, 500], [200, 1500]],
+        "requests_per_day": [[20, 200], [50, 500], [100, 800]],
         "queue_share": (0.0, 1.0),
     },
     "shared_template_customers": {
         "accounts": (15, 60),
         "templates": (2, 8),
-        "requests_per_day": [[10, 100], [20, 300], [100, 800]],
+        "requests_per_day": [[10, 100], [20, 300], [50, 500]],
     },
     "coding_agents": {"accounts": (20, 100), "median_daily": (10.0, 60.0)},
     "benchmark_runners": {
