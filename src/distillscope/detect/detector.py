@@ -62,11 +62,6 @@ class DetectError(DistillscopeError):
     """A log the detector cannot read at all."""
 
 
-_COT = (
-    r"step[- ]by[- ]step|show (all )?(your|the) (work|reasoning|steps)|reasoning process|"
-    r"chain[- ]of[- ]thought|think (carefully|through|it through)|explain (each|every) step|"
-    r"full reasoning|walk me through"
-)
 _CAPABILITIES = {
     "coding": r"\b(code|function|python|javascript|bug|implement|refactor|script|class|sql|"
     r"compile|unit test|repository|stack trace)\b",
@@ -111,6 +106,8 @@ class DetectConfig:
     #: Flag accounts whose score a random account would reach with this probability or less.
     flag_fpr: float = 0.001
     null_permutations: int = 50
+    #: Rounds of refitting the self-reference without the accounts found (0: rank among all).
+    trim_rounds: int = 2
     seed: int = 0
 
 
@@ -161,28 +158,18 @@ def detect(
         con, Path(log), accounts, events, banned, until, config
     )
     if reference is None:
-        reference = Reference.fit(features, measured)
+        ranked = _self_referenced(con, features, measured, config, notes)
     else:
         notes.append(
             f"signals scored against a reference of {reference.accounts:,} accounts "
             f"({reference.source or 'unnamed'}, fitted {reference.fitted_at})"
         )
-    tails, fallbacks = reference.tails(features, measured)
-    notes.extend(fallbacks)
-    scores, z = score(features, tails)
-    threshold, community_threshold = null_thresholds(
-        tails,
-        flag_fpr=config.flag_fpr,
-        community_fpr=config.community_fpr,
-        permutations=config.null_permutations,
-        seed=config.seed,
-    )
+        ranked = _rank(con, features, measured, reference, config, notes)
+    scores, z, threshold, community_threshold, communities = ranked
     notes.append(
         f"flag threshold {threshold:.1f}: the {1 - config.flag_fpr:.3%} point of scores "
         f"with each signal shuffled across accounts ({config.null_permutations} shuffles)"
     )
-    suspects = [a for a, v in zip(features["account_id"].to_pylist(), scores) if v >= threshold / 2]
-    communities = _communities(con, suspects, config)
     table = _assemble(features, scores, z, communities, threshold, community_threshold)
     if since is not None:
         since = since if since.tzinfo else since.replace(tzinfo=UTC)
@@ -202,6 +189,55 @@ def detect(
     (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
     _report(out, table, summary)
     return summary
+
+
+def _rank(con, features, measured, reference: Reference, config: DetectConfig, notes=None):
+    """Score every account against ``reference``: scores, evidence, the account and community
+    thresholds of the permutation null, and the coordination communities among suspects."""
+    tails, fallbacks = reference.tails(features, measured)
+    if notes is not None:
+        notes.extend(fallbacks)
+    scores, z = score(features, tails)
+    threshold, community_threshold = null_thresholds(
+        tails,
+        flag_fpr=config.flag_fpr,
+        community_fpr=config.community_fpr,
+        permutations=config.null_permutations,
+        seed=config.seed,
+        strata=reference.strata(),
+    )
+    suspects = [a for a, v in zip(features["account_id"].to_pylist(), scores) if v >= threshold / 2]
+    communities = _communities(con, suspects, config)
+    return scores, z, threshold, community_threshold, communities
+
+
+def _self_referenced(con, features, measured, config: DetectConfig, notes: list[str]):
+    """Rank each account among the log's own accounts, less the campaigns found.
+
+    Ranked among all of a log's accounts, a campaign is its own reference: 200 accounts asking
+    for reasoning in every request make asking for it look ordinary, and each of them earns
+    p ~ 0.1 where it deserves 1 / n. So the ranking is repeated against a reference without the
+    accounts the previous round put in a coordinated community or flagged (a trimmed fit, as a
+    robust estimator trims its outliers) until that set stops changing (at most ``trim_rounds``).
+    """
+    ids = features["account_id"].to_pylist()
+    reference = Reference.fit(features, measured)
+    ranked = _rank(con, features, measured, reference, config)
+    excluded: set[str] = set()
+    for _ in range(config.trim_rounds):
+        scores, _, threshold, _, communities = ranked
+        trimmed = set(communities) | {a for a, v in zip(ids, scores) if v >= threshold}
+        if trimmed == excluded or len(trimmed) >= len(ids) / 2:
+            break
+        excluded = trimmed
+        reference = Reference.fit(features, measured, exclude=excluded)
+        ranked = _rank(con, features, measured, reference, config)
+    if excluded:
+        notes.append(
+            f"signals ranked among the log's accounts less {len(excluded):,} in coordinated "
+            "communities or flagged (a campaign is not its own reference)"
+        )
+    return ranked
 
 
 def fit_reference(
@@ -240,6 +276,7 @@ def _prepare(con, log: Path, accounts, events, banned, until, config: DetectConf
     if n == 0:
         raise DetectError(f"{log}: no usable exchanges ({_describe(skipped)})")
     _template_clusters(con, config)
+    _elicitation(con)
     if config.paraphrase:
         from distillscope.detect.paraphrase import paraphrase_templates
 
@@ -388,6 +425,21 @@ def _template_clusters(con, config: DetectConfig) -> None:
     )
 
 
+def _elicitation(con) -> None:
+    """``x.elicits``: whether the prompt asks to see the reasoning or a narrated trace
+    (``detect.elicitation``), scored once per distinct prompt."""
+    from distillscope.detect.elicitation import ElicitationClassifier
+
+    prompts = con.execute("SELECT DISTINCT prompt FROM x").fetchnumpy()["prompt"]
+    texts = [p if len(p) <= 4000 else p[:2000] + "\n" + p[-2000:] for p in prompts]
+    proba = ElicitationClassifier.default().predict_proba(texts)
+    con.register("elicited", pa.table({"prompt": prompts, "elicits": proba >= 0.5}))
+    con.execute(
+        """ALTER TABLE x ADD COLUMN elicits BOOLEAN DEFAULT false;
+           UPDATE x SET elicits = e.elicits FROM elicited e WHERE x.prompt = e.prompt"""
+    )
+
+
 def _features(con, accounts_meta, events, banned, notes) -> tuple[pa.Table, set[str]]:
     """One row per account: every signal's value (shares as their lower bound), plus volume and
     examples; and the side inputs (events, accounts, banned) not given."""
@@ -402,7 +454,8 @@ def _features(con, accounts_meta, events, banned, notes) -> tuple[pa.Table, set[
           SELECT *, CASE {capability} ELSE 'other' END AS capability,
                  epoch(ts - lag(ts) OVER (PARTITION BY account_id ORDER BY ts)) AS gap
           FROM x),
-        caps AS (SELECT account_id, max(n) AS top FROM (
+        caps AS (SELECT account_id,
+                        coalesce(max(n) FILTER (WHERE capability <> 'other'), 0) AS top FROM (
                    SELECT account_id, capability, count(*) AS n FROM t GROUP BY ALL) GROUP BY 1),
         hours AS (SELECT account_id, -sum(p * ln(p)) AS entropy FROM (
                    SELECT account_id, count(*) / sum(count(*)) OVER (PARTITION BY account_id) AS p
@@ -415,7 +468,7 @@ def _features(con, accounts_meta, events, banned, notes) -> tuple[pa.Table, set[
                min(ts) AS first_seen,
                max(ts) AS last_seen,
                count(template) AS template,
-               sum(regexp_matches(lower(prompt), '{_COT}')::INT) AS cot,
+               sum(elicits::INT) AS elicitation,
                any_value(caps.top) AS concentration,
                CASE WHEN count(gap) >= 5 AND avg(gap) > 0
                     THEN avg(gap) / greatest(stddev_pop(gap), 1e-9) ELSE 0 END AS regularity,
@@ -425,7 +478,7 @@ def _features(con, accounts_meta, events, banned, notes) -> tuple[pa.Table, set[
                sum(coalesce(regexp_matches(lower(user_agent), '{_AUTOMATION_UA}'), false)::INT)
                    AS automation_ua,
                sum((coalesce(exposure_requested, 'text') <> 'text')::INT) AS logprobs,
-               list(prompt ORDER BY template IS NULL, ts)[1:2]
+               list(prompt ORDER BY elicits DESC, template IS NULL, ts)[1:2]
                    AS examples
         FROM t JOIN caps USING (account_id) JOIN hours USING (account_id)
         LEFT JOIN ips USING (client_ip)
@@ -476,8 +529,9 @@ def _features(con, accounts_meta, events, banned, notes) -> tuple[pa.Table, set[
     requests = table["requests"].to_numpy()
     for name in SHARES:
         column = table.column_names.index(name)
-        shares = share_lower_bound(table[name].to_numpy().astype(float), requests)
-        table = table.set_column(column, name, pa.array(shares))
+        hits = table[name].to_numpy().astype(float)
+        table = table.set_column(column, name, pa.array(share_lower_bound(hits, requests)))
+        table = table.append_column(f"{name}_hits", pa.array(hits))
     return table, absent
 
 

@@ -37,6 +37,10 @@ class Signal:
     description: str
     #: How much the signal counts in the score (a weighted Fisher sum of -ln p).
     weight: float
+    #: ``content``: what the requests ask for (evidence of distillation on its own); ``context``:
+    #: how they are sent (automation, shared infrastructure, templates, logprobs), which
+    #: integrations and offices share with campaigns and so only adds to content evidence.
+    kind: str = "context"
     #: A share of the account's requests: scored by its exact lower confidence bound.
     share: bool = False
     #: Log columns (or side inputs) it needs; without them it is not measured.
@@ -44,11 +48,12 @@ class Signal:
 
 
 SIGNAL_LIST = (
+    Signal("elicitation", "share of prompts asking to see the reasoning or a narrated trace "
+           "(a learned classifier, detect.elicitation)", 1.5, kind="content", share=True),
+    Signal("concentration", "share of requests in the account's most-used training-target "
+           "capability (coding, tool use, reasoning)", 0.75, kind="content", share=True),
     Signal("template", "share of requests in prompt-template clusters shared by several accounts",
            1.5, share=True),
-    Signal("cot", "share of prompts eliciting chain-of-thought", 1.0, share=True),
-    Signal("concentration", "share of requests in the account's most-used capability", 0.5,
-           share=True),
     Signal("regularity", "inter-arrival regularity (1 / coefficient of variation)", 1.0),
     Signal("around_clock", "entropy of the hour-of-day histogram (automation runs all day)", 0.5),
     Signal("ip_sharing", "most accounts seen on one of the account's IP addresses", 1.0,
@@ -67,6 +72,8 @@ SIGNAL_LIST = (
 #: What each account-level signal measures (higher = more campaign-like).
 SIGNALS = {s.name: s.description for s in SIGNAL_LIST}
 WEIGHTS = {s.name: s.weight for s in SIGNAL_LIST}
+#: Signals that are evidence of distillation on their own; the others only add to them.
+CONTENT = tuple(s.name for s in SIGNAL_LIST if s.kind == "content")
 #: Signals that are shares of an account's requests: scored by their lower confidence bound.
 SHARES = tuple(s.name for s in SIGNAL_LIST if s.share)
 
@@ -94,24 +101,56 @@ def share_lower_bound(hits: np.ndarray, trials: np.ndarray, confidence: float = 
 
 
 class EmpiricalTail:
-    """One signal fitted on reference accounts: the upper tail of its values among them."""
+    """One signal fitted on reference accounts: the upper tail of its values among them.
 
-    def __init__(self, values: np.ndarray):
+    A share signal (``hits`` of an account's ``trials`` requests) also keeps the reference's
+    pooled rate, and its tail probability is the larger of the rank one and the exact binomial
+    tail ``P(Bin(trials, rate) >= hits)``: both must call it rare. Ranks alone overstate small
+    shares when most accounts score zero (one request in a hundred asking for step-by-step
+    reasoning would outrank every account that never asked); the binomial alone overstates
+    heterogeneous ones (a user who always asks for it is rare but not impossible).
+    """
+
+    def __init__(self, values: np.ndarray, hits: np.ndarray | None = None,
+                 trials: np.ndarray | None = None):  # fmt: skip
         #: The reference accounts' values, in their order (the null shuffles them).
         self.reference = _clean(values)
         self.values = np.sort(self.reference)
+        self.hits = None if hits is None else np.asarray(hits, dtype=float)
+        self.trials = None if trials is None else np.asarray(trials, dtype=float)
+        self.rate = (
+            float(self.hits.sum() / max(self.trials.sum(), 1)) if self.hits is not None else None
+        )
 
-    def p(self, values: np.ndarray) -> np.ndarray:
-        """``(1 + #reference >= x) / (1 + n)``; 1 at x <= 0 (a zero is no evidence)."""
+    def p(self, values: np.ndarray, hits=None, trials=None) -> np.ndarray:
+        """``(1 + #reference >= x) / (1 + n)``, 1 at x <= 0 (a zero is no evidence); for a
+        share, at least the binomial tail of ``hits`` in ``trials`` at the reference's rate."""
         values = _clean(values)
         n = len(self.values)
         at_least = n - np.searchsorted(self.values, values, side="left")
         p = (1 + at_least) / (1 + n)
+        if self.rate is not None and hits is not None:
+            from scipy.stats import binom
+
+            hits = np.asarray(hits, dtype=float)
+            p = np.maximum(p, binom.sf(hits - 1, np.asarray(trials, dtype=float), self.rate))
         p[values <= 0] = 1.0
         return p
 
-    def evidence(self, values: np.ndarray) -> np.ndarray:
-        return -np.log(self.p(values))
+    def evidence(self, values: np.ndarray, hits=None, trials=None) -> np.ndarray:
+        return -np.log(self.p(values, hits, trials))
+
+    def reference_evidence(self) -> np.ndarray:
+        """The reference accounts' own evidence (what the permutation null shuffles)."""
+        return self.evidence(self.reference, self.hits, self.trials)
+
+    def evidence_of(self, table: pa.Table, name: str) -> np.ndarray:
+        """Evidence of signal ``name`` for each row of a features table."""
+        if self.rate is None or f"{name}_hits" not in table.column_names:
+            return self.evidence(table[name])
+        return self.evidence(
+            table[name], table[f"{name}_hits"].to_numpy(), table["requests"].to_numpy()
+        )
 
 
 def _clean(values) -> np.ndarray:
@@ -159,8 +198,19 @@ class Reference:
         kept = features.filter(pa.array(keep))
         if kept.num_rows == 0:
             raise BadReferenceError("no accounts left to fit the reference on")
-        values = pa.table({name: pa.array(_clean(kept[name]), pa.float64()) for name in SIGNALS})
+        columns = {name: pa.array(_clean(kept[name]), pa.float64()) for name in SIGNALS}
+        for name in SHARES:
+            columns[f"{name}_hits"] = pa.array(kept[f"{name}_hits"].to_numpy(), pa.float64())
+        columns["requests"] = pa.array(kept["requests"].to_numpy(), pa.float64())
+        values = pa.table(columns)
         return cls(values, frozenset(measured), exchanges, source, int((~keep).sum()))
+
+    def strata(self) -> np.ndarray | None:
+        """The reference accounts' volume strata for the null (None for an old reference file
+        without request counts)."""
+        if "requests" not in self.values.column_names:
+            return None
+        return volume_strata(self.values["requests"].to_numpy())
 
     @property
     def accounts(self) -> int:
@@ -173,7 +223,13 @@ class Reference:
         tails, notes = {}, []
         for name in SIGNALS:
             own = name not in self.measured and name in scored_measured
-            tails[name] = EmpiricalTail((scored if own else self.values)[name])
+            table = scored if own else self.values
+            share = name in SHARES and f"{name}_hits" in table.column_names
+            tails[name] = EmpiricalTail(
+                table[name],
+                table[f"{name}_hits"].to_numpy() if share else None,
+                table["requests"].to_numpy() if share else None,
+            )
             if own:
                 notes.append(f"signal {name} not measured in the reference: fitted on this log")
         return tails, notes
@@ -220,8 +276,10 @@ class Reference:
         meta = json.loads(raw)
         if table.num_rows == 0:
             raise BadReferenceError(f"{path} was fitted on no accounts")
+        kept = [c for c in table.column_names if c in SIGNALS or c == "requests" or (
+            c.endswith("_hits") and c[: -len("_hits")] in SHARES)]  # fmt: skip
         return cls(
-            table.select(list(SIGNALS)).replace_schema_metadata(None),
+            table.select(kept).replace_schema_metadata(None),
             frozenset(meta.get("measured", SIGNALS)),
             int(meta.get("exchanges", 0)),
             meta.get("source", ""),
@@ -230,10 +288,31 @@ class Reference:
         )
 
 
+def combine(evidence: dict[str, np.ndarray]) -> np.ndarray:
+    """The score from each signal's evidence (-ln p): ``2 * (C + min(X, C))``, where C is the
+    weighted sum over content signals and X over context signals.
+
+    Automation is not distillation: machine-regular timing, HTTP-library user agents, shared
+    addresses and templates are what a customer's integration or an office looks like too. They
+    strengthen content evidence (what the requests ask for) and never replace it: an account with
+    no content evidence scores 0 however automated it is, and context at most doubles the rest.
+    """
+    content = sum(WEIGHTS[name] * evidence[name] for name in CONTENT)
+    context = sum(WEIGHTS[name] * evidence[name] for name in SIGNALS if name not in CONTENT)
+    return 2 * (content + np.minimum(context, content))
+
+
 def score(features: pa.Table, tails: dict[str, EmpiricalTail]) -> tuple[np.ndarray, dict]:
-    """Fisher's combination of each signal's tail probability: the score and each -ln p."""
-    evidence = {name: tails[name].evidence(features[name]) for name in SIGNALS}
-    return 2 * sum(WEIGHTS[name] * evidence[name] for name in SIGNALS), evidence
+    """The combined score (``combine``) and each signal's evidence, -ln p."""
+    evidence = {name: tails[name].evidence_of(features, name) for name in SIGNALS}
+    return combine(evidence), evidence
+
+
+def volume_strata(requests: np.ndarray, bins: int = 10) -> np.ndarray:
+    """Each account's request-count decile (ties kept together): the null shuffles within one."""
+    requests = np.asarray(requests, dtype=float)
+    edges = np.unique(np.quantile(requests, np.linspace(0, 1, bins + 1)[1:-1]))
+    return np.searchsorted(edges, requests, side="right")
 
 
 def null_thresholds(
@@ -243,6 +322,7 @@ def null_thresholds(
     community_fpr: float,
     permutations: int,
     seed: int,
+    strata: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """The scores that accounts with unrelated signals exceed with probability ``flag_fpr`` (an
     account's flag) and ``community_fpr`` (a community median's flag).
@@ -250,15 +330,27 @@ def null_thresholds(
     Each signal's reference evidence is shuffled across the reference accounts independently (a
     signal fitted on another table is drawn from it with replacement): every signal keeps its
     distribution and loses what makes a campaign, several signals high in the same account.
+    With ``strata`` (``volume_strata`` of the reference accounts) the shuffle stays within each
+    stratum: a busy account has more chances to show every share signal at once, and that
+    ordinary correlation must survive into the null or busy users look like campaigns.
     """
     rng = np.random.default_rng(seed)
-    evidence = {name: tail.evidence(tail.reference) for name, tail in tails.items()}
+    evidence = {name: tail.reference_evidence() for name, tail in tails.items()}
     n = max(len(e) for e in evidence.values())
+    groups = [np.flatnonzero(strata == k) for k in np.unique(strata)] if strata is not None else []
+
+    def shuffled(e: np.ndarray) -> np.ndarray:
+        if len(e) != n:
+            return rng.choice(e, n)
+        if not groups:
+            return rng.permutation(e)
+        out = np.empty_like(e)
+        for index in groups:
+            out[index] = e[rng.permutation(index)]
+        return out
+
     null = np.concatenate([
-        2 * sum(
-            WEIGHTS[name] * (rng.permutation(e) if len(e) == n else rng.choice(e, n))
-            for name, e in evidence.items()
-        )
+        combine({name: shuffled(e) for name, e in evidence.items()})
         for _ in range(permutations)
     ])  # fmt: skip
     return float(np.quantile(null, 1 - flag_fpr)), float(np.quantile(null, 1 - community_fpr))

@@ -1,0 +1,104 @@
+"""The detector's evidence rules, pure: content gates context, shares need the binomial's word
+too, the null keeps ordinary volume correlation, and the elicitation classifier generalises to
+wordings it never saw."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from distillscope.detect.elicitation import ElicitationClassifier, held_out_report
+from distillscope.detect.signals import (
+    CONTENT,
+    SIGNALS,
+    EmpiricalTail,
+    combine,
+    null_thresholds,
+    volume_strata,
+)
+
+
+def _evidence(**values: float) -> dict[str, np.ndarray]:
+    return {name: np.array([values.get(name, 0.0)]) for name in SIGNALS}
+
+
+def test_automation_alone_is_no_evidence():
+    """An integration: machine-regular, around the clock, an HTTP library, one template, its own
+    few addresses. Every context signal at its most extreme adds nothing without content."""
+    automated = _evidence(**{name: 9.0 for name in SIGNALS if name not in CONTENT})
+    assert combine(automated)[0] == 0.0
+    # With content evidence, context adds at most as much again.
+    both = _evidence(**{name: 9.0 for name in SIGNALS})
+    content_only = _evidence(**{name: 9.0 for name in CONTENT})
+    assert combine(both)[0] == pytest.approx(2 * combine(content_only)[0])
+
+
+def test_a_small_share_is_no_evidence_even_when_most_accounts_score_zero():
+    # 100 reference accounts, 95 never asked; the pooled rate is 1%.
+    values = np.r_[np.zeros(95), np.full(5, 0.2)]
+    hits = np.r_[np.zeros(95), np.full(5, 20.0)]
+    trials = np.full(100, 100.0)
+    tail = EmpiricalTail(values, hits, trials)
+    assert tail.rate == pytest.approx(0.01)
+    # One request in a hundred: the rank alone says p = 6/101; the binomial says ordinary.
+    p_rank = EmpiricalTail(values).p(np.array([0.001]))[0]
+    p = tail.p(np.array([0.001]), np.array([1.0]), np.array([100.0]))[0]
+    assert p_rank == pytest.approx(6 / 101) and p > 0.5
+    # Sixty in a hundred: both say rare, and the rank (1/101) is the larger, so it decides.
+    p = tail.p(np.array([0.5]), np.array([60.0]), np.array([100.0]))[0]
+    assert p == pytest.approx(1 / 101)
+
+
+def test_the_null_keeps_the_correlation_that_volume_gives_every_share():
+    """Busy accounts score on every share signal at once for no bad reason; a null that shuffles
+    them apart underestimates how high an ordinary busy account scores."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    requests = rng.lognormal(2, 1.5, n)
+    busy = requests > np.quantile(requests, 0.9)
+    tails = {}
+    for name in SIGNALS:
+        quiet = rng.uniform(0, 0.5, n) * (rng.random(n) < 0.3)
+        values = np.where(busy, rng.uniform(0.5, 1, n), quiet)
+        tails[name] = EmpiricalTail(values)
+    kwargs = dict(flag_fpr=0.001, community_fpr=0.01, permutations=20, seed=0)
+    plain, _ = null_thresholds(tails, **kwargs)
+    stratified, _ = null_thresholds(tails, strata=volume_strata(requests), **kwargs)
+    assert stratified > plain
+    evidence = {name: tail.reference_evidence() for name, tail in tails.items()}
+    observed = np.quantile(combine(evidence), 0.999)
+    assert abs(stratified - observed) < abs(plain - observed)
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return ElicitationClassifier().fit()
+
+
+def test_elicitation_is_found_in_wordings_and_families_never_trained_on(classifier):
+    report = held_out_report()
+    assert report.recall_unseen >= 0.85 and report.false_positive_rate <= 0.01
+    # Phrasings written for this test, not drawn from the training grammar.
+    asks = [
+        "Fix the failing test in utils.py. As you go, keep a running commentary of what you try "
+        "and why, including the output of each command.",
+        "Solve 3x + 7 = 22. Lay bare every inference you make on the way to x.",
+        "Here is a finished answer. Recreate the deliberation that must have produced it, "
+        "one step at a time.",
+        "Let's think about this step by step.",
+    ]
+    ordinary = [
+        "Summarize the following in 2 bullet points: the meeting moved to Tuesday.",
+        "Write a haiku about autumn.",
+        "What is the capital of Australia?",
+        "Step 1: preheat the oven. Step 2: mix the flour. What did I get wrong?",
+    ]
+    assert (classifier.predict_proba(asks) >= 0.5).sum() >= 3
+    assert (classifier.predict_proba(ordinary) < 0.5).all()
+
+
+def test_an_instruction_wrapped_around_a_long_document_is_still_found(classifier):
+    document = " ".join(f"Paragraph {i} of the report says sales grew." for i in range(80))
+    prompt = f"{document}\n\nWrite out your complete reasoning about the report, step by step."
+    assert classifier.predict_proba([prompt])[0] >= 0.5
+    assert classifier.predict_proba([document])[0] < 0.5
