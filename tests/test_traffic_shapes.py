@@ -11,7 +11,7 @@ from collections import defaultdict
 import pyarrow.parquet as pq
 import pytest
 
-from distillscope.traffic import load_scenario, random_worlds, simulate
+from distillscope.traffic import ScenarioError, load_scenario, random_worlds, simulate
 from distillscope.traffic.legit.benchmarks import question_set
 from distillscope.traffic.scenario import CAMPAIGN_SHAPES, POPULATION_SHAPES
 from distillscope.traffic.templates import COT_PHRASES
@@ -166,6 +166,13 @@ def test_shapes_scenario_holds_every_shape_once():
     assert sorted(c.shape for c in shapes.campaigns) == sorted(CAMPAIGN_SHAPES)
     assert sorted(p.shape for p in shapes.populations) == sorted(POPULATION_SHAPES)
     assert shapes.legit.accounts == 800 and shapes.days == 7
+    swept = shapes.for_all_campaigns(camouflage_share=0.1, mixing_share=0.5)
+    assert {c.shape: getattr(c, "camouflage_share", None) for c in swept.campaigns}[
+        "stealth"
+    ] == 0.1
+    assert swept.campaigns[0].mixing_share == 0.5  # each knob where the shape has it
+    with pytest.raises(ScenarioError, match="no setting camouflage_share"):
+        load_scenario("default").for_all_campaigns(camouflage_share=0.1)  # hydra only there
 
 
 def test_cli_writes_random_worlds(cli, tmp_path):

@@ -529,10 +529,14 @@ class Scenario(Settings):
         """The scenario with ``settings`` applied to every campaign whose shape has them (a
         robustness sweep's knob, e.g. ``mixing_share=0.5``, ``paraphrase_rate``,
         ``timing_jitter``, ``ip_rotation``)."""
-        known = {name for model in CAMPAIGN_SHAPES.values() for name in model.model_fields}
+        shapes = {c.shape for c in self.campaigns}
+        known = {name for shape in shapes for name in CAMPAIGN_SHAPES[shape].model_fields}
         unknown = sorted(set(settings) - known)
         if unknown:
-            raise ScenarioError(f"campaigns have no setting {', '.join(unknown)}")
+            which = ", ".join(sorted(shapes)) or "none"
+            raise ScenarioError(
+                f"campaigns have no setting {', '.join(unknown)} (campaign shapes here: {which})"
+            )
         document = self.model_dump()
         for campaign in document["campaigns"]:
             fields = CAMPAIGN_SHAPES[campaign["shape"]].model_fields
