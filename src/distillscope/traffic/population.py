@@ -20,8 +20,11 @@ import numpy as np
 
 from distillscope.traffic.clients import FREE_MAIL, HOURS_OFFICE, HOURS_PERSONAL, hex_id
 from distillscope.traffic.log import CHAT, Account, Log, Request
-from distillscope.traffic.material import Material
+from distillscope.traffic.material import Material, data
 from distillscope.traffic.scenario import Scenario
+
+#: How a later sender of a prompt rephrases it (``data/phrases.yaml``).
+_REPHRASE: dict[str, list[str]] = data("phrases")["rephrase"]
 
 
 @dataclass(frozen=True)
@@ -224,15 +227,13 @@ class Population:
         r = self.r
         roll = r.random()
         if roll < 0.25:
-            return f"{r.choice(('hi, ', 'hey ', 'Hello! ', 'hi '))}{text}"
+            return f"{r.choice(_REPHRASE['greetings'])}{text}"
         if roll < 0.5:
-            return (
-                f"{r.choice(('Can you help me with this: ', 'Please help: ', 'Question: '))}{text}"
-            )
+            return f"{r.choice(_REPHRASE['asks'])}{text}"
         if roll < 0.65:
             return text.lower()
         if roll < 0.8:
-            return f"{text}{r.choice((' thanks', ' Thank you!', ' pls', '?'))}"
+            return f"{text}{r.choice(_REPHRASE['endings'])}"
         return text
 
     # -- time

@@ -23,7 +23,7 @@ def tools_system(tools: list[str], r) -> str:
         {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
         for name in tools
     ]
-    lead = r.choice(("You can call these tools:", "Available functions:", "Tools:"))
+    lead = r.choice(data("tools")["system_leads"])
     return f"{lead}\n{json.dumps(specs)}\nCall a tool with a JSON object; answer when done."
 
 

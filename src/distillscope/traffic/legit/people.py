@@ -49,7 +49,7 @@ class CodingAgents(Counted):
                                  temperature=r.choice((None, 0.0, 0.2)), stream=True,
                                  max_tokens=r.choice((2048, 4096)))  # fmt: skip
             account = self.account(-r.uniform(10, 600) * 86400, tier="text", profile="ide")
-            language = r.choice(("Python", "TypeScript", "Go", "Rust", "Java"))
+            language = r.choice(data("legit")["languages"])
             self.human_activity(
                 account, rate=c.median_daily * r.lognormvariate(0, 0.7),
                 active=c.active_day_share, tz=timezone(r), office=r.random() < 0.6,
