@@ -12,8 +12,9 @@ from distillscope.detect.signals import (
     CONTENT,
     SIGNALS,
     EmpiricalTail,
+    Null,
     combine,
-    null_thresholds,
+    permutation_null,
     volume_strata,
 )
 
@@ -61,9 +62,9 @@ def test_the_null_keeps_the_correlation_that_volume_gives_every_share():
         quiet = rng.uniform(0, 0.5, n) * (rng.random(n) < 0.3)
         values = np.where(busy, rng.uniform(0.5, 1, n), quiet)
         tails[name] = EmpiricalTail(values)
-    kwargs = dict(flag_fpr=0.001, community_fpr=0.01, permutations=20, seed=0)
-    plain, _ = null_thresholds(tails, **kwargs)
-    stratified, _ = null_thresholds(tails, strata=volume_strata(requests), **kwargs)
+    plain = permutation_null(tails, permutations=20, seed=0).threshold(0.001)
+    strata = volume_strata(requests)
+    stratified = permutation_null(tails, permutations=20, seed=0, strata=strata).threshold(0.001)
     assert stratified > plain
     evidence = {name: tail.reference_evidence() for name, tail in tails.items()}
     observed = np.quantile(combine(evidence), 0.999)
@@ -102,3 +103,14 @@ def test_an_instruction_wrapped_around_a_long_document_is_still_found(classifier
     prompt = f"{document}\n\nWrite out your complete reasoning about the report, step by step."
     assert classifier.predict_proba([prompt])[0] >= 0.5
     assert classifier.predict_proba([document])[0] < 0.5
+
+
+def test_a_community_is_judged_by_its_size_as_well_as_its_median():
+    null = Null(np.sort(np.random.default_rng(0).exponential(5.0, 100_000)))
+    floor = null.threshold(0.05)  # suspects: the top 5%
+    median = null.threshold(0.01)
+    # Five suspects with a median at the 1% point: one suspect in five reaches it; common.
+    assert null.community_p(median, 5, floor) > 1e-3
+    # A hundred of them: never by chance.
+    assert null.community_p(median, 100, floor) < 1e-9
+    assert null.community_p(floor, 100, floor) == pytest.approx(1.0)

@@ -51,7 +51,7 @@ from distillscope.detect.signals import (
     WEIGHTS,
     Reference,
     measured_signals,
-    null_thresholds,
+    permutation_null,
     score,
     share_lower_bound,
 )
@@ -100,14 +100,19 @@ class DetectConfig:
     min_community: int = 5
     #: A community member needs edges to at least this many other members.
     min_ties: int = 3
-    #: A community is flagged when its median score is one that a random account reaches with
-    #: this probability: pooled evidence (5 accounts at the 1% point jointly are far rarer).
-    community_fpr: float = 0.01
+    #: A community is flagged when as many unrelated suspects would have a median score as high
+    #: as its own with at most this probability (``signals.Null.community_p``).
+    community_level: float = 1e-6
     #: Flag accounts whose score a random account would reach with this probability or less.
     flag_fpr: float = 0.001
     null_permutations: int = 50
     #: Rounds of refitting the self-reference without the accounts found (0: rank among all).
     trim_rounds: int = 2
+    #: Fresh elicitation prompts per account embedded to find shared intents.
+    intent_prompts: int = 30
+    #: Accounts of one intent each tied to this many others (a sparse random graph: a crowd of
+    #: thousands is one community without millions of pairs).
+    intent_degree: int = 20
     seed: int = 0
 
 
@@ -165,12 +170,15 @@ def detect(
             f"({reference.source or 'unnamed'}, fitted {reference.fitted_at})"
         )
         ranked = _rank(con, features, measured, reference, config, notes)
-    scores, z, threshold, community_threshold, communities = ranked
+    scores, z, null, threshold, found = ranked
+    communities = _significant(
+        con, found, features["account_id"].to_pylist(), scores, null, threshold, config
+    )
     notes.append(
         f"flag threshold {threshold:.1f}: the {1 - config.flag_fpr:.3%} point of scores "
         f"with each signal shuffled across accounts ({config.null_permutations} shuffles)"
     )
-    table = _assemble(features, scores, z, communities, threshold, community_threshold)
+    table = _assemble(features, scores, z, communities, threshold)
     if since is not None:
         since = since if since.tzinfo else since.replace(tzinfo=UTC)
         table = table.filter(pc.greater_equal(features["last_seen"], pa.scalar(since)))
@@ -192,23 +200,20 @@ def detect(
 
 
 def _rank(con, features, measured, reference: Reference, config: DetectConfig, notes=None):
-    """Score every account against ``reference``: scores, evidence, the account and community
-    thresholds of the permutation null, and the coordination communities among suspects."""
+    """Score every account against ``reference``: scores, evidence, the permutation null, the
+    account threshold, and the coordination communities among suspects (significant or not)."""
     tails, fallbacks = reference.tails(features, measured)
     if notes is not None:
         notes.extend(fallbacks)
     scores, z = score(features, tails)
-    threshold, community_threshold = null_thresholds(
-        tails,
-        flag_fpr=config.flag_fpr,
-        community_fpr=config.community_fpr,
-        permutations=config.null_permutations,
-        seed=config.seed,
-        strata=reference.strata(),
+    null = permutation_null(
+        tails, permutations=config.null_permutations, seed=config.seed, strata=reference.strata()
     )
-    suspects = [a for a, v in zip(features["account_id"].to_pylist(), scores) if v >= threshold / 2]
+    threshold = null.threshold(config.flag_fpr)
+    ids = features["account_id"].to_pylist()
+    suspects = [a for a, v in zip(ids, scores) if v >= threshold / 2]
     communities = _communities(con, suspects, config)
-    return scores, z, threshold, community_threshold, communities
+    return scores, z, null, threshold, communities
 
 
 def _self_referenced(con, features, measured, config: DetectConfig, notes: list[str]):
@@ -225,7 +230,7 @@ def _self_referenced(con, features, measured, config: DetectConfig, notes: list[
     ranked = _rank(con, features, measured, reference, config)
     excluded: set[str] = set()
     for _ in range(config.trim_rounds):
-        scores, _, threshold, _, communities = ranked
+        scores, _, _, threshold, communities = ranked
         trimmed = set(communities) | {a for a, v in zip(ids, scores) if v >= threshold}
         if trimmed == excluded or len(trimmed) >= len(ids) / 2:
             break
@@ -276,7 +281,7 @@ def _prepare(con, log: Path, accounts, events, banned, until, config: DetectConf
     if n == 0:
         raise DetectError(f"{log}: no usable exchanges ({_describe(skipped)})")
     _template_clusters(con, config)
-    _elicitation(con)
+    _elicitation(con, config)
     if config.paraphrase:
         from distillscope.detect.paraphrase import paraphrase_templates
 
@@ -425,9 +430,12 @@ def _template_clusters(con, config: DetectConfig) -> None:
     )
 
 
-def _elicitation(con) -> None:
+def _elicitation(con, config: DetectConfig) -> None:
     """``x.elicits``: whether the prompt asks to see the reasoning or a narrated trace
-    (``detect.elicitation``), scored once per distinct prompt."""
+    (``detect.elicitation``), scored once per distinct prompt; ``x.fresh``: whether no other
+    account sent the same (normalised) prompt. A public test set that several evaluation
+    harnesses send asks for reasoning too, but a harvest wants fresh tasks: only fresh
+    elicitations count. Then ``intents``: the accounts that ask for reasoning and what about."""
     from distillscope.detect.elicitation import ElicitationClassifier
 
     prompts = con.execute("SELECT DISTINCT prompt FROM x").fetchnumpy()["prompt"]
@@ -436,8 +444,57 @@ def _elicitation(con) -> None:
     con.register("elicited", pa.table({"prompt": prompts, "elicits": proba >= 0.5}))
     con.execute(
         """ALTER TABLE x ADD COLUMN elicits BOOLEAN DEFAULT false;
-           UPDATE x SET elicits = e.elicits FROM elicited e WHERE x.prompt = e.prompt"""
+           UPDATE x SET elicits = e.elicits FROM elicited e WHERE x.prompt = e.prompt;
+           ALTER TABLE x ADD COLUMN fresh BOOLEAN DEFAULT true;
+           UPDATE x SET fresh = false WHERE norm IN (
+               SELECT norm FROM x GROUP BY norm HAVING count(DISTINCT account_id) > 1)"""
     )
+    con.unregister("elicited")
+    _intents(con, config)
+
+
+def _intents(con, config: DetectConfig) -> None:
+    """Table ``intents(account_id, intent)``: what each account that asks for reasoning asks
+    about. Its fresh elicitation prompts (up to ``intent_prompts``) are embedded (hashed word
+    n-grams, tf-idf, a 64-dimensional SVD) and clustered (k-means); an account holds an intent
+    when at least two of its prompts fall in that cluster. A campaign with no shared
+    infrastructure still asks many accounts for the same kind of thing, worded differently each
+    time; people asking for reasoning ask about whatever they are working on."""
+    rows = con.execute(
+        f"""SELECT account_id, prompt FROM (
+              SELECT account_id, prompt, row_number() OVER (
+                       PARTITION BY account_id ORDER BY hash(prompt, {config.seed})) AS r
+              FROM x WHERE elicits AND fresh)
+            WHERE r <= {config.intent_prompts}
+              AND account_id IN (SELECT account_id FROM x WHERE elicits AND fresh
+                                 GROUP BY 1 HAVING count(*) >= 2)"""
+    ).fetchnumpy()
+    accounts, prompts = rows["account_id"], rows["prompt"]
+    clusters = np.zeros(len(prompts), dtype=np.int64)
+    if len(prompts) >= 20:
+        from sklearn.cluster import MiniBatchKMeans
+        from sklearn.decomposition import TruncatedSVD
+        from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
+        from sklearn.preprocessing import normalize
+
+        words = HashingVectorizer(
+            ngram_range=(1, 2), n_features=2**18, alternate_sign=False, stop_words="english"
+        ).transform([p[:1500] for p in prompts])
+        tfidf = TfidfTransformer(sublinear_tf=True).fit_transform(words)
+        dims = min(64, tfidf.shape[0] - 1, tfidf.shape[1] - 1)
+        embedded = normalize(TruncatedSVD(dims, random_state=config.seed).fit_transform(tfidf))
+        k = int(np.clip(len(prompts) // 40, 8, 64))
+        clusters = MiniBatchKMeans(
+            k, random_state=config.seed, n_init=3, batch_size=4096
+        ).fit_predict(embedded)
+    con.register(
+        "embedded", pa.table({"account_id": accounts, "intent": pa.array(clusters, pa.int64())})
+    )
+    con.execute(
+        """CREATE OR REPLACE TABLE intents AS SELECT account_id, intent FROM embedded
+           GROUP BY ALL HAVING count(*) >= 2"""
+    )
+    con.unregister("embedded")
 
 
 def _features(con, accounts_meta, events, banned, notes) -> tuple[pa.Table, set[str]]:
@@ -468,7 +525,7 @@ def _features(con, accounts_meta, events, banned, notes) -> tuple[pa.Table, set[
                min(ts) AS first_seen,
                max(ts) AS last_seen,
                count(template) AS template,
-               sum(elicits::INT) AS elicitation,
+               sum((elicits AND fresh)::INT) AS elicitation,
                any_value(caps.top) AS concentration,
                CASE WHEN count(gap) >= 5 AND avg(gap) > 0
                     THEN avg(gap) / greatest(stddev_pop(gap), 1e-9) ELSE 0 END AS regularity,
@@ -542,9 +599,13 @@ def _communities(con, suspects: list[str], config: DetectConfig) -> dict[str, in
 
     An edge's weight counts what two accounts share: each (template, hour) both hit (the
     SynchroTrap / CopyCatch lockstep), each IP address both used, a payment fingerprint (counted
-    twice), and each (template, day) both hit (a quiet campaign's accounts send a few requests a
-    day, rarely in the same hour) -- the last only for pairs tied by one of the others: alone it is
-    what two busy users of one popular prompt share by chance. Edges need ``min_edge_weight``.
+    twice), each intent both hold (``_intents``: accounts asking for reasoning about the same
+    kind of task; every account that asks for reasoning is a node, suspect or not, because a
+    campaign with no shared infrastructure is found by what it asks, and each is tied to
+    ``intent_degree`` others of its intent), and each (template, day) both hit (a quiet campaign's
+    accounts send a few requests a day, rarely in the same hour) -- the last only for pairs tied
+    by one of the others: alone it is what two busy users of one popular prompt share by chance.
+    Edges need ``min_edge_weight``.
     """
     import networkx as nx
 
@@ -579,6 +640,9 @@ def _communities(con, suspects: list[str], config: DetectConfig) -> dict[str, in
         crowded AS (SELECT template, slot, daily FROM hits GROUP BY ALL HAVING count(*) <= 400),
         ips AS (SELECT DISTINCT client_ip, account_id FROM sx WHERE client_ip IS NOT NULL),
         shared_ips AS (SELECT client_ip FROM ips GROUP BY 1 HAVING count(*) <= 50),
+        ranked_intents AS (SELECT account_id, intent, row_number() OVER (
+                             PARTITION BY intent ORDER BY hash(account_id, {config.seed})) AS r
+                           FROM intents),
         edges AS (
           SELECT a.account_id AS u, b.account_id AS v, daily, 1 AS w
           FROM hits a JOIN hits b USING (template, slot, daily)
@@ -587,6 +651,11 @@ def _communities(con, suspects: list[str], config: DetectConfig) -> dict[str, in
           UNION ALL
           SELECT a.account_id, b.account_id, false, 1 FROM ips a JOIN ips b USING (client_ip)
           WHERE a.account_id < b.account_id AND client_ip IN (SELECT * FROM shared_ips)
+          UNION ALL
+          SELECT least(a.account_id, b.account_id), greatest(a.account_id, b.account_id),
+                 false, 1
+          FROM ranked_intents a JOIN ranked_intents b USING (intent)
+          WHERE b.r > a.r AND b.r <= a.r + {config.intent_degree}
           {fingerprints})
         -- same-day co-hits strengthen a pair already tied in lockstep or by infrastructure;
         -- alone they are what two busy users of one popular prompt share by chance
@@ -612,16 +681,41 @@ def _communities(con, suspects: list[str], config: DetectConfig) -> dict[str, in
     return members
 
 
-def _assemble(features, scores, z, communities, threshold, community_threshold) -> pa.Table:
-    """The accounts table. A community's members are scored at least as their community's median,
-    shifted so that a median at ``community_threshold`` lands on the account ``threshold``."""
+def _significant(con, found, ids, scores, null, threshold, config) -> dict[str, tuple[int, float]]:
+    """Each member's community and the community's p-value (``Null.community_p``), for the
+    communities at most ``community_level``: the others are what ordinary accounts tied by chance
+    (an office's address, a popular template) look like.
+
+    Members were selected, so a community is compared with accounts selected the same way: a
+    community of suspects with null accounts already scoring half the threshold; one holding
+    accounts that ask for reasoning (``intents``) with the typical score of such accounts outside
+    every community, people asking for reasoning about their own work.
+    """
+    holders = {row[0] for row in con.execute("SELECT DISTINCT account_id FROM intents").fetchall()}
+    loose = [v for a, v in zip(ids, scores) if a in holders and a not in found]
+    members: dict[int, list[int]] = {}
+    for row, account in enumerate(ids):
+        if account in found:
+            members.setdefault(found[account], []).append(row)
+    kept = {}
+    for index, rows in members.items():
+        floor = threshold / 2
+        if loose and any(ids[row] in holders for row in rows):
+            floor = min(floor, float(np.median(loose)))
+        p = null.community_p(float(np.median(scores[rows])), len(rows), floor)
+        if p <= config.community_level:
+            kept.update({ids[row]: (index, p) for row in rows})
+    return kept
+
+
+def _assemble(features, scores, z, communities, threshold) -> pa.Table:
+    """The accounts table. Members of a significant community are flagged when they have content
+    evidence of their own (a community does not turn an account with none into a campaign's)."""
     accounts = features["account_id"].to_pylist()
-    community = np.array([communities.get(a, -1) for a in accounts])
+    community = np.array([communities.get(a, (-1, 1.0))[0] for a in accounts])
     final = scores.copy()
-    for index in set(community.tolist()) - {-1}:
-        inside = community == index
-        pooled = np.median(scores[inside]) + threshold - community_threshold
-        final[inside] = np.maximum(final[inside], pooled)
+    pooled = (community >= 0) & (scores > 0)
+    final[pooled] = np.maximum(final[pooled], threshold)
     flagged = final >= threshold
     reasons = []
     for row in range(len(accounts)):
@@ -632,12 +726,14 @@ def _assemble(features, scores, z, communities, threshold, community_threshold) 
         ]
         if community[row] >= 0:
             fired.append(
-                f"coordinated with {int((community == community[row]).sum()) - 1} accounts"
+                f"coordinated with {int((community == community[row]).sum()) - 1} accounts "
+                f"(community p {communities[accounts[row]][1]:.2g})"
             )
         examples = features["examples"][row].as_py() or []
         if examples:
             fired.append("e.g. " + " | ".join(e[:80] for e in examples))
         reasons.append("; ".join(fired))
+    sizes = np.bincount(community + 1)
     cluster_ids = [
         f"c{community[i]}" if community[i] >= 0 and flagged[i] else None
         for i in range(len(accounts))
@@ -651,7 +747,11 @@ def _assemble(features, scores, z, communities, threshold, community_threshold) 
             "reasons": reasons,
             "requests": features["requests"],
             "first_seen": features["first_seen"],
+            "community_size": np.where(community >= 0, sizes[community + 1], 0),
+            "community_p": [communities.get(a, (-1, 1.0))[1] for a in accounts],
             **{f"signal_{name}": features[name] for name in SIGNALS},
+            # each signal's evidence, -ln p: what a learned scorer reads (detect.learned)
+            **{f"evidence_{name}": z[name] for name in SIGNALS},
         }
     )
 

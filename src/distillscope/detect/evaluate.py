@@ -73,6 +73,14 @@ def allowed_false_positives(fpr_budget: float, legit_accounts: int) -> int:
     return math.floor(round(fpr_budget * legit_accounts, 9))
 
 
+def legit_cut(legit_scores: np.ndarray, fpr_budget: float) -> float:
+    """The score that accounts must exceed (strictly) so that at most ``fpr_budget`` of these
+    legitimate accounts are flagged: the (k+1)-th highest, k the allowed false positives."""
+    legit = np.sort(np.nan_to_num(np.asarray(legit_scores, dtype=float), nan=-np.inf))[::-1]
+    allowed = allowed_false_positives(fpr_budget, len(legit))
+    return float(legit[allowed]) if allowed < len(legit) else -np.inf
+
+
 def recall_at_fpr(scores: np.ndarray, is_campaign: np.ndarray, fpr_budget: float) -> dict:
     """Recall at the smallest score threshold whose legitimate flag rate fits ``fpr_budget``.
 
@@ -82,10 +90,9 @@ def recall_at_fpr(scores: np.ndarray, is_campaign: np.ndarray, fpr_budget: float
     """
     scores = np.nan_to_num(np.asarray(scores, dtype=float), nan=-np.inf)
     is_campaign = np.asarray(is_campaign, dtype=bool)
-    legit = np.sort(scores[~is_campaign])[::-1]
+    legit = scores[~is_campaign]
     allowed = allowed_false_positives(fpr_budget, len(legit))
-    cut = legit[allowed] if allowed < len(legit) else -np.inf
-    flagged = scores > cut
+    flagged = scores > legit_cut(legit, fpr_budget)
     threshold = float(scores[flagged].min()) if flagged.any() else None
     false_positives = int((flagged & ~is_campaign).sum())
     true_positives = int((flagged & is_campaign).sum())

@@ -19,6 +19,7 @@ makes a campaign, several signals high in the same account.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -315,24 +316,47 @@ def volume_strata(requests: np.ndarray, bins: int = 10) -> np.ndarray:
     return np.searchsorted(edges, requests, side="right")
 
 
-def null_thresholds(
+@dataclass(frozen=True)
+class Null:
+    """Scores of accounts whose signals are unrelated: each signal's reference evidence shuffled
+    across the reference accounts independently (``permutation_null``)."""
+
+    #: The null scores, ascending.
+    scores: np.ndarray
+
+    def threshold(self, fpr: float) -> float:
+        """The score a null account exceeds with probability ``fpr``."""
+        return float(np.quantile(self.scores, 1 - fpr))
+
+    def exceedance(self, score: float) -> float:
+        """``(1 + #null >= score) / (1 + N)``: how often a null account scores at least this."""
+        n = len(self.scores)
+        return (1 + n - int(np.searchsorted(self.scores, score, side="left"))) / (1 + n)
+
+    def community_p(self, median: float, members: int, floor: float) -> float:
+        """How often ``members`` null accounts, each already scoring at least ``floor`` (the
+        selection a community's members passed), would have a median of ``median`` or more: the
+        exact binomial tail of at least half of them exceeding it. A hydra's heads each look
+        modest; a hundred of them together do not."""
+        from scipy.stats import binom
+
+        q = min(1.0, self.exceedance(median) / self.exceedance(floor))
+        return float(binom.sf(math.ceil(members / 2) - 1, members, q))
+
+
+def permutation_null(
     tails: dict[str, EmpiricalTail],
     *,
-    flag_fpr: float,
-    community_fpr: float,
     permutations: int,
     seed: int,
     strata: np.ndarray | None = None,
-) -> tuple[float, float]:
-    """The scores that accounts with unrelated signals exceed with probability ``flag_fpr`` (an
-    account's flag) and ``community_fpr`` (a community median's flag).
-
-    Each signal's reference evidence is shuffled across the reference accounts independently (a
-    signal fitted on another table is drawn from it with replacement): every signal keeps its
-    distribution and loses what makes a campaign, several signals high in the same account.
-    With ``strata`` (``volume_strata`` of the reference accounts) the shuffle stays within each
-    stratum: a busy account has more chances to show every share signal at once, and that
-    ordinary correlation must survive into the null or busy users look like campaigns.
+) -> Null:
+    """The null of ``Null``: every signal keeps its distribution and loses what makes a campaign,
+    several signals high in the same account. A signal fitted on another table is drawn from it
+    with replacement. With ``strata`` (``volume_strata`` of the reference accounts) the shuffle
+    stays within each stratum: a busy account has more chances to show every share signal at
+    once, and that ordinary correlation must survive into the null or busy users look like
+    campaigns.
     """
     rng = np.random.default_rng(seed)
     evidence = {name: tail.reference_evidence() for name, tail in tails.items()}
@@ -353,4 +377,4 @@ def null_thresholds(
         combine({name: shuffled(e) for name, e in evidence.items()})
         for _ in range(permutations)
     ])  # fmt: skip
-    return float(np.quantile(null, 1 - flag_fpr)), float(np.quantile(null, 1 - community_fpr))
+    return Null(np.sort(null))
