@@ -317,6 +317,8 @@ def test_every_accepted_combination_trains_through_the_cli(
     import json
 
     teacher = ("--teacher", f"hf:{tiny_dir}") if exposure == "full" else ()
+    if signal == "on-policy":
+        teacher += ("--on-policy-tokens", 4)
     out = tmp_path / "s"
     result = cli("distill", "--data", tiny_records.path, "--out", out, "--exposure", exposure,
                  "--loss", loss, "--signal", signal, "--student", "micro", "--steps", 1,

@@ -290,6 +290,9 @@ def distill(
     ),
     alpha: float = typer.Option(0.0, min=0.0, max=1.0, help="Weight of hard-label CE mixed in."),
     beta: float = typer.Option(0.5, min=0.0, max=1.0, help="JSD β: 0 forward KL, 1 reverse KL."),
+    on_policy_tokens: int = typer.Option(
+        32, min=1, help="On-policy: tokens the student samples per prompt at each step."
+    ),
     seed: int = typer.Option(0),
     checkpoint_every: int = typer.Option(50, min=1),
     heldout: int = typer.Option(0, min=0, help="Keep the last N records out; report fidelity."),
@@ -319,6 +322,7 @@ def distill(
         lr=lr,
         seed=seed,
         checkpoint_every=checkpoint_every,
+        on_policy_tokens=on_policy_tokens,
     )
     try:
         run = distill_records(
