@@ -836,6 +836,12 @@ def detect(
         help="Score signals and set thresholds against a reference fitted on earlier traffic "
         "(distillscope detect-fit); default: rank each account among this log's accounts.",
     ),
+    scorer: Path | None = typer.Option(
+        None,
+        help="Also score with a learned scorer (distillscope detect-train): learned_score and "
+        "learned_flagged beside the detector's own in accounts.parquet. Load only files you "
+        "trained yourself (a scorer is a pickle).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Find distillation campaigns in a traffic log: scores, flags, clusters, report, block list.
@@ -855,11 +861,16 @@ def detect(
         from distillscope.detect import Reference
 
         fitted = Reference.load(reference)
+    learned = None
+    if scorer is not None:
+        from distillscope.detect.learned import LearnedScorer
+
+        learned = LearnedScorer.load(scorer)
     until_at, since_at = _moment("--until", until), _moment("--since", since)
     with errors.status(f"scoring the accounts of {log}"):
         summary = run_detect(
             log, out, accounts=accounts, events=events, banned=banned_ids, until=until_at,
-            since=since_at, reference=fitted,
+            since=since_at, reference=fitted, scorer=learned,
             config=DetectConfig(flag_fpr=flag_fpr, paraphrase=paraphrase),
         )  # fmt: skip
     runs = None
@@ -960,6 +971,39 @@ def detect_fit(
         )
 
 
+@app.command("detect-train")
+def detect_train(
+    worlds: Path = typer.Option(
+        ...,
+        "--worlds",
+        help="Simulated worlds with truth (simulate --random-shapes N, or one simulation): each "
+        "is detected first where WORLD/alerts is missing.",
+    ),
+    out: Path = typer.Option(Path("scorer.pkl"), "--out", help="Where to save the scorer."),
+    as_json: bool = typer.Option(False, "--json", help="Print what it was trained on as JSON."),
+) -> None:
+    """Train the learned scorer (gradient-boosted trees over the detector's evidence, isotonic
+    calibration) on labelled simulated worlds; detect --scorer uses it beside the detector's own
+    score. How well it generalises to shapes it never saw: detect-eval --cross.
+
+    Example: distillscope simulate --random-shapes 8 --out worlds/ ; distillscope detect-train
+    --worlds worlds/ --out scorer.pkl ; distillscope detect --log traffic.duckdb --scorer scorer.pkl
+    """
+    from distillscope.detect.learned import train_scorer
+
+    with errors.status("training the learned scorer") as status:
+        scorer = train_scorer(worlds, out, progress=status.update)
+    figures = {"out": str(out), "threshold": scorer.threshold, **scorer.trained_on}
+    if as_json:
+        _print_json(figures)
+    else:
+        console.print(
+            f"learned scorer: {scorer.trained_on['accounts']:,} accounts "
+            f"({scorer.trained_on['campaign_accounts']:,} campaign), flags at probability >= "
+            f"{scorer.threshold:.3g} (0.1% of the training worlds' legitimate accounts) -> {out}"
+        )
+
+
 @app.command("detect-eval")
 def detect_eval(
     alerts: Path | None = typer.Option(
@@ -978,6 +1022,14 @@ def detect_eval(
         help="Also sweep the campaign knobs (simulate, detect, evaluate each point) in this "
         "folder and print the curves; resumes an interrupted sweep.",
     ),
+    cross: Path | None = typer.Option(
+        None,
+        "--cross",
+        help="Leave-one-shape-out over the simulated worlds in this folder (simulate --scenario "
+        "shapes, or --random-shapes N): thresholds and the learned scorer are tuned without "
+        "each shape in turn, which is then scored; per-shape rates and the worst case, written "
+        "to cross.json there. Worlds not yet scored are detected first (kept in WORLD/alerts).",
+    ),
     scenario: str = typer.Option("default", help="With --robustness: the scenario to sweep."),
     scale: float = typer.Option(
         0.5, min=0.01, help="With --robustness: multiplies the scenario's account counts."
@@ -994,12 +1046,15 @@ def detect_eval(
     the figures to evaluation.json in --alerts and adds them to its report.html.
 
     Example: distillscope detect-eval --alerts alerts/ --truth sim/truth.parquet ;
-    distillscope detect-eval --robustness robust/ --knobs mixing_share=0.05,0.5
+    distillscope detect-eval --robustness robust/ --knobs mixing_share=0.05,0.5 ;
+    distillscope detect-eval --cross worlds/
     """
     if (alerts is None) != (truth is None):
         raise DistillscopeError("give both --alerts and --truth (or only --robustness)")
-    if alerts is None and robustness is None:
-        raise DistillscopeError("nothing to evaluate: give --alerts and --truth, or --robustness")
+    if alerts is None and robustness is None and cross is None:
+        raise DistillscopeError(
+            "nothing to evaluate: give --alerts and --truth, --robustness or --cross"
+        )
     result: dict = {}
     if alerts is not None and truth is not None:
         from distillscope.detect.evaluate import evaluate_alerts, format_table, write_evaluation
@@ -1026,8 +1081,16 @@ def detect_eval(
         result["robustness"] = curves
         if not as_json:
             console.print(format_curves(curves))
+    if cross is not None:
+        from distillscope.detect.crosseval import cross_evaluate, format_cross, write_cross
+
+        with errors.status("cross-evaluation") as status:
+            result["cross"] = cross_evaluate(cross, progress=status.update)
+        write_cross(result["cross"], cross / "cross.json")
+        if not as_json:
+            console.print(format_cross(result["cross"]))
     if as_json:
-        typer.echo(json.dumps(result, indent=2))
+        _print_json(result)
 
 
 # --- simulate: traffic with ground truth, and its replay against our own gateway ---------------

@@ -45,6 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from distillscope.detect.learned import LearnedScorer
 from distillscope.detect.signals import (
     SHARES,
     SIGNALS,
@@ -83,6 +84,9 @@ class DetectConfig:
     shingle_words: int = 3
     #: Words at each end of a prompt hashed on their own (a template's frame around slot content).
     frame_words: int = 16
+    #: Words of the whole-prompt view hashed (past them a long prompt is pasted content: its
+    #: frame views already match a template around it, and hashing all of it is most of the cost).
+    whole_words: int = 96
     min_template_accounts: int = 3
     min_template_variants: int = 8
     #: Shorter prompts ("continue", "thanks!") are everyone's: never a template.
@@ -103,6 +107,9 @@ class DetectConfig:
     #: A community is flagged when as many unrelated suspects would have a median score as high
     #: as its own with at most this probability (``signals.Null.community_p``).
     community_level: float = 1e-6
+    #: Accounts asking for reasoning outside any community needed to say what such an account
+    #: typically scores (the baseline a community of them is judged against).
+    min_loose_askers: int = 10
     #: Flag accounts whose score a random account would reach with this probability or less.
     flag_fpr: float = 0.001
     null_permutations: int = 50
@@ -138,6 +145,7 @@ def detect(
     until: datetime | None = None,
     since: datetime | None = None,
     reference: Reference | str | os.PathLike | None = None,
+    scorer: LearnedScorer | str | os.PathLike | None = None,
     config: DetectConfig | None = None,
 ) -> DetectionSummary:
     """Score every account of ``log`` (a gateway DuckDB file or Parquet) and write ``out``:
@@ -151,8 +159,12 @@ def detect(
     account scored on all its history, yesterday's active accounts reported). ``reference`` (a
     ``Reference`` or the file ``fit_reference`` saved) scores the signals and sets the thresholds
     against earlier traffic; without it each account is ranked among this log's accounts.
+    ``scorer`` (a ``LearnedScorer`` or the file ``detect-train`` saved) adds its probability
+    (``learned_score``) and flag (``learned_flagged``) beside the detector's own.
     """
     began = time.perf_counter()
+    if scorer is not None and not isinstance(scorer, LearnedScorer):
+        scorer = LearnedScorer.load(scorer)
     config = config or DetectConfig()
     if reference is not None and not isinstance(reference, Reference):
         reference = Reference.load(reference)
@@ -179,6 +191,14 @@ def detect(
         f"with each signal shuffled across accounts ({config.null_permutations} shuffles)"
     )
     table = _assemble(features, scores, z, communities, threshold)
+    if scorer is not None:
+        learned = scorer.predict_proba(table)
+        table = table.append_column("learned_score", pa.array(learned))
+        table = table.append_column("learned_flagged", pa.array(learned >= scorer.threshold))
+        notes.append(
+            f"learned scorer ({scorer.trained_on.get('accounts', 0):,} training accounts) flags "
+            f"{int((learned >= scorer.threshold).sum())}: reported beside the detector's flags"
+        )
     if since is not None:
         since = since if since.tzinfo else since.replace(tzinfo=UTC)
         table = table.filter(pc.greater_equal(features["last_seen"], pa.scalar(since)))
@@ -381,7 +401,8 @@ def _template_clusters(con, config: DetectConfig) -> None:
         WITH words AS (SELECT pid, string_split(regexp_replace(norm, ' +', ' ', 'g'), ' ') AS w
                        FROM p),
         views AS (
-          SELECT pid, 0 AS view, w FROM words WHERE len(w) >= {config.min_template_words}
+          SELECT pid, 0 AS view, w[1:{config.whole_words}] AS w FROM words
+          WHERE len(w) >= {config.min_template_words}
           UNION ALL SELECT pid, 1, w[1:{f}] FROM words WHERE len(w) > {2 * f}
           UNION ALL SELECT pid, 2, w[-{f}:] FROM words WHERE len(w) > {2 * f})
         SELECT pid, view, hash(array_to_string(w[i:i + {k - 1}], ' ')) % 2147483647 AS h
@@ -681,18 +702,20 @@ def _communities(con, suspects: list[str], config: DetectConfig) -> dict[str, in
     return members
 
 
-def _significant(con, found, ids, scores, null, threshold, config) -> dict[str, tuple[int, float]]:
+def _significant(con, found, ids, scores, null, threshold, config) -> dict:
     """Each member's community and the community's p-value (``Null.community_p``), for the
     communities at most ``community_level``: the others are what ordinary accounts tied by chance
     (an office's address, a popular template) look like.
 
-    Members were selected, so a community is compared with accounts selected the same way: a
-    community of suspects with null accounts already scoring half the threshold; one holding
+    Members were selected, so a community is compared with null accounts selected the same way:
+    a community of suspects with null accounts already at half the threshold; one holding
     accounts that ask for reasoning (``intents``) with the typical score of such accounts outside
-    every community, people asking for reasoning about their own work.
+    every community (people asking for reasoning about their own work), when the log has at
+    least ``min_loose_askers`` of them to say what typical is, else with every account.
     """
     holders = {row[0] for row in con.execute("SELECT DISTINCT account_id FROM intents").fetchall()}
     loose = [v for a, v in zip(ids, scores) if a in holders and a not in found]
+    typical = float(np.median(loose)) if len(loose) >= config.min_loose_askers else 0.0
     members: dict[int, list[int]] = {}
     for row, account in enumerate(ids):
         if account in found:
@@ -700,8 +723,8 @@ def _significant(con, found, ids, scores, null, threshold, config) -> dict[str, 
     kept = {}
     for index, rows in members.items():
         floor = threshold / 2
-        if loose and any(ids[row] in holders for row in rows):
-            floor = min(floor, float(np.median(loose)))
+        if any(ids[row] in holders for row in rows):
+            floor = min(floor, typical)
         p = null.community_p(float(np.median(scores[rows])), len(rows), floor)
         if p <= config.community_level:
             kept.update({ids[row]: (index, p) for row in rows})
