@@ -22,7 +22,6 @@ import base64
 import html
 import json
 import math
-import re
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,9 @@ from typing import Any
 
 from rich.table import Table
 from rich.text import Text
+
+from distillscope.errors import ExposureError
+from distillscope.exposure import Exposure, parse_exposure, richness
 
 __all__ = [
     "FIGURES",
@@ -76,7 +78,6 @@ _GRID_METRICS = (
     ),
 )
 
-_TOPK = re.compile(r"^top(?:k:)?(\d+)$")
 _DASH = "\u2014"
 
 
@@ -102,23 +103,24 @@ def _list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list | tuple) else []
 
 
+def _level(name: str) -> Exposure | None:
+    """The exposure level ``name`` spells (``topk:5`` and ``top5`` alike); None if it is none."""
+    try:
+        return parse_exposure(name, max_k=None)
+    except ExposureError:
+        return None
+
+
 def _canonical(level: str) -> str:
     """``topk:5`` and ``top5`` name the same level; colours and ordering use ``top5``."""
-    match = _TOPK.match(level)
-    return f"top{int(match.group(1))}" if match else level
+    parsed = _level(level)
+    return level if parsed is None else str(parsed)
 
 
 def _richness(level: str) -> tuple[int, float]:
     """Sort key, richest first: full, then top-k by decreasing k, then text, then the unknown."""
-    level = _canonical(level)
-    if level == "full":
-        return (0, 0.0)
-    match = _TOPK.match(level)
-    if match:
-        return (1, -float(match.group(1)))
-    if level == "text":
-        return (2, 0.0)
-    return (3, 0.0)
+    parsed = _level(level)
+    return (1, 0.0) if parsed is None else (0, -richness(parsed))
 
 
 def level_colour(level: str) -> str:
