@@ -9,12 +9,15 @@ from hypothesis import strategies as st
 
 from distillscope.errors import ExposureError
 from distillscope.exposure import (
+    REQUEST_EXPOSURE,
     Full,
     Signal,
     Text,
     TopK,
+    exposure_name,
     is_at_least,
     parse_exposure,
+    request_logprobs,
     tail_mass,
 )
 
@@ -131,3 +134,22 @@ def test_tail_mass_is_clipped_and_float32():
     mass = tail_mass(np.log(np.array([[0.6, 0.4000001], [0.5, 0.25]])))
     assert mass.dtype == np.float32
     assert mass[0] == 0.0 and mass[1] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("name", ["text", "logprobs", "top1", "top5", "top20", "full"])
+def test_a_logged_request_exposure_names_what_it_asks_for(name):
+    assert REQUEST_EXPOSURE.fullmatch(name)
+    assert exposure_name(*request_logprobs(name)) == name
+
+
+@pytest.mark.parametrize("name", ["top0", "top21", "topk:5", "Full", "top"])
+def test_the_log_knows_only_its_own_exposure_names(name):
+    assert not REQUEST_EXPOSURE.fullmatch(name)
+
+
+@given(st.one_of(st.none(), st.integers(0, 20)), st.one_of(st.none(), st.integers(1, 5)))
+def test_a_logged_name_reads_back_as_the_request_it_names(top, prompt_n):
+    name = exposure_name(top, prompt_n)
+    assert REQUEST_EXPOSURE.fullmatch(name)
+    if prompt_n is None:
+        assert request_logprobs(name) == (top, None)

@@ -331,6 +331,23 @@ def test_every_exchange_is_logged_with_its_exposure(gateway):
     assert refused and refused[-1]["error_code"] == "model_not_found"
 
 
+@pytest.mark.parametrize(
+    "tier, top, prompt_n, served, over",
+    [
+        ("text", 5, None, (None, None), True),
+        ("text", None, None, (None, None), False),
+        ("top5", 20, None, (5, None), True),
+        ("top5", 0, None, (0, None), False),
+        ("top20", 20, 1, (20, None), True),
+        ("full", 20, 1, (20, 1), False),
+        ("full", None, 1, (None, 1), False),
+    ],
+)
+def test_one_tier_clamp_for_the_gateway_and_the_simulator(tier, top, prompt_n, served, over):
+    assert BUILTIN_TIERS[tier].clamp(top, prompt_n) == served
+    assert BUILTIN_TIERS[tier].exceeded_by(top, prompt_n) is over
+
+
 def test_tier_file_is_validated(tmp_path):
     path = tmp_path / "tiers.yaml"
     path.write_text("tiers:\n  partner:\n    exposure: top20\n    requests_per_minute: 60\n")

@@ -102,6 +102,32 @@ def is_at_least(exposure: Exposure, other: Exposure) -> bool:
     return richness(exposure) >= richness(other)
 
 
+#: How a request's exposure is named where requests are logged (the traffic log's
+#: ``exposure_requested``/``exposure_served``, a scenario's ``exposure_mix``): ``text`` (no
+#: logprobs), ``logprobs`` (the sampled token's only), ``topK`` (K alternatives per token, 1..20),
+#: ``full`` (20 alternatives and the prompt's logprobs).
+REQUEST_EXPOSURE = re.compile(r"text|logprobs|full|top(?:[1-9]|1[0-9]|20)")
+
+
+def exposure_name(top: int | None, prompt_n: int | None) -> str:
+    """The logged name of a request asking ``top`` alternatives per token (``None``: no
+    logprobs) and ``prompt_n`` prompt logprobs: ``text``; ``logprobs`` (the sampled token's
+    only); ``topK``; ``full`` (prompt logprobs)."""
+    if prompt_n is not None:
+        return "full"
+    if top is None:
+        return "text"
+    return f"top{top}" if top else "logprobs"
+
+
+def request_logprobs(name: str) -> tuple[int | None, int | None]:
+    """``(top_logprobs, prompt_logprobs)`` a request logged as ``name`` asked for: the inverse
+    of ``exposure_name`` (``full`` asks 20 alternatives and one prompt logprob)."""
+    if name.startswith("top"):
+        return int(name[3:]), None
+    return {"text": (None, None), "logprobs": (0, None), "full": (20, 1)}[name]
+
+
 def tail_mass(topk_logprobs: np.ndarray) -> np.ndarray:
     """``1 - sum(exp(topk_logprobs))`` over the last axis, in float64, clipped at 0, as float32.
 

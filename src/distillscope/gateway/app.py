@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field, model_validator
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
-from distillscope.exposure import TopK, reveal_logprobs
+from distillscope.exposure import TopK, exposure_name, reveal_logprobs
 from distillscope.gateway.backends import (
     LOGPROB_FLOOR,
     Backend,
@@ -43,7 +43,7 @@ from distillscope.gateway.backends import (
 from distillscope.gateway.keys import ApiKey, BlockListFile, KeyStore
 from distillscope.gateway.limits import Limiter, MemoryLimiter, RateLimited
 from distillscope.gateway.tiers import BUILTIN_TIERS, WATERMARKS, Tier, TierError, antidistilled
-from distillscope.gateway.traffic import TrafficLog, exposure_name, open_traffic_log
+from distillscope.gateway.traffic import TrafficLog, open_traffic_log
 
 #: ``max_tokens`` when a request gives none (OpenAI's legacy default).
 DEFAULT_MAX_TOKENS = 16
@@ -523,21 +523,14 @@ def _apply_policy(tier: Tier, asked: int | None, prompt_n: int | None, exchange:
     ``clamp`` tier serves its cap, a ``reject`` tier answers 400.
     """
     exchange.exposure_requested = exposure_name(asked, prompt_n)
-    cap = tier.max_top_logprobs if tier.allows_logprobs else None
-    over = (asked is not None and (cap is None or asked > cap)) or (
-        prompt_n is not None and not tier.allows_prompt_logprobs
-    )
-    if over and tier.over_limit == "reject":
+    if tier.over_limit == "reject" and tier.exceeded_by(asked, prompt_n):
         raise APIError(
             400,
             f"this key's tier reveals at most {tier.exposure}",
             param="top_logprobs",
             code="exposure_not_allowed",
         )
-    if asked is not None:
-        asked = None if cap is None else min(asked, cap)
-    if not tier.allows_prompt_logprobs:
-        prompt_n = None
+    asked, prompt_n = tier.clamp(asked, prompt_n)
     exchange.exposure_served = exposure_name(asked, prompt_n)
     return asked, prompt_n
 

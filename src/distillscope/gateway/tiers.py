@@ -81,6 +81,22 @@ class Tier:
     def allows_prompt_logprobs(self) -> bool:
         return isinstance(self.exposure, Full)
 
+    def exceeded_by(self, top: int | None, prompt_n: int | None) -> bool:
+        """Whether a request asking ``top`` alternatives per token (``None``: no logprobs) and
+        ``prompt_n`` prompt logprobs asks for more than this tier reveals."""
+        cap = self.max_top_logprobs if self.allows_logprobs else None
+        return (top is not None and (cap is None or top > cap)) or (
+            prompt_n is not None and not self.allows_prompt_logprobs
+        )
+
+    def clamp(self, top: int | None, prompt_n: int | None) -> tuple[int | None, int | None]:
+        """``(top, prompt_n)`` cut to what this tier reveals: at most its cap of alternatives, no
+        logprobs at ``text``, prompt logprobs only at ``full``. The gateway serves this (a
+        ``clamp`` tier) and the simulator logs it."""
+        if top is not None:
+            top = min(top, self.max_top_logprobs) if self.allows_logprobs else None
+        return top, prompt_n if self.allows_prompt_logprobs else None
+
 
 BUILTIN_TIERS: dict[str, Tier] = {
     name: Tier(name, parse_exposure(name)) for name in ("text", "top1", "top5", "top20", "full")

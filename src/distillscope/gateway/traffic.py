@@ -210,17 +210,6 @@ def _fsync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
-def exposure_name(top: int | None, prompt_n: int | None) -> str:
-    """The ``exposure_requested``/``exposure_served`` name of a request asking ``top`` alternatives
-    per token (``None``: no logprobs) and ``prompt_n`` prompt logprobs: ``text``; ``logprobs`` (the
-    sampled token's only); ``topK``; ``full`` (prompt logprobs)."""
-    if prompt_n is not None:
-        return "full"
-    if top is None:
-        return "text"
-    return f"top{top}" if top else "logprobs"
-
-
 def _row_values(row: Mapping[str, object]) -> tuple:
     """The row's values in column order, checked and cleaned; TrafficLogError if it does not fit."""
     if not isinstance(row, Mapping):

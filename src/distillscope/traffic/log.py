@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from distillscope.exposure import exposure_name, request_logprobs
 from distillscope.traffic.clients import hex_id
 from distillscope.traffic.material import Material
 from distillscope.traffic.scenario import Scenario
@@ -166,23 +167,9 @@ class Log:
         """What the tier lets through of what was asked, in the gateway's terms (clamp)."""
         key = (requested, tier_name)
         if key not in self._served:
-            from distillscope.gateway.traffic import exposure_name
-
-            tier = self.tiers[tier_name]
-            asked = top_logprobs(requested)
-            prompt_n = 1 if requested == "full" and tier.allows_prompt_logprobs else None
-            if asked is not None:
-                asked = min(asked, tier.max_top_logprobs) if tier.allows_logprobs else None
-            self._served[key] = exposure_name(asked, prompt_n)
+            served = self.tiers[tier_name].clamp(*request_logprobs(requested))
+            self._served[key] = exposure_name(*served)
         return self._served[key]
-
-
-def top_logprobs(exposure: str) -> int | None:
-    """Alternatives per token a request at ``exposure`` asks for (None: no logprobs; ``full``
-    asks 20 and prompt logprobs)."""
-    if exposure.startswith("top"):
-        return int(exposure[3:])
-    return {"text": None, "logprobs": 0, "full": 20}[exposure]
 
 
 # --- the files ----------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distillscope.errors import DistillscopeError
-from distillscope.traffic.log import CHAT, top_logprobs
+from distillscope.exposure import request_logprobs
+from distillscope.traffic.log import CHAT
 from distillscope.traffic.scenario import Scenario
 from distillscope.traffic.simulate import simulate
 
@@ -172,8 +173,7 @@ def _replay_body(row: dict, model: str, max_tokens: int | None) -> dict:
     for name in ("temperature", "seed"):
         if row[name] is not None:
             body[name] = row[name]
-    exposure = row["exposure_requested"] or "text"
-    top = top_logprobs(exposure)
+    top, prompt_n = request_logprobs(row["exposure_requested"] or "text")
     if row["endpoint"] == CHAT:
         body["messages"] = json.loads(row["messages"])
         if top is not None:
@@ -184,8 +184,8 @@ def _replay_body(row: dict, model: str, max_tokens: int | None) -> dict:
         body["prompt"] = row["prompt"]
         if top is not None:
             body["logprobs"] = top
-    if exposure == "full":
-        body["prompt_logprobs"] = 1
+    if prompt_n is not None:
+        body["prompt_logprobs"] = prompt_n
     return body
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -32,6 +31,7 @@ from pydantic import (
 )
 
 from distillscope.errors import DistillscopeError
+from distillscope.exposure import REQUEST_EXPOSURE
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 
@@ -88,11 +88,8 @@ def _weights(value: dict[str, float]) -> dict[str, float]:
     return value
 
 
-_EXPOSURE = re.compile(r"text|logprobs|full|top(?:[1-9]|1[0-9]|20)")
-
-
 def _exposure_mix(value: dict[str, float]) -> dict[str, float]:
-    unknown = [k for k in value if not _EXPOSURE.fullmatch(k)]
+    unknown = [k for k in value if not REQUEST_EXPOSURE.fullmatch(k)]
     if unknown:
         raise ValueError(f"unknown exposure {unknown[0]!r} (text, logprobs, top1..top20, full)")
     return _weights(value)
