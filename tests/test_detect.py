@@ -4,6 +4,7 @@ legitimate ones, says why, writes what the gateway and detect-eval read, and sur
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -57,7 +58,13 @@ def test_outputs_explain_every_flag_and_feed_the_gateway(sim, alerts):
     assert {row["account_id"] for row in flagged} == {
         value for kind, value in parse_block_list((out / "blocklist.txt").read_text())
     }
-    assert (out / "report.html").read_text().count("<tr>") == len(flagged) + 1
+    page = (out / "report.html").read_text()
+    listed = page.split('<table id="flagged">')[1].split("</table>")[0]
+    assert listed.count("<tr") == len(flagged) + 1  # one row per flagged account + header
+    # the analyst's views: the score distribution with its threshold, clusters, evidence
+    assert "flag threshold" in page and "<svg" in page and 'class="clusters"' in page
+    assert all(row["account_id"] in page for row in flagged)
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", page)  # self-contained
     assert set(pq.read_table(out / "clusters.parquet").column_names) >= {"cluster_id", "accounts"}
     assert pq.read_table(out / "baseline.parquet").num_rows == len(table)
 

@@ -215,7 +215,7 @@ def detect(
         seconds=time.perf_counter() - began,
     )
     (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
-    _report(out, table, summary)
+    _report(out, table, summary, con, threshold)
     return summary
 
 
@@ -821,34 +821,24 @@ def _write(out: Path, table: pa.Table, con, communities, config) -> None:
     )
 
 
-#: Where ``detect-eval`` puts its figures in report.html (replaced on each evaluation).
-EVALUATION_OPEN, EVALUATION_CLOSE = "<!--evaluation-->", "<!--/evaluation-->"
-EVALUATION_SLOT = EVALUATION_OPEN + EVALUATION_CLOSE
+def _report(out: Path, table: pa.Table, summary: DetectionSummary, con, threshold: float) -> None:
+    """report.html (and the report.json it is rendered from): see ``report.detection``."""
+    from datetime import timedelta
 
+    from distillscope.report.detection import detection_page, write_detection_report
 
-def _report(out: Path, table: pa.Table, summary: DetectionSummary) -> None:
-    import html
-
-    flagged = sorted((r for r in table.to_pylist() if r["flagged"]), key=lambda r: -r["score"])
-    rows = "".join(
-        f"<tr><td>{html.escape(r['account_id'])}</td><td>{r['score']:.1f}</td>"
-        f"<td>{html.escape(r['cluster_id'] or '')}</td><td>{r['requests']}</td>"
-        f"<td>{html.escape(r['reasons'])}</td></tr>"
-        for r in flagged[:500]
-    )
-    notes = "".join(f"<li>{html.escape(n)}</li>" for n in summary.notes)
-    (out / "report.html").write_text(
-        f"""<!doctype html><html><head><meta charset="utf-8"><title>distillscope detect</title>
-<style>body{{font-family:sans-serif;margin:2em}}td,th{{border-bottom:1px solid #ddd;
-padding:4px;vertical-align:top;font-size:13px}}</style></head><body>
-<h1>Distillation campaign detection</h1>
-<p>{summary.exchanges:,} exchanges, {summary.accounts:,} accounts: <b>{summary.flagged}</b>
-flagged in <b>{summary.clusters}</b> clusters ({summary.seconds:.1f} s). Skipped rows:
-{html.escape(_describe(summary.skipped))}.</p><ul>{notes}</ul>
-{EVALUATION_SLOT}
-<table><tr><th>account</th><th>score</th><th>cluster</th><th>requests</th><th>why</th></tr>
-{rows}</table></body></html>"""
-    )
+    con.register("report_accounts", table.filter(table["flagged"]).select(["account_id"]))
+    per_day = con.execute(
+        """SELECT x.account_id, x.ts::DATE, count(*) FROM x JOIN report_accounts USING (account_id)
+           GROUP BY ALL"""
+    ).fetchall()
+    timeline: dict[str, dict] = {}
+    for account, day, n in per_day:
+        timeline.setdefault(account, {})[day] = n
+    first, last = con.execute("SELECT min(ts)::DATE, max(ts)::DATE FROM x").fetchall()[0]
+    days = [first + timedelta(days=i) for i in range((last - first).days + 1)]
+    page = detection_page(table, asdict(summary), threshold, timeline, days)
+    write_detection_report(out, page)
 
 
 def daily_first_flags(

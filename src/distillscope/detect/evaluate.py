@@ -534,33 +534,15 @@ def format_table(result: dict) -> Table:
 
 def write_evaluation(alerts_dir: str | Path, result: dict) -> None:
     """Save ``result`` as ``evaluation.json`` in the alerts folder and show it in its report.html
-    (detector beside the volume-only baseline), replacing an earlier evaluation there."""
-    import html
+    (detector beside the volume-only baseline): the page is re-rendered, so a second evaluation
+    replaces the first."""
     import json
-    import re
 
-    from distillscope.detect.detector import EVALUATION_CLOSE, EVALUATION_OPEN
+    from distillscope.report.detection import add_evaluation
 
     alerts_dir = Path(alerts_dir)
     (alerts_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
-    report = alerts_dir / "report.html"
-    if not report.exists():
-        return
     ours = _rows(result)
     theirs = _rows(result["baseline"]) if "baseline" in result else [("", "-")] * len(ours)
-    cells = "".join(
-        f"<tr><td>{html.escape(label)}</td><td>{html.escape(a)}</td><td>{html.escape(b)}</td></tr>"
-        for (label, a), (_, b) in zip(ours, theirs)
-    )
-    population = result["population"]
-    section = (
-        f"{EVALUATION_OPEN}<h2>Against the simulator's truth</h2>"
-        f"<p>{population['campaign_accounts']} campaign accounts in {population['campaigns']} "
-        f"campaigns, {population['legit_accounts']} legitimate. The baseline flags by request "
-        "volume alone (one per-account threshold).</p><table><tr><th>metric</th><th>detector</th>"
-        f"<th>volume-only baseline</th></tr>{cells}</table>{EVALUATION_CLOSE}"
-    )
-    text = report.read_text()
-    slot = re.escape(EVALUATION_OPEN) + ".*" + re.escape(EVALUATION_CLOSE)
-    text = re.sub(slot, lambda _: section, text, flags=re.S)
-    report.write_text(text)
+    rows = [(label, a, b) for (label, a), (_, b) in zip(ours, theirs)]
+    add_evaluation(alerts_dir, rows, result["population"])
