@@ -63,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from distillscope.distill.students import build_student
-    from distillscope.evaluate import fidelity, teacher_rows
+    from distillscope.fidelity import fidelity, teacher_rows
     from distillscope.forensics.defenses import build_antidistillation
     from distillscope.forensics.harness import (
         perplexity,

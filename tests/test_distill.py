@@ -20,7 +20,7 @@ from distillscope.distill.train import (
     student_logits,
 )
 from distillscope.errors import IncompatibleDataError
-from distillscope.evaluate import fidelity
+from distillscope.fidelity import fidelity
 from distillscope.harvest import harvest
 from distillscope.prompts import load_prompts, select_prompts
 from distillscope.records import RecordSet

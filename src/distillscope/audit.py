@@ -24,8 +24,8 @@ import numpy as np
 from distillscope.distill.students import build_student
 from distillscope.distill.train import DistillConfig, Example, distill, examples_from_records
 from distillscope.errors import DistillscopeError
-from distillscope.evaluate import behaviour, fidelity, sample_loglik, teacher_rows
 from distillscope.exposure import Full, TopK, parse_exposure, richness
+from distillscope.fidelity import behaviour, fidelity, sample_loglik, teacher_rows
 from distillscope.harvest import harvest
 from distillscope.prompts import load_prompts, select_prompts
 from distillscope.records import RecordSet

@@ -105,7 +105,7 @@ def distill_records(
     )
     report = None
     if held and local is not None:
-        from distillscope.evaluate import fidelity
+        from distillscope.fidelity import fidelity
 
         report = fidelity(model, local, held, pad_id=tok.pad_token_id).as_dict()
     return DistillRun(result, parameter_count(model), len(train_set), report)
