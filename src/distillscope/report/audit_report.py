@@ -18,8 +18,6 @@ keys degrade the output (no band, an em dash, a note) rather than crash it.
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import math
 import zlib
@@ -33,6 +31,7 @@ from rich.text import Text
 
 from distillscope.errors import ExposureError
 from distillscope.exposure import Exposure, parse_exposure, richness
+from distillscope.report.pages import png_uri, write_page
 
 __all__ = [
     "FIGURES",
@@ -583,27 +582,6 @@ def _behaviour_figure(results: Mapping[str, Any], levels: Sequence[str]) -> Any:
 # HTML
 # --------------------------------------------------------------------------------------------
 
-_CSS = """
-body { font-family: system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif; margin: 0;
-       color: #1d1d1f; background: #ffffff; }
-main { max-width: 1100px; margin: 0 auto; padding: 20px 24px 48px; }
-h1 { font-size: 1.6em; margin: 0.2em 0 0.1em; }
-h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
-.sub { color: #555; margin-top: 0; }
-table { border-collapse: collapse; margin: 8px 0; font-size: 0.9em; }
-th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; }
-th { background: #f4f4f6; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-td.note { color: #555; max-width: 420px; }
-td.level { white-space: nowrap; }
-.swatch { display: inline-block; width: 10px; height: 10px; border-radius: 2px;
-          margin-right: 6px; vertical-align: baseline; }
-figure { margin: 16px 0; }
-figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
-figcaption { color: #555; font-size: 0.9em; }
-code { background: #f4f4f6; padding: 0 3px; border-radius: 3px; }
-"""
-
 _CAPTIONS = {
     "fidelity_vs_queries.png": (
         "Held-out KL(teacher \u2016 student) in nats/token (lower is better) against teacher "
@@ -620,43 +598,31 @@ _CAPTIONS = {
     ),
 }
 
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _table(headers: Sequence[str], rows: Iterable[Sequence[tuple[str, str]]]) -> str:
-    """An HTML table; each cell is (already-escaped html, css class)."""
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join(
-        "<tr>" + "".join(f'<td class="{cls}">{cell}</td>' for cell, cls in row) + "</tr>"
-        for row in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _level_cell(level: str) -> tuple[str, str]:
-    swatch = f'<span class="swatch" style="background:{level_colour(level)}"></span>'
-    return f"{swatch}{_e(level)}", "level"
-
-
-def _headline_html(results: Mapping[str, Any]) -> str:
-    rows = []
-    for row in _headline_rows(results):
-        queries = _e(row.queries) + (
-            f"<br><small>{_e(row.queries_ci)}</small>" if row.queries_ci else ""
-        )
-        multiplier = _e(row.multiplier) + (
-            f"<br><small>{_e(row.multiplier_ci)}</small>" if row.multiplier_ci else ""
-        )
-        notes = "<br>".join(_e(n) for n in row.notes)
-        rows.append(
-            [_level_cell(row.level), (queries, "num"), (multiplier, "num"), (notes, "note")]
-        )
-    return _table(["level", "queries to target [CI]", "\u00d7 vs text [CI]", "note"], rows)
+#: The runs table: a header and how to read the cell from one run (None: steps (best step)).
+_RUN_COLUMNS: tuple[tuple[str, Any], ...] = (
+    ("budget", lambda r: r.get("budget")),
+    ("seed", lambda r: r.get("seed")),
+    ("queries", lambda r: r.get("queries")),
+    ("completion tokens", lambda r: r.get("completion_tokens")),
+    ("steps (best)", None),
+    ("seconds", lambda r: r.get("seconds")),
+    ("KL", lambda r: _metric(r, "kl")),
+    ("TV", lambda r: _metric(r, "tv")),
+    ("top-1", lambda r: _metric(r, "top1_agreement")),
+    ("ECE", lambda r: _metric(r, "ece")),
+    ("teacher log-lik.", lambda r: _metric(r, "sample_teacher_logprob")),
+    ("refusal", lambda r: _metric(r, "refusal_rate")),
+    ("KL, harvested categories", lambda r: _coverage_kl(r, "in_harvest")),
+    ("KL, unseen categories", lambda r: _coverage_kl(r, "held_out")),
+)
 
 
-def _runs_html(results: Mapping[str, Any], levels: Sequence[str]) -> str:
+def _coverage_kl(run: Mapping[str, Any], part: str) -> Any:
+    return _dict(_dict(run.get("coverage")).get(part)).get("kl")
+
+
+def _runs(results: Mapping[str, Any], levels: Sequence[str]) -> list[dict]:
+    """One row per trained student, in level, budget, seed order."""
     rank = {level: i for i, level in enumerate(levels)}
     runs = [_dict(r) for r in _list(results.get("runs"))]
     runs.sort(
@@ -666,67 +632,36 @@ def _runs_html(results: Mapping[str, Any], levels: Sequence[str]) -> str:
             _num(r.get("seed")) or 0.0,
         )
     )
-    columns = [
-        ("budget", lambda r: r.get("budget")),
-        ("seed", lambda r: r.get("seed")),
-        ("queries", lambda r: r.get("queries")),
-        ("completion tokens", lambda r: r.get("completion_tokens")),
-        ("steps (best)", None),
-        ("seconds", lambda r: r.get("seconds")),
-        ("KL", lambda r: _metric(r, "kl")),
-        ("TV", lambda r: _metric(r, "tv")),
-        ("top-1", lambda r: _metric(r, "top1_agreement")),
-        ("ECE", lambda r: _metric(r, "ece")),
-        ("teacher log-lik.", lambda r: _metric(r, "sample_teacher_logprob")),
-        ("refusal", lambda r: _metric(r, "refusal_rate")),
-        (
-            "KL, harvested categories",
-            lambda r: _dict(_dict(r.get("coverage")).get("in_harvest")).get("kl"),
-        ),
-        (
-            "KL, unseen categories",
-            lambda r: _dict(_dict(r.get("coverage")).get("held_out")).get("kl"),
-        ),
-    ]
     rows = []
     for run in runs:
-        cells = [_level_cell(str(run.get("exposure", "?")))]
-        for _name, get in columns:
-            if get is None:
-                text = f"{_fmt(run.get('steps'))} ({_fmt(run.get('best_step'))})"
-            else:
-                text = _fmt(get(run))
-            cells.append((_e(text), "num"))
-        rows.append(cells)
-    if not rows:
-        return "<p>No runs recorded.</p>"
-    note = (
-        '<p class="sub">One row per trained student. KL is on held-out prompts; the last two '
-        "columns split it by whether the prompt's category appeared in the harvest.</p>"
-    )
-    return _table(["level", *(name for name, _ in columns)], rows) + note
+        cells = [
+            f"{_fmt(run.get('steps'))} ({_fmt(run.get('best_step'))})" if get is None else
+            _fmt(get(run))
+            for _, get in _RUN_COLUMNS
+        ]  # fmt: skip
+        rows.append({"level": str(run.get("exposure", "?")), "cells": cells})
+    return rows
 
 
-def _cost_html(results: Mapping[str, Any]) -> str:
+def _cost(results: Mapping[str, Any]) -> list[tuple[str, str]]:
     cost = _dict(results.get("cost"))
     prices = _dict(cost.get("prices_per_million"))
-    dollars = _num(cost.get("dollars"))
     items = [
         ("teacher queries", _fmt(cost.get("queries"))),
         ("prompt tokens", _fmt(cost.get("prompt_tokens"))),
         ("completion tokens", _fmt(cost.get("completion_tokens"))),
         ("price per million input tokens", _money(prices.get("input"))),
         ("price per million output tokens", _money(prices.get("output"))),
-        ("estimated API cost", _money(dollars)),
+        ("estimated API cost", _money(_num(cost.get("dollars")))),
         ("audit wall time", _seconds(results.get("seconds"))),
     ]
+    known = {"queries", "prompt_tokens", "completion_tokens", "prices_per_million", "dollars"}
     extra = [
         (str(k), _fmt(v) if _num(v) is not None else str(v))
         for k, v in cost.items()
-        if k
-        not in {"queries", "prompt_tokens", "completion_tokens", "prices_per_million", "dollars"}
+        if k not in known
     ]
-    return _table(["item", "value"], [[(_e(k), ""), (_e(v), "num")] for k, v in [*items, *extra]])
+    return [*items, *extra]
 
 
 def _money(value: Any) -> str:
@@ -743,87 +678,63 @@ def _seconds(value: Any) -> str:
     return f"{number:.1f} s" if number < 120 else f"{number / 60:.1f} min"
 
 
-def _config_html(results: Mapping[str, Any]) -> str:
-    config = _dict(results.get("config"))
-    if not config:
-        return "<p>No config recorded.</p>"
-    rows = []
-    for key, value in config.items():
-        text = value if isinstance(value, str) else json.dumps(value, default=str)
-        rows.append([(f"<code>{_e(key)}</code>", ""), (_e(text), "")])
-    return _table(["setting", "value"], rows)
-
-
-def _how_to_read(results: Mapping[str, Any]) -> str:
+def _how_to_read(results: Mapping[str, Any]) -> dict:
+    """The words of "how to read this" that depend on the audit: target share, metric,
+    interval kind and the untrained student's figures."""
     target = _dict(results.get("target"))
     fraction = _num(target.get("fraction"))
     value = _num(target.get("value"))
     untrained = _num(_dict(results.get("untrained")).get("kl"))
     metric = str(target.get("metric", "kl"))
     metric = "KL" if metric == "kl" else metric
-    share = f"{fraction:.0%}" if fraction is not None else "a fixed fraction"
     kinds = {
         str(_dict(entry).get("ci_kind"))
         for entry in _dict(results.get("summary")).values()
         if _dict(entry).get("ci_kind")
     }
-    interval = (
-        f"bracketed intervals are the {kinds.pop()}"
-        if len(kinds) == 1
-        else "bracketed intervals come from the seeds"
-    )
     numbers = ""
     if untrained is not None and value is not None:
         numbers = (
             f" Here the untrained student scores {_fmt(untrained)} nats/token, so the "
             f"target is {metric} \u2264 {_fmt(value)}."
         )
-    return (
-        "<p>Each student is trained on a fixed number of teacher queries at one exposure level "
-        "(what each API answer reveals: the full distribution, the top-k log-probabilities, or "
-        "only the sampled text) and scored on held-out prompts. The <b>target</b> is closing "
-        f"{_e(share)} of the gap between the untrained student's {_e(metric)} and the teacher's "
-        f"own (zero).{_e(numbers)} <b>Queries to target</b> is interpolated between measured "
-        f"budgets; {_e(interval)}. The <b>multiplier</b> is text's queries-to-target "
-        "divided by the level's: how many times fewer queries the richer exposure needs. "
-        "A value marked \u2264 was already reached at the smallest budget, so it is an upper "
-        "bound. Where a level never reached the target within the budgets tried, no number is "
-        "shown, only the reason: extrapolating past the largest budget would overstate what "
-        "was measured.</p>"
-    )
+    return {
+        "share": f"{fraction:.0%}" if fraction is not None else "a fixed fraction",
+        "metric": metric,
+        "numbers": numbers,
+        "interval": f"bracketed intervals are the {kinds.pop()}"
+        if len(kinds) == 1
+        else "bracketed intervals come from the seeds",
+    }
 
 
-def _png_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-
-
-def _html(results: Mapping[str, Any], levels: Sequence[str], out_dir: Path) -> str:
+def _page(results: Mapping[str, Any], levels: Sequence[str], out_dir: Path) -> dict:
+    """Everything ``templates/audit.html.j2`` shows."""
     teacher = results.get("teacher") or _dict(results.get("config")).get("teacher") or "unknown"
     config = _dict(results.get("config"))
-    subtitle_bits = [f"teacher: {teacher}"]
-    for key in ("student", "preset"):
-        if config.get(key) is not None:
-            subtitle_bits.append(f"{key}: {config[key]}")
-    figures = "".join(
-        f'<figure><img src="{_png_uri(out_dir / name)}" alt="{_e(name)}">'
-        f"<figcaption>{_e(_CAPTIONS[name])} <code>{_e(name)}</code></figcaption></figure>"
-        for name in FIGURES
-    )
-    title = f"Exposure audit \u2014 {teacher}"
-    subtitle = " \u00b7 ".join(subtitle_bits)
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body><main>"
-        f'<h1>{_e(title)}</h1><p class="sub">{_e(subtitle)}</p>'
-        f"<h2>Headline</h2>{_headline_html(results)}"
-        f"<h2>How to read this</h2>{_how_to_read(results)}"
-        f"<h2>Figures</h2>{figures}"
-        f"<h2>Runs</h2>{_runs_html(results, levels)}"
-        f"<h2>Cost</h2>{_cost_html(results)}"
-        f"<h2>Config</h2>{_config_html(results)}"
-        "</main></body></html>\n"
-    )
+    subtitle = [f"teacher: {teacher}"] + [
+        f"{key}: {config[key]}" for key in ("student", "preset") if config.get(key) is not None
+    ]
+    levels_seen = {row.level for row in _headline_rows(results)} | set(levels)
+    levels_seen |= {str(_dict(r).get("exposure", "?")) for r in _list(results.get("runs"))}
+    return {
+        "title": f"Exposure audit \u2014 {teacher}",
+        "subtitle": " \u00b7 ".join(subtitle),
+        "colours": {level: level_colour(level) for level in levels_seen},
+        "headline": _headline_rows(results),
+        "read": _how_to_read(results),
+        "figures": [
+            {"name": n, "caption": _CAPTIONS[n], "uri": png_uri((out_dir / n).read_bytes())}
+            for n in FIGURES
+        ],
+        "run_columns": [name for name, _ in _RUN_COLUMNS],
+        "runs": _runs(results, levels),
+        "cost": _cost(results),
+        "config": [
+            (str(k), v if isinstance(v, str) else json.dumps(v, default=str))
+            for k, v in config.items()
+        ],
+    }
 
 
 def write_audit_report(results: dict, out_dir: str | Path) -> Path:
@@ -848,6 +759,4 @@ def write_audit_report(results: dict, out_dir: str | Path) -> Path:
     for name in FIGURES:
         fig = builders[name](results, levels)
         fig.savefig(out / name, format="png", dpi=100, facecolor="white")
-    page = out / "report.html"
-    page.write_text(_html(results, levels, out), encoding="utf-8")
-    return page
+    return write_page(out / "report.html", "audit.html.j2", **_page(results, levels, out))
