@@ -175,8 +175,9 @@ class Caller:
 
 
 @dataclass
-class Exchange:
-    """What one request became: the fields of its traffic-log row."""
+class TrafficRow:
+    """One request's row of the traffic log, filled in as the request is checked and served
+    (``records.Exchange`` is a harvested exchange, not this)."""
 
     endpoint: str
     started: float
@@ -282,7 +283,7 @@ def create_app(
 
     async def caller(request: Request) -> Caller:
         """Authenticate (401), apply the block list (403) and the body size cap (413)."""
-        exchange = exchange_of(request) or Exchange(
+        exchange = exchange_of(request) or TrafficRow(
             "", time.perf_counter(), datetime.now(UTC), request
         )
         if keys is None:
@@ -319,14 +320,14 @@ def create_app(
             await log.record(row)
         return error.response()
 
-    def exchange_of(request: Request) -> Exchange | None:
+    def exchange_of(request: Request) -> TrafficRow | None:
         """The request's exchange, begun on first use (for the two logged endpoints only)."""
         exchange = getattr(request.state, "exchange", None)
         if exchange is None:
             path = request.url.path
             if path not in ("/v1/chat/completions", "/v1/completions"):
                 return None
-            exchange = Exchange(path, time.perf_counter(), datetime.now(UTC), request)
+            exchange = TrafficRow(path, time.perf_counter(), datetime.now(UTC), request)
             request.state.exchange = exchange
         return exchange
 
@@ -373,7 +374,7 @@ def create_app(
     async def chat_completions(
         body: ChatCompletionRequest, request: Request, who: Caller = Depends(caller)
     ) -> dict[str, Any] | StreamingResponse:
-        exchange: Exchange = request.state.exchange
+        exchange: TrafficRow = request.state.exchange
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         exchange.messages = messages
         if not any(m["role"] == "user" for m in messages):
@@ -389,7 +390,7 @@ def create_app(
     async def completions(
         body: CompletionRequest, request: Request, who: Caller = Depends(caller)
     ) -> dict[str, Any] | StreamingResponse:
-        exchange: Exchange = request.state.exchange
+        exchange: TrafficRow = request.state.exchange
         prompt = body.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
@@ -439,7 +440,7 @@ def create_app(
         request.processors = processors
         return request
 
-    async def serve(exchange: Exchange, body, request: GenerationRequest, *, chat: bool):
+    async def serve(exchange: TrafficRow, body, request: GenerationRequest, *, chat: bool):
         tier = exchange.caller.tier
         prompt_tokens = backend.count_prompt_tokens(request)
         if prompt_tokens > tier.max_prompt_tokens:
@@ -516,7 +517,7 @@ def create_app(
     return app
 
 
-def _apply_policy(tier: Tier, asked: int | None, prompt_n: int | None, exchange: Exchange):
+def _apply_policy(tier: Tier, asked: int | None, prompt_n: int | None, exchange: TrafficRow):
     """``(top_logprobs, prompt_logprobs)`` to serve under ``tier``; records both exposures.
 
     ``asked`` is the alternatives per token asked (``None``: no logprobs). Above the tier's cap a
