@@ -1,5 +1,7 @@
-"""Tokenizer identity and spelling: the fingerprint that keeps records and students aligned, and
-the exact bytes of each token, which let token ids cross an OpenAI-style HTTP API and come back."""
+"""Tokenizer identity and spelling: the fingerprint that keeps records and students aligned, the
+exact ids a local model sees for a prompt (``encode_prompt``: harvest, training, the gateway and
+forensics agree on them), and the exact bytes of each token, which let token ids cross an
+OpenAI-style HTTP API and come back."""
 
 from __future__ import annotations
 
@@ -25,6 +27,20 @@ def tokenizer_fingerprint(tokenizer) -> str:
     else:
         payload = json.dumps(sorted(tokenizer.get_vocab().items()))
     return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def encode_prompt(tokenizer, prompt: str, max_prompt_tokens: int) -> list[int]:
+    """The exact ids a local model sees: the text cut to ``max_prompt_tokens``, then templated as
+    one user turn (plain text when the tokenizer has no chat template)."""
+    text_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if len(text_ids) > max_prompt_tokens:
+        prompt = tokenizer.decode(text_ids[:max_prompt_tokens])
+    if getattr(tokenizer, "chat_template", None):
+        templated = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer(templated, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
 
 
 def vocab_size(tokenizer) -> int:

@@ -26,7 +26,7 @@ from distillscope.distill import losses as L
 from distillscope.errors import DistillscopeError
 from distillscope.exposure import Full, Signal, Text, TopK, is_at_least, parse_exposure
 from distillscope.records import RecordSet
-from distillscope.teachers.local import encode_prompt
+from distillscope.tokens import encode_prompt
 
 #: Where the teacher signal comes from at each exposure level, the default first: full
 #: distributions are never stored (49k floats per token), so the teacher in the loop scores every

@@ -20,8 +20,7 @@ import numpy as np
 from distillscope.errors import TeacherError
 from distillscope.exposure import Exposure, Full, Text, TopK
 from distillscope.teachers.base import Completion, SamplingConfig, Teacher
-from distillscope.teachers.local import encode_prompt
-from distillscope.tokens import token_bytes_table
+from distillscope.tokens import encode_prompt, token_bytes_table
 
 #: What OpenAI reports as the logprob of a token too unlikely to represent (JSON has no -inf).
 LOGPROB_FLOOR = -9999.0

@@ -18,6 +18,7 @@ from transformers import (
 from distillscope.errors import TeacherError
 from distillscope.exposure import Full, Signal, Text, TopK, tail_mass
 from distillscope.teachers.base import Completion, SamplingConfig, row_seed
+from distillscope.tokens import encode_prompt
 
 
 def pick_device(device: str | None = "auto") -> torch.device:
@@ -31,20 +32,6 @@ def pick_device(device: str | None = "auto") -> torch.device:
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise TeacherError(f"device {device!r} asked for, but no CUDA device is available")
     return chosen
-
-
-def encode_prompt(tokenizer, prompt: str, max_prompt_tokens: int) -> list[int]:
-    """The exact ids a local model sees: the text cut to ``max_prompt_tokens``, then templated as
-    one user turn (plain text when the tokenizer has no chat template)."""
-    text_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if len(text_ids) > max_prompt_tokens:
-        prompt = tokenizer.decode(text_ids[:max_prompt_tokens])
-    if getattr(tokenizer, "chat_template", None):
-        templated = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        return tokenizer(templated, add_special_tokens=False)["input_ids"]
-    return tokenizer(prompt)["input_ids"]
 
 
 #: Called after each generated token of row 0: ``(token_id, logprob, top_ids, top_logprobs)``, the

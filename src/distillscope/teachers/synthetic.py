@@ -18,7 +18,8 @@ import numpy as np
 from distillscope.errors import TeacherError
 from distillscope.exposure import Full, Signal, Text, TopK, tail_mass
 from distillscope.teachers.base import Completion, SamplingConfig, row_seed
-from distillscope.teachers.local import OnStep, encode_prompt
+from distillscope.teachers.local import OnStep
+from distillscope.tokens import encode_prompt
 
 SYNTHETIC_TEACHER_ID = "synthetic"
 
