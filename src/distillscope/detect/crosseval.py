@@ -38,11 +38,12 @@ BACKGROUND = "background"
 
 
 def world_folders(root: str | os.PathLike) -> list[Path]:
-    """``root`` itself when it is a simulation, else its sub-folders that are (``world-000``...)."""
+    """``root`` itself when it is a simulation, else every folder below it that is one
+    (``world-000``..., at any depth)."""
     root = Path(root)
     if (root / "truth.parquet").exists():
         return [root]
-    worlds = sorted(p.parent for p in root.glob("*/truth.parquet"))
+    worlds = sorted(p.parent for p in root.rglob("truth.parquet"))
     if not worlds:
         raise EvaluationInputError(f"no simulated worlds (folders with truth.parquet) in {root}")
     return worlds

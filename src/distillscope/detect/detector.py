@@ -47,7 +47,8 @@ import pyarrow.parquet as pq
 
 from distillscope.detect.learned import LearnedScorer
 from distillscope.detect.signals import (
-    SHARES,
+    CONTENT,
+    SIGNAL_LIST,
     SIGNALS,
     WEIGHTS,
     Reference,
@@ -73,6 +74,21 @@ _AUTOMATION_UA = (
     r"python-requests|httpx|aiohttp|curl/|go-http-client|okhttp|node-fetch|axios|scrapy"
 )
 _REQUIRED = ("account_id", "ts")
+#: Evidence (-ln p) at which a signal is named among an account's reasons: p <= 0.05.
+REASON = math.log(20)
+#: A tool offered in a request's messages: `"name": "search_flights", "parameters": ...` (or
+#: `input_schema`) in a tools list, quotes escaped or not (a system message carrying the list as
+#: JSON text inside the JSON messages); a name without a schema is somebody's data.
+_TOOL_NAME = (
+    r'name\\?"\s*:\s*\\?"([A-Za-z_][A-Za-z0-9_.-]*)\\?"\s*,\s*\\?"(?:parameters|input_schema)'
+)
+
+
+def _catalogue(column: str) -> str:
+    """SQL: the request's tool catalogue, a hash of the sorted set of tool names its messages
+    offer (null when none)."""
+    names = f"list_sort(list_distinct(regexp_extract_all({column}, '{_TOOL_NAME}', 1)))"
+    return f"CASE WHEN {column} LIKE '%name%' AND len({names}) > 0 THEN hash({names}) END"
 
 
 @dataclass
@@ -104,9 +120,11 @@ class DetectConfig:
     min_community: int = 5
     #: A community member needs edges to at least this many other members.
     min_ties: int = 3
-    #: A community is flagged when as many unrelated suspects would have a median score as high
-    #: as its own with at most this probability (``signals.Null.community_p``).
-    community_level: float = 1e-6
+    #: A community is flagged when as many unrelated accounts, selected as its members were,
+    #: would have a median score as high as its own with at most this probability
+    #: (``signals.Null.community_p``): a log yields tens of communities, and at 1e-4 the chance
+    #: that any of a hundred ordinary ones passes stays under 1% (Bonferroni).
+    community_level: float = 1e-4
     #: Accounts asking for reasoning outside any community needed to say what such an account
     #: typically scores (the baseline a community of them is judged against).
     min_loose_askers: int = 10
@@ -231,7 +249,10 @@ def _rank(con, features, measured, reference: Reference, config: DetectConfig, n
     )
     threshold = null.threshold(config.flag_fpr)
     ids = features["account_id"].to_pylist()
-    suspects = [a for a, v in zip(ids, scores) if v >= threshold / 2]
+    # the graph's nodes: suspects, and accounts with a content reason of their own (a quiet
+    # campaign's accounts each look modest; what ties them is what they ask and where from)
+    reasoned = _content_reason(z)
+    suspects = [a for a, v, r in zip(ids, scores, reasoned) if v >= threshold / 2 or r]
     communities = _communities(con, suspects, config)
     return scores, z, null, threshold, communities
 
@@ -344,9 +365,12 @@ def _load(con, log: Path, until: datetime | None) -> tuple[dict[str, int], set[s
         f"""CREATE TABLE raw AS SELECT account_id, {ts} AS ts,
             {col("prompt", "NULL::VARCHAR")}, {col("model", "NULL::VARCHAR")},
             {col("client_ip", "NULL::VARCHAR")}, {col("user_agent", "NULL::VARCHAR")},
-            {col("exposure_requested", "NULL::VARCHAR")}, {col("status", "200")}
+            {col("exposure_requested", "NULL::VARCHAR")}, {col("status", "200")},
+            {_catalogue("messages") if "messages" in columns else "NULL::UBIGINT"} AS catalogue
         FROM {source}"""
     )
+    if "messages" not in columns:
+        absent.add("messages")
     counts = con.execute(
         """SELECT count(*) FILTER (WHERE account_id IS NULL OR account_id = ''),
                   count(*) FILTER (WHERE ts IS NULL),
@@ -532,9 +556,13 @@ def _features(con, accounts_meta, events, banned, notes) -> tuple[pa.Table, set[
           SELECT *, CASE {capability} ELSE 'other' END AS capability,
                  epoch(ts - lag(ts) OVER (PARTITION BY account_id ORDER BY ts)) AS gap
           FROM x),
-        caps AS (SELECT account_id,
+        -- a task is a distinct template or a distinct untemplated prompt: an integration that
+        -- wraps its users' text in one template sends one task ten thousand times
+        caps AS (SELECT account_id, sum(n) AS tasks,
                         coalesce(max(n) FILTER (WHERE capability <> 'other'), 0) AS top FROM (
-                   SELECT account_id, capability, count(*) AS n FROM t GROUP BY ALL) GROUP BY 1),
+                   SELECT account_id, capability,
+                          count(DISTINCT coalesce(template::VARCHAR, norm)) AS n
+                   FROM t GROUP BY ALL) GROUP BY 1),
         hours AS (SELECT account_id, -sum(p * ln(p)) AS entropy FROM (
                    SELECT account_id, count(*) / sum(count(*)) OVER (PARTITION BY account_id) AS p
                    FROM t GROUP BY account_id, hour(ts)) GROUP BY 1),
@@ -548,6 +576,7 @@ def _features(con, accounts_meta, events, banned, notes) -> tuple[pa.Table, set[
                count(template) AS template,
                sum((elicits AND fresh)::INT) AS elicitation,
                any_value(caps.top) AS concentration,
+               any_value(caps.tasks) AS tasks,
                CASE WHEN count(gap) >= 5 AND avg(gap) > 0
                     THEN avg(gap) / greatest(stddev_pop(gap), 1e-9) ELSE 0 END AS regularity,
                any_value(hours.entropy) AS around_clock,
@@ -556,6 +585,7 @@ def _features(con, accounts_meta, events, banned, notes) -> tuple[pa.Table, set[
                sum(coalesce(regexp_matches(lower(user_agent), '{_AUTOMATION_UA}'), false)::INT)
                    AS automation_ua,
                sum((coalesce(exposure_requested, 'text') <> 'text')::INT) AS logprobs,
+               count(DISTINCT catalogue) AS tool_coverage,
                list(prompt ORDER BY elicits DESC, template IS NULL, ts)[1:2]
                    AS examples
         FROM t JOIN caps USING (account_id) JOIN hours USING (account_id)
@@ -604,12 +634,16 @@ def _features(con, accounts_meta, events, banned, notes) -> tuple[pa.Table, set[
             WHERE acc.account_id = s.account_id"""
         )
     table = con.sql("SELECT * FROM acc ORDER BY account_id").to_arrow_table()
-    requests = table["requests"].to_numpy()
-    for name in SHARES:
+    for signal in SIGNAL_LIST:
+        if not signal.share:
+            continue
+        name = signal.name
         column = table.column_names.index(name)
         hits = table[name].to_numpy().astype(float)
-        table = table.set_column(column, name, pa.array(share_lower_bound(hits, requests)))
+        trials = table[signal.per].to_numpy().astype(float)
+        table = table.set_column(column, name, pa.array(share_lower_bound(hits, trials)))
         table = table.append_column(f"{name}_hits", pa.array(hits))
+        table = table.append_column(f"{name}_trials", pa.array(trials))
     return table, absent
 
 
@@ -619,8 +653,9 @@ def _communities(con, suspects: list[str], config: DetectConfig) -> dict[str, in
     a popular template do not dilute it).
 
     An edge's weight counts what two accounts share: each (template, hour) both hit (the
-    SynchroTrap / CopyCatch lockstep), each IP address both used, a payment fingerprint (counted
-    twice), each intent both hold (``_intents``: accounts asking for reasoning about the same
+    SynchroTrap / CopyCatch lockstep), each IP address both used, each tool catalogue both offer
+    (one is a popular product's; several are a sweep), a payment fingerprint (counted twice),
+    each intent both hold (``_intents``: accounts asking for reasoning about the same
     kind of task; every account that asks for reasoning is a node, suspect or not, because a
     campaign with no shared infrastructure is found by what it asks, and each is tied to
     ``intent_degree`` others of its intent), and each (template, day) both hit (a quiet campaign's
@@ -661,6 +696,8 @@ def _communities(con, suspects: list[str], config: DetectConfig) -> dict[str, in
         crowded AS (SELECT template, slot, daily FROM hits GROUP BY ALL HAVING count(*) <= 400),
         ips AS (SELECT DISTINCT client_ip, account_id FROM sx WHERE client_ip IS NOT NULL),
         shared_ips AS (SELECT client_ip FROM ips GROUP BY 1 HAVING count(*) <= 50),
+        catalogues AS (SELECT DISTINCT catalogue, account_id FROM sx
+                       WHERE catalogue IS NOT NULL),
         ranked_intents AS (SELECT account_id, intent, row_number() OVER (
                              PARTITION BY intent ORDER BY hash(account_id, {config.seed})) AS r
                            FROM intents),
@@ -672,6 +709,11 @@ def _communities(con, suspects: list[str], config: DetectConfig) -> dict[str, in
           UNION ALL
           SELECT a.account_id, b.account_id, false, 1 FROM ips a JOIN ips b USING (client_ip)
           WHERE a.account_id < b.account_id AND client_ip IN (SELECT * FROM shared_ips)
+          UNION ALL
+          SELECT a.account_id, b.account_id, false, 1
+          FROM catalogues a JOIN catalogues b USING (catalogue)
+          WHERE a.account_id < b.account_id AND catalogue IN (
+                SELECT catalogue FROM catalogues GROUP BY 1 HAVING count(*) <= 400)
           UNION ALL
           SELECT least(a.account_id, b.account_id), greatest(a.account_id, b.account_id),
                  false, 1
@@ -731,13 +773,19 @@ def _significant(con, found, ids, scores, null, threshold, config) -> dict:
     return kept
 
 
+def _content_reason(z: dict[str, np.ndarray]) -> np.ndarray:
+    """Accounts with a content signal at p <= 0.05: a reason of their own to be in a campaign."""
+    return np.logical_or.reduce([z[name] >= REASON for name in CONTENT])
+
+
 def _assemble(features, scores, z, communities, threshold) -> pa.Table:
-    """The accounts table. Members of a significant community are flagged when they have content
-    evidence of their own (a community does not turn an account with none into a campaign's)."""
+    """The accounts table. Members of a significant community are flagged when they have a content
+    reason of their own (``_content_reason``): a community does not turn an account with none into
+    a campaign's, and an ordinary account tied to one by chance is not flagged with it."""
     accounts = features["account_id"].to_pylist()
     community = np.array([communities.get(a, (-1, 1.0))[0] for a in accounts])
     final = scores.copy()
-    pooled = (community >= 0) & (scores > 0)
+    pooled = (community >= 0) & _content_reason(z)
     final[pooled] = np.maximum(final[pooled], threshold)
     flagged = final >= threshold
     reasons = []
@@ -745,7 +793,7 @@ def _assemble(features, scores, z, communities, threshold) -> pa.Table:
         fired = [
             f"{name} {features[name][row].as_py():.3g} (p {math.exp(-z[name][row]):.2g})"
             for name in sorted(SIGNALS, key=lambda s: -WEIGHTS[s] * z[s][row])
-            if z[name][row] >= math.log(20)
+            if z[name][row] >= REASON
         ]
         if community[row] >= 0:
             fired.append(

@@ -44,6 +44,9 @@ class Signal:
     kind: str = "context"
     #: A share of the account's requests: scored by its exact lower confidence bound.
     share: bool = False
+    #: What a share is a share of: ``requests``, or ``tasks`` (distinct templates and distinct
+    #: untemplated prompts: a template wrapped round users' text is one task however often sent).
+    per: str = "requests"
     #: Log columns (or side inputs) it needs; without them it is not measured.
     needs: tuple[str, ...] = ()
 
@@ -51,8 +54,12 @@ class Signal:
 SIGNAL_LIST = (
     Signal("elicitation", "share of prompts asking to see the reasoning or a narrated trace "
            "(a learned classifier, detect.elicitation)", 1.5, kind="content", share=True),
-    Signal("concentration", "share of requests in the account's most-used training-target "
-           "capability (coding, tool use, reasoning)", 0.75, kind="content", share=True),
+    Signal("concentration", "share of the account's distinct tasks in its most-used "
+           "training-target capability (coding, tool use, reasoning)", 0.75, kind="content",
+           share=True, per="tasks"),
+    Signal("tool_coverage", "distinct tool catalogues (sets of tools offered) in its requests: an "
+           "agent product offers its own tools, a harvest sweeps many", 1.0, kind="content",
+           needs=("messages",)),
     Signal("template", "share of requests in prompt-template clusters shared by several accounts",
            1.5, share=True),
     Signal("regularity", "inter-arrival regularity (1 / coefficient of variation)", 1.0),
@@ -147,10 +154,10 @@ class EmpiricalTail:
 
     def evidence_of(self, table: pa.Table, name: str) -> np.ndarray:
         """Evidence of signal ``name`` for each row of a features table."""
-        if self.rate is None or f"{name}_hits" not in table.column_names:
+        if self.rate is None or f"{name}_trials" not in table.column_names:
             return self.evidence(table[name])
         return self.evidence(
-            table[name], table[f"{name}_hits"].to_numpy(), table["requests"].to_numpy()
+            table[name], table[f"{name}_hits"].to_numpy(), table[f"{name}_trials"].to_numpy()
         )
 
 
@@ -201,7 +208,9 @@ class Reference:
             raise BadReferenceError("no accounts left to fit the reference on")
         columns = {name: pa.array(_clean(kept[name]), pa.float64()) for name in SIGNALS}
         for name in SHARES:
-            columns[f"{name}_hits"] = pa.array(kept[f"{name}_hits"].to_numpy(), pa.float64())
+            for part in ("hits", "trials"):
+                column = kept[f"{name}_{part}"].to_numpy()
+                columns[f"{name}_{part}"] = pa.array(column, pa.float64())
         columns["requests"] = pa.array(kept["requests"].to_numpy(), pa.float64())
         values = pa.table(columns)
         return cls(values, frozenset(measured), exchanges, source, int((~keep).sum()))
@@ -225,11 +234,11 @@ class Reference:
         for name in SIGNALS:
             own = name not in self.measured and name in scored_measured
             table = scored if own else self.values
-            share = name in SHARES and f"{name}_hits" in table.column_names
+            share = name in SHARES and f"{name}_trials" in table.column_names
             tails[name] = EmpiricalTail(
                 table[name],
                 table[f"{name}_hits"].to_numpy() if share else None,
-                table["requests"].to_numpy() if share else None,
+                table[f"{name}_trials"].to_numpy() if share else None,
             )
             if own:
                 notes.append(f"signal {name} not measured in the reference: fitted on this log")
@@ -277,8 +286,8 @@ class Reference:
         meta = json.loads(raw)
         if table.num_rows == 0:
             raise BadReferenceError(f"{path} was fitted on no accounts")
-        kept = [c for c in table.column_names if c in SIGNALS or c == "requests" or (
-            c.endswith("_hits") and c[: -len("_hits")] in SHARES)]  # fmt: skip
+        kept = [c for c in table.column_names if c in SIGNALS or c == "requests" or any(
+            c in (f"{name}_hits", f"{name}_trials") for name in SHARES)]  # fmt: skip
         return cls(
             table.select(kept).replace_schema_metadata(None),
             frozenset(meta.get("measured", SIGNALS)),
