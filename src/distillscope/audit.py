@@ -27,6 +27,7 @@ from distillscope.errors import DistillscopeError
 from distillscope.exposure import Full, TopK, parse_exposure, richness
 from distillscope.fidelity import behaviour, fidelity, sample_loglik, teacher_rows
 from distillscope.harvest import harvest
+from distillscope.paths import write_text_atomically
 from distillscope.prompts import load_prompts, select_prompts
 from distillscope.records import RecordSet
 from distillscope.teachers import SamplingConfig, load_teacher
@@ -429,6 +430,4 @@ def _cost(manifest: dict, config: AuditConfig) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(data, indent=2))
-    os.replace(staging, path)
+    write_text_atomically(path, json.dumps(data, indent=2))

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from distillscope import __version__
 from distillscope.errors import HarvestError
 from distillscope.exposure import Exposure, is_at_least, parse_exposure, richness
-from distillscope.paths import cache_dir
+from distillscope.paths import atomic_path, cache_dir, write_text_atomically
 from distillscope.prompts import Prompt
 from distillscope.records import (
     METADATA_KEY,
@@ -107,9 +107,7 @@ class HarvestManifest:
 
     def write(self) -> None:
         path = Path(self.out) / MANIFEST
-        staging = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-        staging.write_text(json.dumps(self.__dict__, indent=2) + "\n")
-        os.replace(staging, path)
+        write_text_atomically(path, json.dumps(self.__dict__, indent=2) + "\n")
 
 
 def ensure_writable(out: str | os.PathLike) -> None:
@@ -154,9 +152,8 @@ def _load_plan(out: Path, prompts: Sequence[Prompt]) -> list[Prompt]:
         ids = [p.id for p in prompts]
         if len(set(ids)) != len(ids):
             raise HarvestError("the prompt list repeats an id; every prompt needs its own id")
-        staging = path.with_name(f".{PLAN}.tmp-{os.getpid()}")
-        pq.write_table(wanted, staging)
-        os.replace(staging, path)
+        with atomic_path(path) as staging:
+            pq.write_table(wanted, staging)
     return list(prompts)
 
 

@@ -14,14 +14,13 @@ import json
 import os
 import random
 import re
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from distillscope.errors import PromptSourceError
-from distillscope.paths import cache_dir
+from distillscope.paths import atomic_path, cache_dir
 
 #: Prompt categories; ``"reasoning"`` covers math and logic.
 CATEGORIES: tuple[str, ...] = ("coding", "writing", "reasoning", "other")
@@ -288,23 +287,11 @@ def _load_sharegpt() -> list[Prompt]:
         }
     )
     try:
-        _write_atomically(table, cache_dir("prompts") / name)
+        with atomic_path(cache_dir("prompts") / name) as staging:
+            pq.write_table(table, staging)
     except OSError:
         pass  # an unwritable cache costs speed only: the next load parses again
     return prompts
-
-
-def _write_atomically(table: Any, target: Path) -> None:
-    """Write a Parquet file so that readers see either nothing or the whole file."""
-    import pyarrow.parquet as pq
-
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")  # unique per writer
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # --- prompt files -----------------------------------------------------------------------------

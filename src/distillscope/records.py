@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from distillscope.errors import IncompatibleDataError
 from distillscope.exposure import Exposure, Signal, Text, TopK, parse_exposure
+from distillscope.paths import atomic_path
 from distillscope.prompts import Prompt
 from distillscope.teachers.base import Completion
 from distillscope.tokens import tokenizer_fingerprint, vocab_size
@@ -173,11 +174,10 @@ def write_part(path: Path, rows: Sequence[dict], provenance: Provenance) -> int:
     Returns the bytes written.
     """
     table = pa.Table.from_pylist(list(rows), schema=records_schema(provenance))
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, staging, compression="zstd", use_dictionary=["category", "finish_reason"])
-    with open(staging, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(staging, path)
+    with atomic_path(path, fsync=True) as staging:
+        pq.write_table(
+            table, staging, compression="zstd", use_dictionary=["category", "finish_reason"]
+        )
     return path.stat().st_size
 
 

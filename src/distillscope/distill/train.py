@@ -25,6 +25,7 @@ import torch
 from distillscope.distill import losses as L
 from distillscope.errors import DistillscopeError
 from distillscope.exposure import Full, Signal, Text, TopK, is_at_least, parse_exposure
+from distillscope.paths import atomic_path
 from distillscope.records import RecordSet
 from distillscope.tokens import encode_prompt
 
@@ -576,19 +577,17 @@ def _save_checkpoint(out: Path, step: int, model, optimizer, scheduler, keep: in
     """Atomic: written to a staging folder, then renamed; a kill mid-save leaves the last one."""
     root = out / "checkpoints"
     root.mkdir(exist_ok=True)
-    staging = root / f".step-{step:07d}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    torch.save(
-        {
-            "step": step,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-        },
-        staging / "state.pt",
-    )
-    os.replace(staging, root / f"step-{step:07d}")
+    with atomic_path(root / f"step-{step:07d}") as staging:
+        staging.mkdir()
+        torch.save(
+            {
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+            },
+            staging / "state.pt",
+        )
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distillscope.errors import DistillscopeError
+from distillscope.paths import write_text_atomically
 
 KEY_PREFIX = "dsk"
 _SCHEMA = """
@@ -274,6 +275,4 @@ def write_block_list(path: str | os.PathLike, blocks: list[Block]) -> None:
     """Write a block list file atomically (a gateway never reads half of it)."""
     path = Path(path)
     lines = [f"{b.kind}:{b.value}" + (f"  # {b.reason}" if b.reason else "") for b in blocks]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(path, "\n".join(lines) + "\n")

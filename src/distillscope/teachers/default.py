@@ -8,14 +8,12 @@ float32 safetensors copy in the cache; later loads take well under a second.
 from __future__ import annotations
 
 import importlib.metadata
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from distillscope.errors import TeacherError
-from distillscope.paths import cache_dir
+from distillscope.paths import atomic_path, cache_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_TEACHER_ID = "default:SmolLM2-135M-Instruct.Q4_1"
@@ -51,10 +49,7 @@ def default_model_dir() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
+    with atomic_path(target) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return target
