@@ -24,7 +24,7 @@ import numpy as np
 from distillscope.distill.students import build_student
 from distillscope.distill.train import DistillConfig, Example, distill, examples_from_records
 from distillscope.errors import DistillscopeError
-from distillscope.exposure import Full, TopK, parse_exposure, richness
+from distillscope.exposure import Full, Text, TopK, parse_exposure, richness
 from distillscope.fidelity import behaviour, fidelity, sample_loglik, teacher_rows
 from distillscope.harvest import harvest
 from distillscope.paths import write_text_atomically
@@ -108,7 +108,7 @@ def _harvest_level(levels) -> str:
     ks = [lvl.k for lvl in levels if isinstance(lvl, TopK)]
     if any(isinstance(lvl, Full) for lvl in levels):
         ks.append(20)
-    return f"top{max(ks)}" if ks else "text"
+    return str(TopK(max(ks)) if ks else Text())
 
 
 def _split_prompts(config: AuditConfig):
