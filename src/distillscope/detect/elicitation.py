@@ -37,7 +37,7 @@ import yaml
 from distillscope.paths import cache_dir
 
 #: Bump when the grammar, features or model change: the cache is keyed by it.
-VERSION = 6
+VERSION = 7
 
 _GRAMMAR = yaml.safe_load((Path(__file__).parent / "data" / "elicitation.yaml").read_text())
 _OPENERS: list[str] = _GRAMMAR["openers"]
