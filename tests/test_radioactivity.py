@@ -14,15 +14,19 @@ from scipy import stats
 from distillscope.forensics.harness import teacher_outputs, train_text_student
 from distillscope.forensics.radioactivity import (
     RadioactivityError,
+    RadioactivityResult,
     ask_suspect,
     closed_model_test,
+    control_key,
+    control_tests,
+    marked_tokens,
     open_model_test,
     reading_ngrams,
     watermarked_texts,
-    write_evidence,
 )
-from distillscope.forensics.watermark import Watermark, derive_key
+from distillscope.forensics.watermark import Watermark, derive_key, scored_ngrams
 from distillscope.prompts import load_prompts, select_prompts
+from distillscope.report.evidence import write_evidence
 
 KEY = derive_key("test-secret", "acct-harvester")
 
@@ -58,6 +62,62 @@ def test_reading_excludes_copies_of_what_was_read_earlier_in_the_same_text():
     grams = reading_ngrams([[0, 0, 12], [0, 0, 12]], [[10, 11, 5], [10, 11, 12]], [[], []],
                            context=2)  # fmt: skip
     assert (10, 11, 12) in grams
+
+
+# --- control keys and the page ------------------------------------------------------------------
+
+
+class _Digits:
+    """A tokenizer that spells each id."""
+
+    def decode(self, ids):
+        return f"<{ids[0]}>"
+
+
+@pytest.mark.parametrize("scheme", ["kgw", "gumbel"])
+def test_the_highlighted_tokens_are_exactly_the_scored_ones(scheme):
+    rng = np.random.default_rng(3)
+    texts = [rng.integers(0, 50, size=30).tolist() for _ in range(4)]
+    prompts = [rng.integers(0, 50, size=5).tolist() for _ in range(4)]
+    mark = Watermark(scheme, KEY, context=2)
+    marks = marked_tokens(mark, texts, prompts, _Digits(), limit=len(texts))
+    assert [len(m) for m in marks] == [len(t) for t in texts]
+    assert [m[0][0] for m in marks] == [f"<{t[0]}>" for t in texts]
+    scored = [k for m in marks for _, k in m if k != "skip"]
+    found = mark.detect(texts, prompts)
+    assert len(scored) == found.tokens_scored > 0
+    if scheme == "kgw":
+        assert scored.count("green") == found.statistic
+
+
+def test_control_keys_are_fixed_distinct_and_find_nothing_in_plain_text():
+    assert control_key(0) == control_key(0) != control_key(1)
+    assert KEY not in {control_key(i) for i in range(8)}
+    rng = np.random.default_rng(4)
+    grams = scored_ngrams(rng.integers(0, 1000, size=2000).tolist(), context=2)
+    controls = control_tests(Watermark("kgw", KEY, context=2), grams, 8)
+    assert [c["control"] for c in controls] == list(range(8))
+    assert min(c["log10_p"] for c in controls) > -4  # plain text: nothing near strong evidence
+
+
+def test_the_evidence_page_shows_control_keys_and_the_scored_tokens(tmp_path):
+    result = RadioactivityResult(
+        mode="closed", suspect="<b>runs/s1</b>", scheme="kgw", texts=3, tokens_scored=120,
+        statistic=70, log10_p=-12.5, z=7.1,
+        examples=[{"prompt": "say <script>x</script>", "answer": "hello world",
+                   "tokens": [["hello", "green"], [" world", "red"], ["!", "skip"]]}],
+        controls=[{"control": i, "statistic": 30 + i, "log10_p": -0.1 * i, "z": 0.1}
+                  for i in range(8)],
+    )  # fmt: skip
+    page = write_evidence(tmp_path, [result], account="acct-<x>").read_text()
+    assert "acct-&lt;x&gt;" in page and "&lt;b&gt;runs/s1&lt;/b&gt;" in page
+    assert "<script>" not in page and page.count("control ") >= 8
+    assert '<span class="tok green">hello</span>' in page
+    assert '<span class="tok red"> world</span>' in page and "10^" not in page
+    assert "3.16e-13" in page  # the tested key's exact p-value
+    assert "<svg" in page and "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    saved = json.loads((tmp_path / "evidence.json").read_text())
+    assert len(saved["tests"][0]["controls"]) == 8
 
 
 # --- real students ------------------------------------------------------------------------------
@@ -110,8 +170,11 @@ def test_a_student_trained_on_clean_answers_gets_uniform_p_values(scheme, studen
     rng = np.random.default_rng(11)
     found = [
         closed_model_test(
-            students["clean"], Watermark(scheme, random_key(rng), context=1), asked["clean"]
-        )  # fmt: skip
+            students["clean"],
+            Watermark(scheme, random_key(rng), context=1),
+            asked["clean"],
+            controls=0,
+        )
         for _ in range(200)
     ]
     reported = np.array([r.p_value for r in found])
@@ -149,11 +212,14 @@ def test_a_student_distilled_from_watermarked_answers_is_detected(students, answ
 
 def test_evidence_report_and_cli(tmp_path, default_teacher, students, asked, answers):
     mark, _, marked = answers
-    result = closed_model_test(students["marked"], mark, asked["marked"], name="runs/s1")
+    result = closed_model_test(students["marked"], mark, asked["marked"], name="runs/s1",
+                               tokenizer=default_teacher.tokenizer)  # fmt: skip
     page = write_evidence(tmp_path / "ev", [result], account="acct-harvester")
     saved = json.loads((tmp_path / "ev" / "evidence.json").read_text())
     assert saved["tests"][0]["tokens_scored"] == result.tokens_scored
-    assert "acct-harvester" in page.read_text() and "<table>" in page.read_text()
+    text = page.read_text()
+    assert "acct-harvester" in text and "<table>" in text and "control 7" in text
+    assert 'class="tok green"' in text and all("tokens" in e for e in result.examples)
 
     suspect = tmp_path / "suspect"
     students["marked"].save_pretrained(suspect)

@@ -1241,9 +1241,9 @@ def radioactivity(
         load_suspect,
         open_model_test,
         watermarked_texts,
-        write_evidence,
     )
     from distillscope.forensics.watermark import Watermark, WatermarkError, derive_key
+    from distillscope.report.evidence import write_evidence
 
     mode, scheme = mode.value, scheme.value
     _out_folder("--out", out)

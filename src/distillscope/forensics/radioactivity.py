@@ -14,22 +14,32 @@ can be detected with a key-based test. Two modes:
   bit is a fresh draw -- unless the same n-gram already occurred earlier in that text (the
   suspect could copy it in context), which is excluded, as are prompt n-grams and repeats.
 
-``p`` is exact; ``log10_p`` stays finite at any strength. A suspect is ``openai:URL`` (any
-OpenAI-compatible server, closed mode only), a transformers directory, or a ``distillscope distill``
-run folder (its ``student/``).
+``p`` is exact; ``log10_p`` stays finite at any strength. Each test is repeated on the same
+n-grams with a few **control keys** (``control_key``: public keys that never marked anything), so
+the evidence page shows what the statistic looks like when there is nothing to find. A suspect is
+``openai:URL`` (any OpenAI-compatible server, closed mode only), a transformers directory, or a
+``distillscope distill`` run folder (its ``student/``).
 """
 
 from __future__ import annotations
 
-import html
-import json
+import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from distillscope.errors import DistillscopeError
-from distillscope.forensics.watermark import Detection, Watermark
+from distillscope.forensics.watermark import (
+    Detection,
+    Watermark,
+    keyed_digest,
+    scored_ngrams,
+    token_uniforms,
+)
+
+#: Control keys each test is repeated with (``control_key``).
+CONTROLS = 8
 
 
 class RadioactivityError(DistillscopeError):
@@ -49,8 +59,12 @@ class RadioactivityResult:
     log10_p: float
     z: float
     settings: dict = field(default_factory=dict)
-    #: a few of the suspect's answers (closed mode) with the scored tokens' green bits
+    #: a few of the suspect's answers (closed mode); with a tokenizer, ``tokens``: each answer
+    #: token as ``[text, mark]``, mark ``"green"``/``"red"`` (scored, above/below its mean under
+    #: H0) or ``"skip"`` (not scored: too little context, a prompt n-gram or a repeat)
     examples: list[dict] = field(default_factory=list)
+    #: the same test with each control key: ``{"control": i, "statistic", "log10_p", "z"}``
+    controls: list[dict] = field(default_factory=list)
 
     @property
     def p_value(self) -> float:
@@ -60,11 +74,59 @@ class RadioactivityResult:
         return asdict(self) | {"p_value": self.p_value}
 
 
-def _result(mode, suspect, detection: Detection, texts, settings, examples=()):
+def control_key(index: int) -> int:
+    """The ``index``-th control key: public, fixed, and derived apart from every account's key
+    (so a suspect trained on our outputs is no likelier to carry it than any other text)."""
+    return int.from_bytes(keyed_digest("distillscope control keys", "control", str(index)), "big")
+
+
+def control_tests(
+    watermark: Watermark, ngrams: list[tuple[int, ...]], controls: int = CONTROLS
+) -> list[dict]:
+    """``watermark``'s test on ``ngrams`` repeated with ``controls`` control keys (same scheme
+    and parameters): under H0 their p-values are uniform draws."""
+    out = []
+    for index in range(controls):
+        found = replace(watermark, key=control_key(index)).score_ngrams(ngrams)
+        out.append({"control": index, "statistic": found.statistic, "log10_p": found.log10_p,
+                    "z": found.z})  # fmt: skip
+    return out
+
+
+def marked_tokens(
+    watermark: Watermark, texts: Sequence[Sequence[int]], prompts: Sequence[Sequence[int]],
+    tokenizer, *, limit: int = 3,
+) -> list[list[list[str]]]:  # fmt: skip
+    """The first ``limit`` texts as ``[token text, mark]`` pairs, scanned as ``scored_ngrams``
+    scans them (so the marks are those of the scored test): ``"skip"`` for a token not scored,
+    else ``"green"`` when its draw is above its mean under H0 (KGW: in the green list; Gumbel:
+    -ln(1 - r) > 1) and ``"red"`` otherwise."""
+    width = watermark.context + 1
+    excluded = {tuple(p[i : i + width]) for p in prompts for i in range(len(p) - watermark.context)}
+    seen: set[tuple[int, ...]] = set()
+    out = []
+    for text, prompt in list(zip(texts, prompts))[:limit]:
+        sequence = list(prompt) + list(text)
+        pieces = []
+        for end in range(len(prompt), len(sequence)):
+            gram = tuple(sequence[end - watermark.context : end + 1])
+            mark = "skip"
+            if end >= watermark.context and gram not in excluded and gram not in seen:
+                seen.add(gram)
+                u = float(token_uniforms(watermark.key, watermark.scheme, gram[:-1], gram[-1:])[0])
+                above = u < watermark.gamma if watermark.scheme == "kgw" else -math.log1p(-u) > 1
+                mark = "green" if above else "red"
+            pieces.append([tokenizer.decode([sequence[end]]), mark])
+        out.append(pieces)
+    return out
+
+
+def _result(mode, suspect, detection: Detection, texts, settings, examples=(), controls=()):
     return RadioactivityResult(
         mode=mode, suspect=suspect, scheme=detection.scheme, texts=texts,
         tokens_scored=detection.tokens_scored, statistic=detection.statistic,
         log10_p=detection.log10_p, z=detection.z, settings=settings, examples=list(examples),
+        controls=list(controls),
     )  # fmt: skip
 
 
@@ -98,6 +160,8 @@ class SuspectAnswers:
     texts: list[list[int]]
     prompt_ids: list[list[int]]
     answers: list[str]
+    #: the index (in ``prompts`` and ``answers``) of each of ``texts``
+    scored: list[int] = field(default_factory=list)
 
 
 def ask_suspect(
@@ -128,13 +192,15 @@ def ask_suspect(
     )
     answers = suspect.generate(list(prompts), sampling)
     out = SuspectAnswers(list(prompts), [], [], [a.text for a in answers])
-    for prompt, answer in zip(prompts, answers):
+    for index, (prompt, answer) in enumerate(zip(prompts, answers)):
         if answer.prompt_ids is not None and len(answer.signal):
             out.texts.append([int(t) for t in answer.signal.token_ids])
             out.prompt_ids.append([int(t) for t in answer.prompt_ids])
+            out.scored.append(index)
         elif answer.text and tokenizer is not None:
             out.texts.append(tokenizer.encode(answer.text, add_special_tokens=False))
             out.prompt_ids.append(tokenizer.encode(prompt, add_special_tokens=False))
+            out.scored.append(index)
     if not out.texts:
         raise RadioactivityError("the suspect answered nothing that can be scored")
     return out
@@ -150,22 +216,32 @@ def closed_model_test(
     temperature: float = 1.0,
     seed: int = 0,
     name: str = "suspect",
+    controls: int = CONTROLS,
 ) -> RadioactivityResult:
     """Prompt ``suspect`` (see ``ask_suspect``) and test its answers for ``watermark``; or test
-    answers already collected (``prompts`` a ``SuspectAnswers``: one set, many keys)."""
+    answers already collected (``prompts`` a ``SuspectAnswers``: one set, many keys). The same
+    n-grams are tested with ``controls`` control keys (``control_tests``)."""
     if isinstance(prompts, SuspectAnswers):
         asked = prompts
     else:
         asked = ask_suspect(suspect, prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
                             temperature=temperature, seed=seed)  # fmt: skip
-    detection = watermark.detect(asked.texts, asked.prompt_ids)
+    ngrams = scored_ngrams(asked.texts, asked.prompt_ids, context=watermark.context)
+    detection = watermark.score_ngrams(ngrams)
+    order = asked.scored if len(asked.scored) == len(asked.texts) else range(len(asked.texts))
     examples = [
-        {"prompt": p[:200], "answer": a[:400]}
-        for p, a in list(zip(asked.prompts, asked.answers))[:3]
+        {"prompt": asked.prompts[i][:200], "answer": asked.answers[i][:400]}
+        for i in list(order)[:3]
     ]
+    tokenizer = tokenizer or getattr(suspect, "tokenizer", None)
+    if tokenizer is not None:
+        marks = marked_tokens(watermark, asked.texts, asked.prompt_ids, tokenizer, limit=3)
+        for example, tokens in zip(examples, marks):
+            example["tokens"] = tokens
     settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
                 "prompts": len(asked.prompts), "context": watermark.context}  # fmt: skip
-    return _result("closed", name, detection, len(asked.texts), settings, examples)
+    return _result("closed", name, detection, len(asked.texts), settings, examples,
+                   control_tests(watermark, ngrams, controls))  # fmt: skip
 
 
 def reading_ngrams(
@@ -261,9 +337,11 @@ def open_model_test(
     *,
     batch_size: int = 8,
     name: str = "suspect",
+    controls: int = CONTROLS,
 ) -> RadioactivityResult:
     """Feed ``model`` our watermarked ``texts`` (``(prompt_ids, completion_ids)`` pairs) and test
-    its greedy next-token predictions on the completions for ``watermark``."""
+    its greedy next-token predictions on the completions for ``watermark`` (and for ``controls``
+    control keys, on the same n-grams)."""
     import torch
 
     if not texts:
@@ -290,54 +368,5 @@ def open_model_test(
     )
     detection = watermark.score_ngrams(grams)
     settings = {"texts": len(texts), "context": watermark.context}
-    return _result("open", name, detection, len(texts), settings)
-
-
-def write_evidence(out: str | os.PathLike, results: Sequence[RadioactivityResult], *,
-                   account: str | None = None) -> Path:  # fmt: skip
-    """``evidence.json`` and a human-readable ``evidence.html`` in ``out``; returns the HTML."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {"account": account, "tests": [r.as_dict() for r in results]}
-    (out / "evidence.json").write_text(json.dumps(payload, indent=2))
-    rows = "".join(
-        f"<tr><td>{html.escape(r.suspect)}</td><td>{r.mode}</td><td>{r.scheme}</td>"
-        f"<td>{r.texts}</td><td>{r.tokens_scored}</td><td>{r.statistic:.4g}</td>"
-        f"<td>{_p_text(r.log10_p)}</td><td>{html.escape(_verdict(r.log10_p))}</td></tr>"
-        for r in results
-    )
-    examples = "".join(
-        f"<h3>{html.escape(r.suspect)} ({r.mode})</h3>"
-        + "".join(
-            f"<p><b>prompt</b> {html.escape(e['prompt'])}<br><b>answer</b> "
-            f"{html.escape(e['answer'])}</p>"
-            for e in r.examples
-        )
-        for r in results
-        if r.examples
-    )
-    page = out / "evidence.html"
-    page.write_text(
-        f"""<!doctype html><html><head><meta charset="utf-8"><title>radioactivity evidence</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:70em}}td,th{{border-bottom:1px solid #ddd;
-padding:4px 8px;text-align:left}}</style></head><body>
-<h1>Radioactivity evidence{f" for account {html.escape(account)}" if account else ""}</h1>
-<p>Each test scores each (context, token) n-gram once, excludes prompt n-grams, and reports an exact
-tail probability (binomial for KGW, gamma for Gumbel) under the hypothesis that the suspect never
-trained on text marked with this key.</p>
-<table><tr><th>suspect</th><th>mode</th><th>scheme</th><th>texts</th><th>tokens scored</th>
-<th>statistic</th><th>p-value</th><th>reading</th></tr>{rows}</table>{examples}</body></html>"""
-    )
-    return page
-
-
-def _p_text(log10_p: float) -> str:
-    return f"{10**log10_p:.3g}" if log10_p > -300 else f"10^{log10_p:.1f}"
-
-
-def _verdict(log10_p: float) -> str:
-    if log10_p <= -5:
-        return "strong evidence of training on our outputs (p < 1e-5)"
-    if log10_p <= -2:
-        return "some evidence (p < 0.01); not enough alone"
-    return "no evidence"
+    return _result("open", name, detection, len(texts), settings,
+                   controls=control_tests(watermark, grams, controls))  # fmt: skip

@@ -1,4 +1,8 @@
-"""Reports for humans: the exposure audit's figures, self-contained HTML page and terminal table.
+"""Reports for humans: every HTML page distillscope writes, and the audit's terminal table.
+
+Each page is a Jinja2 template in ``report/templates`` sharing one stylesheet (``pages``), and is
+one self-contained file: the exposure audit (``audit_report``), the detection report and its
+evaluation (``detection``) and the radioactivity evidence (``evidence``).
 
 Kept apart from the audit itself so results can be re-rendered from ``results.json`` without
 re-training anything, and so plotting (matplotlib, imported only when a report is written) never
