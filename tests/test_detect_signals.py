@@ -105,12 +105,15 @@ def test_an_instruction_wrapped_around_a_long_document_is_still_found(classifier
     assert classifier.predict_proba([document])[0] < 0.5
 
 
-def test_a_community_is_judged_by_its_size_as_well_as_its_median():
-    null = Null(np.sort(np.random.default_rng(0).exponential(5.0, 100_000)))
-    floor = null.threshold(0.05)  # suspects: the top 5%
-    median = null.threshold(0.01)
-    # Five suspects with a median at the 1% point: one suspect in five reaches it; common.
-    assert null.community_p(median, 5, floor) > 1e-3
+def test_a_community_is_judged_by_its_size_and_what_its_members_ask():
+    rng = np.random.default_rng(0)
+    content = rng.exponential(5.0, 100_000)
+    null = Null(np.sort(content), content, content > 3.0)
+    typical = float(np.median(content[content > 3.0]))
+    # Members chosen for having a content reason, asking no more than such accounts do: ordinary.
+    assert null.community_p(typical, 100) > 0.1
+    # Five at the 5% point of such accounts: three of five that high happens (about 1 in 1,000).
+    assert null.community_p(float(np.quantile(content[content > 3.0], 0.95)), 5) > 1e-4
+    high = float(np.quantile(content[content > 3.0], 0.99))
     # A hundred of them: never by chance.
-    assert null.community_p(median, 100, floor) < 1e-9
-    assert null.community_p(floor, 100, floor) == pytest.approx(1.0)
+    assert null.community_p(high, 100) < 1e-9

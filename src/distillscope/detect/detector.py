@@ -47,11 +47,13 @@ import pyarrow.parquet as pq
 
 from distillscope.detect.learned import LearnedScorer
 from distillscope.detect.signals import (
-    CONTENT,
+    REASON,
     SIGNAL_LIST,
     SIGNALS,
     WEIGHTS,
     Reference,
+    content_reason,
+    content_score,
     measured_signals,
     permutation_null,
     score,
@@ -74,8 +76,6 @@ _AUTOMATION_UA = (
     r"python-requests|httpx|aiohttp|curl/|go-http-client|okhttp|node-fetch|axios|scrapy"
 )
 _REQUIRED = ("account_id", "ts")
-#: Evidence (-ln p) at which a signal is named among an account's reasons: p <= 0.05.
-REASON = math.log(20)
 #: A tool offered in a request's messages: `"name": "search_flights", "parameters": ...` (or
 #: `input_schema`) in a tools list, quotes escaped or not (a system message carrying the list as
 #: JSON text inside the JSON messages); a name without a schema is somebody's data.
@@ -125,9 +125,6 @@ class DetectConfig:
     #: (``signals.Null.community_p``): a log yields tens of communities, and at 1e-4 the chance
     #: that any of a hundred ordinary ones passes stays under 1% (Bonferroni).
     community_level: float = 1e-4
-    #: Accounts asking for reasoning outside any community needed to say what such an account
-    #: typically scores (the baseline a community of them is judged against).
-    min_loose_askers: int = 10
     #: Flag accounts whose score a random account would reach with this probability or less.
     flag_fpr: float = 0.001
     null_permutations: int = 50
@@ -201,9 +198,7 @@ def detect(
         )
         ranked = _rank(con, features, measured, reference, config, notes)
     scores, z, null, threshold, found = ranked
-    communities = _significant(
-        con, found, features["account_id"].to_pylist(), scores, null, threshold, config
-    )
+    communities = _significant(found, features["account_id"].to_pylist(), z, null, config)
     notes.append(
         f"flag threshold {threshold:.1f}: the {1 - config.flag_fpr:.3%} point of scores "
         f"with each signal shuffled across accounts ({config.null_permutations} shuffles)"
@@ -251,9 +246,9 @@ def _rank(con, features, measured, reference: Reference, config: DetectConfig, n
     ids = features["account_id"].to_pylist()
     # the graph's nodes: suspects, and accounts with a content reason of their own (a quiet
     # campaign's accounts each look modest; what ties them is what they ask and where from)
-    reasoned = _content_reason(z)
-    suspects = [a for a, v, r in zip(ids, scores, reasoned) if v >= threshold / 2 or r]
-    communities = _communities(con, suspects, config)
+    reasoned = content_reason(z)
+    suspects = [a for a, v in zip(ids, scores) if v >= threshold / 2]
+    communities = _communities(con, suspects, [a for a, r in zip(ids, reasoned) if r], config)
     return scores, z, null, threshold, communities
 
 
@@ -647,14 +642,18 @@ def _features(con, accounts_meta, events, banned, notes) -> tuple[pa.Table, set[
     return table, absent
 
 
-def _communities(con, suspects: list[str], config: DetectConfig) -> dict[str, int]:
-    """Louvain communities of the coordination graph among ``suspects`` (accounts with at least
-    half the flag score: a community is evidence about its members, so ordinary accounts co-hitting
-    a popular template do not dilute it).
+def _communities(
+    con, suspects: list[str], reasoned: list[str], config: DetectConfig
+) -> dict[str, int]:
+    """Louvain communities of the coordination graph. What accounts share of infrastructure and
+    timing ties ``suspects`` only (accounts with at least half the flag score: an office's
+    address or a popular template ties ordinary people too); what they ask ties suspects and
+    ``reasoned`` accounts (a content reason of their own) alike.
 
     An edge's weight counts what two accounts share: each (template, hour) both hit (the
-    SynchroTrap / CopyCatch lockstep), each IP address both used, each tool catalogue both offer
-    (one is a popular product's; several are a sweep), a payment fingerprint (counted twice),
+    SynchroTrap / CopyCatch lockstep), each IP address both used, a payment fingerprint (counted
+    twice) -- among suspects; each tool catalogue both offer (one is a popular product's; several
+    are a sweep),
     each intent both hold (``_intents``: accounts asking for reasoning about the same
     kind of task; every account that asks for reasoning is a node, suspect or not, because a
     campaign with no shared infrastructure is found by what it asks, and each is tied to
@@ -666,6 +665,7 @@ def _communities(con, suspects: list[str], config: DetectConfig) -> dict[str, in
     import networkx as nx
 
     con.register("suspects", pa.table({"account_id": pa.array(suspects, pa.string())}))
+    con.register("reasoned", pa.table({"account_id": pa.array(reasoned, pa.string())}))
     fingerprints = (
         """UNION ALL SELECT a.account_id, b.account_id, false, 2 FROM meta a JOIN meta b
              USING (payment_fingerprint)
@@ -696,8 +696,9 @@ def _communities(con, suspects: list[str], config: DetectConfig) -> dict[str, in
         crowded AS (SELECT template, slot, daily FROM hits GROUP BY ALL HAVING count(*) <= 400),
         ips AS (SELECT DISTINCT client_ip, account_id FROM sx WHERE client_ip IS NOT NULL),
         shared_ips AS (SELECT client_ip FROM ips GROUP BY 1 HAVING count(*) <= 50),
-        catalogues AS (SELECT DISTINCT catalogue, account_id FROM sx
-                       WHERE catalogue IS NOT NULL),
+        catalogues AS (SELECT DISTINCT catalogue, account_id FROM x
+                       WHERE catalogue IS NOT NULL AND account_id IN (
+                         SELECT account_id FROM suspects UNION SELECT account_id FROM reasoned)),
         ranked_intents AS (SELECT account_id, intent, row_number() OVER (
                              PARTITION BY intent ORDER BY hash(account_id, {config.seed})) AS r
                            FROM intents),
@@ -744,48 +745,33 @@ def _communities(con, suspects: list[str], config: DetectConfig) -> dict[str, in
     return members
 
 
-def _significant(con, found, ids, scores, null, threshold, config) -> dict:
-    """Each member's community and the community's p-value (``Null.community_p``), for the
-    communities at most ``community_level``: the others are what ordinary accounts tied by chance
-    (an office's address, a popular template) look like.
-
-    Members were selected, so a community is compared with null accounts selected the same way:
-    a community of suspects with null accounts already at half the threshold; one holding
-    accounts that ask for reasoning (``intents``) with the typical score of such accounts outside
-    every community (people asking for reasoning about their own work), when the log has at
-    least ``min_loose_askers`` of them to say what typical is, else with every account.
-    """
-    holders = {row[0] for row in con.execute("SELECT DISTINCT account_id FROM intents").fetchall()}
-    loose = [v for a, v in zip(ids, scores) if a in holders and a not in found]
-    typical = float(np.median(loose)) if len(loose) >= config.min_loose_askers else 0.0
+def _significant(found, ids, z, null, config) -> dict:
+    """Each member's community and the community's p-value (``Null.community_p``: its members'
+    median content score against unrelated accounts with a content reason), for the communities
+    at most ``community_level``: the others are what ordinary accounts tied by chance (an office's
+    address, a popular template, an organisation's pipelines) look like."""
+    content = content_score(z)
     members: dict[int, list[int]] = {}
     for row, account in enumerate(ids):
         if account in found:
             members.setdefault(found[account], []).append(row)
     kept = {}
     for index, rows in members.items():
-        floor = threshold / 2
-        if any(ids[row] in holders for row in rows):
-            floor = min(floor, typical)
-        p = null.community_p(float(np.median(scores[rows])), len(rows), floor)
+        p = null.community_p(float(np.median(content[rows])), len(rows))
         if p <= config.community_level:
             kept.update({ids[row]: (index, p) for row in rows})
     return kept
 
 
-def _content_reason(z: dict[str, np.ndarray]) -> np.ndarray:
-    """Accounts with a content signal at p <= 0.05: a reason of their own to be in a campaign."""
-    return np.logical_or.reduce([z[name] >= REASON for name in CONTENT])
-
-
 def _assemble(features, scores, z, communities, threshold) -> pa.Table:
-    """The accounts table. Members of a significant community are flagged when they have a content
-    reason of their own (``_content_reason``): a community does not turn an account with none into
-    a campaign's, and an ordinary account tied to one by chance is not flagged with it."""
+    """The accounts table. Members of a significant community are flagged when they have a
+    content reason of their own (``signals.content_reason``): a community does not turn an
+    account with none into a campaign's, and an ordinary account tied to one by chance is not
+    flagged with it."""
     accounts = features["account_id"].to_pylist()
     community = np.array([communities.get(a, (-1, 1.0))[0] for a in accounts])
     final = scores.copy()
-    pooled = (community >= 0) & _content_reason(z)
+    pooled = (community >= 0) & content_reason(z)
     final[pooled] = np.maximum(final[pooled], threshold)
     flagged = final >= threshold
     reasons = []

@@ -325,6 +325,20 @@ def volume_strata(requests: np.ndarray, bins: int = 10) -> np.ndarray:
     return np.searchsorted(edges, requests, side="right")
 
 
+#: Evidence (-ln p) at which a signal is named among an account's reasons: p <= 0.05.
+REASON = math.log(20)
+
+
+def content_score(evidence: dict[str, np.ndarray]) -> np.ndarray:
+    """``2 * C``: the part of ``combine`` that says what the requests ask for."""
+    return 2 * sum(WEIGHTS[name] * evidence[name] for name in CONTENT)
+
+
+def content_reason(evidence: dict[str, np.ndarray]) -> np.ndarray:
+    """Accounts with a content signal at p <= 0.05: a reason of their own to be in a campaign."""
+    return np.logical_or.reduce([evidence[name] >= REASON for name in CONTENT])
+
+
 @dataclass(frozen=True)
 class Null:
     """Scores of accounts whose signals are unrelated: each signal's reference evidence shuffled
@@ -332,25 +346,26 @@ class Null:
 
     #: The null scores, ascending.
     scores: np.ndarray
+    #: Each null account's content score (``content_score``) and whether it has a content reason.
+    content: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    reasoned: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
 
     def threshold(self, fpr: float) -> float:
         """The score a null account exceeds with probability ``fpr``."""
         return float(np.quantile(self.scores, 1 - fpr))
 
-    def exceedance(self, score: float) -> float:
-        """``(1 + #null >= score) / (1 + N)``: how often a null account scores at least this."""
-        n = len(self.scores)
-        return (1 + n - int(np.searchsorted(self.scores, score, side="left"))) / (1 + n)
-
-    def community_p(self, median: float, members: int, floor: float) -> float:
-        """How often ``members`` null accounts, each already scoring at least ``floor`` (the
-        selection a community's members passed), would have a median of ``median`` or more: the
-        exact binomial tail of at least half of them exceeding it. A hydra's heads each look
-        modest; a hundred of them together do not."""
+    def community_p(self, median_content: float, members: int) -> float:
+        """How often ``members`` unrelated accounts that each have a content reason would have a
+        median content score of ``median_content`` or more: the exact binomial tail of at least
+        half of them exceeding it. A community is formed by what its members share (templates,
+        addresses, timing), so it is tested on what they ask for alone, against accounts chosen
+        the way its members were: a hydra's heads each look modest, a hundred of them together do
+        not; an office whose members each have a weak reason is an office."""
         from scipy.stats import binom
 
-        q = min(1.0, self.exceedance(median) / self.exceedance(floor))
-        return float(binom.sf(math.ceil(members / 2) - 1, members, q))
+        chosen = self.content[self.reasoned]
+        q = (1 + int((chosen >= median_content).sum())) / (1 + len(chosen))
+        return float(binom.sf(math.ceil(members / 2) - 1, members, min(q, 1.0)))
 
 
 def permutation_null(
@@ -382,8 +397,9 @@ def permutation_null(
             out[index] = e[rng.permutation(index)]
         return out
 
-    null = np.concatenate([
-        combine({name: shuffled(e) for name, e in evidence.items()})
-        for _ in range(permutations)
-    ])  # fmt: skip
-    return Null(np.sort(null))
+    draws = [{name: shuffled(e) for name, e in evidence.items()} for _ in range(permutations)]
+    return Null(
+        np.sort(np.concatenate([combine(draw) for draw in draws])),
+        np.concatenate([content_score(draw) for draw in draws]),
+        np.concatenate([content_reason(draw) for draw in draws]),
+    )
