@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from distillscope.paths import cache_dir
+from distillscope.paths import atomic_path, cache_dir
 
 #: Bump when the grammar, features or model change: the cache is keyed by it.
 VERSION = 7
@@ -182,10 +182,8 @@ class ElicitationClassifier:
             except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
                 pass  # a damaged cache is refitted
         model = cls().fit()
-        tmp = path.with_name(f".{path.name}.tmp")
-        with tmp.open("wb") as fh:
-            pickle.dump(model, fh)
-        tmp.replace(path)
+        with atomic_path(path) as staging:
+            staging.write_bytes(pickle.dumps(model))
         return model
 
 

@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from distillscope.detect.signals import CONTENT, SIGNALS, WEIGHTS
 from distillscope.errors import DistillscopeError
+from distillscope.paths import atomic_path
 
 #: What a scorer flags by default: its threshold on the training worlds' legitimate accounts.
 TRAINING_FPR = 0.001
@@ -108,9 +109,8 @@ class LearnedScorer:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(pickle.dumps(self))
-        tmp.replace(path)
+        with atomic_path(path) as staging:
+            staging.write_bytes(pickle.dumps(self))
         return path
 
     @classmethod

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distillscope.errors import DistillscopeError
+from distillscope.paths import atomic_path
 
 
 @dataclass(frozen=True)
@@ -256,9 +257,8 @@ class Reference:
             "fitted_at": self.fitted_at,
         }
         table = self.values.replace_schema_metadata({_META: json.dumps(meta).encode()})
-        tmp = path.with_name(f".{path.name}.tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(path)
+        with atomic_path(path) as staging:
+            pq.write_table(table, staging)
         return path
 
     @classmethod
