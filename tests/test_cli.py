@@ -328,3 +328,9 @@ def test_audit_and_serve_refusals_are_one_line_and_leave_nothing(cli, tmp_path, 
     (tmp_path / "tiers.yaml").write_text("nothing: here\n")
     serve = ("serve", "--teacher", "synthetic", "--open", "--db", "off")
     one_line_error(cli(*serve, "--tiers", tmp_path / "tiers.yaml"), "tiers")
+
+
+def test_a_negative_simulation_seed_is_refused_before_anything_runs(cli, tmp_path):
+    result = cli("simulate", "--scenario", "smoke", "--seed", "-1", "--out", tmp_path / "sim")
+    assert result.exit_code == 2 and "--seed" in result.output + result.stderr
+    assert not (tmp_path / "sim").exists()

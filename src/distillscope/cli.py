@@ -1102,7 +1102,7 @@ def simulate(
     scenario: str = typer.Option(
         "default", help="A built-in scenario ('default', 'smoke', 'shapes') or a YAML file of one."
     ),
-    seed: int | None = typer.Option(None, help="Overrides the scenario's seed."),
+    seed: int | None = typer.Option(None, min=0, help="Overrides the scenario's seed."),
     days: float | None = typer.Option(None, min=0.01, help="Overrides the simulated days."),
     scale: float | None = typer.Option(None, min=0.001, help="Multiplies every account count."),
     random_shapes: int | None = typer.Option(
