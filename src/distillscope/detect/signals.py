@@ -34,7 +34,10 @@ from distillscope.paths import atomic_path
 
 
 @dataclass(frozen=True)
-class Signal:
+class AccountSignal:
+    """What one account-level signal is and how it counts (``exposure.Signal`` is something
+    else: what a teacher's answer reveals)."""
+
     name: str
     description: str
     #: How much the signal counts in the score (a weighted Fisher sum of -ln p).
@@ -53,30 +56,34 @@ class Signal:
 
 
 SIGNAL_LIST = (
-    Signal("elicitation", "share of prompts asking to see the reasoning or a narrated trace "
-           "(a learned classifier, detect.elicitation)", 1.5, kind="content", share=True),
-    Signal("concentration", "share of the account's distinct tasks in its most-used "
-           "training-target capability (coding, tool use, reasoning)", 0.75, kind="content",
-           share=True, per="tasks"),
-    Signal("tool_coverage", "distinct tool catalogues (sets of tools offered) in its requests: an "
-           "agent product offers its own tools, a harvest sweeps many", 1.0, kind="content",
-           needs=("messages",)),
-    Signal("template", "share of requests in prompt-template clusters shared by several accounts",
-           1.5, share=True),
-    Signal("regularity", "inter-arrival regularity (1 / coefficient of variation)", 1.0),
-    Signal("around_clock", "entropy of the hour-of-day histogram (automation runs all day)", 0.5),
-    Signal("ip_sharing", "most accounts seen on one of the account's IP addresses", 1.0,
-           needs=("client_ip",)),
-    Signal("ip_rotation", "distinct IP addresses per request", 1.0, needs=("client_ip",)),
-    Signal("automation_ua", "share of requests from HTTP libraries rather than apps", 0.5,
-           share=True, needs=("user_agent",)),
-    Signal("logprobs", "share of requests asking for logprobs", 0.5, share=True,
-           needs=("exposure_requested",)),
-    Signal("pivot", "share of its first-day traffic after a model release that went to the new "
-           "model", 1.0, needs=("model", "events")),
-    Signal("fingerprint", "accounts sharing its payment fingerprint", 1.0, needs=("accounts",)),
-    Signal("banned_link", "links (fingerprint, IP, template cluster) to banned accounts", 1.0,
-           needs=("banned",)),
+    AccountSignal("elicitation", "share of prompts asking to see the reasoning or a narrated "
+                  "trace (a learned classifier, detect.elicitation)", 1.5, kind="content",
+                  share=True),
+    AccountSignal("concentration", "share of the account's distinct tasks in its most-used "
+                  "training-target capability (coding, tool use, reasoning)", 0.75,
+                  kind="content", share=True, per="tasks"),
+    AccountSignal("tool_coverage", "distinct tool catalogues (sets of tools offered) in its "
+                  "requests: an agent product offers its own tools, a harvest sweeps many", 1.0,
+                  kind="content", needs=("messages",)),
+    AccountSignal("template", "share of requests in prompt-template clusters shared by several "
+                  "accounts", 1.5, share=True),
+    AccountSignal("regularity", "inter-arrival regularity (1 / coefficient of variation)", 1.0),
+    AccountSignal("around_clock", "entropy of the hour-of-day histogram (automation runs all "
+                  "day)", 0.5),
+    AccountSignal("ip_sharing", "most accounts seen on one of the account's IP addresses", 1.0,
+                  needs=("client_ip",)),
+    AccountSignal("ip_rotation", "distinct IP addresses per request", 1.0,
+                  needs=("client_ip",)),
+    AccountSignal("automation_ua", "share of requests from HTTP libraries rather than apps", 0.5,
+                  share=True, needs=("user_agent",)),
+    AccountSignal("logprobs", "share of requests asking for logprobs", 0.5, share=True,
+                  needs=("exposure_requested",)),
+    AccountSignal("pivot", "share of its first-day traffic after a model release that went to "
+                  "the new model", 1.0, needs=("model", "events")),
+    AccountSignal("fingerprint", "accounts sharing its payment fingerprint", 1.0,
+                  needs=("accounts",)),
+    AccountSignal("banned_link", "links (fingerprint, IP, template cluster) to banned accounts",
+                  1.0, needs=("banned",)),
 )  # fmt: skip
 #: What each account-level signal measures (higher = more campaign-like).
 SIGNALS = {s.name: s.description for s in SIGNAL_LIST}
