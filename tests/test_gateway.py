@@ -505,8 +505,6 @@ def test_watermark_hook_transforms_what_is_sampled(tiny_teacher, tmp_path):
     """A tier's watermark processor sees each account's id and shapes the sampled distribution."""
     import torch
 
-    from distillscope.gateway import WATERMARKS
-
     seen = []
 
     def only_token(account: str):
@@ -520,21 +518,20 @@ def test_watermark_hook_transforms_what_is_sampled(tiny_teacher, tmp_path):
 
         return processor
 
-    WATERMARKS["only-one-token"] = only_token
-    try:
-        store = KeyStore(tmp_path / "keys.sqlite")
-        tiers = {
-            "marked": Tier("marked", BUILTIN_TIERS["top5"].exposure, watermark="only-one-token")
-        }
-        secret = store.create("acct-wm", "marked")[1]
-        app = create_app(tiny_teacher, model_name="tiny", keys=store, tiers=tiers)
-        with serve_in_thread(app) as url:
-            c = openai.OpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0)
-            answer = c.chat.completions.create(
-                model="tiny", messages=HI, max_tokens=4, logprobs=True, top_logprobs=2
-            )
-    finally:
-        del WATERMARKS["only-one-token"]
+    store = KeyStore(tmp_path / "keys.sqlite")
+    tiers = {"marked": Tier("marked", BUILTIN_TIERS["top5"].exposure, watermark="only-one-token")}
+    secret = store.create("acct-wm", "marked")[1]
+    with pytest.raises(TierError, match="marked.*unknown watermark 'only-one-token'"):
+        create_app(tiny_teacher, model_name="tiny", keys=store, tiers=tiers)
+    watermarks = {"only-one-token": only_token}
+    app = create_app(
+        tiny_teacher, model_name="tiny", keys=store, tiers=tiers, watermarks=watermarks
+    )
+    with serve_in_thread(app) as url:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0)
+        answer = c.chat.completions.create(
+            model="tiny", messages=HI, max_tokens=4, logprobs=True, top_logprobs=2
+        )
     assert seen == ["acct-wm"]
     content = answer.choices[0].logprobs.content
     forced = token_bytes_table(tiny_teacher.tokenizer)[1000 + len("acct-wm")]

@@ -27,9 +27,9 @@ from distillscope.forensics.watermark import (
     WatermarkError,
     attribute,
     derive_key,
+    gateway_watermarks,
     gumbel_log10_p,
     kgw_log10_p,
-    register_gateway_watermarks,
     scored_ngrams,
 )
 from distillscope.teachers import SamplingConfig, load_teacher
@@ -316,45 +316,37 @@ def test_derive_key_is_deterministic_and_account_specific():
         Watermark("kgw", key, gamma=1.0)
 
 
-@pytest.fixture
-def watermark_registry():
-    from distillscope.gateway.tiers import WATERMARKS
-
-    saved = dict(WATERMARKS)
-    yield WATERMARKS
-    WATERMARKS.clear()
-    WATERMARKS.update(saved)
-
-
-def test_register_gateway_watermarks_needs_a_secret(watermark_registry, monkeypatch):
-    from distillscope.gateway.tiers import tier_from_dict
+def test_gateway_watermarks_need_a_secret(monkeypatch, tmp_path):
+    from distillscope.gateway.tiers import load_tiers
 
     monkeypatch.delenv(SECRET_ENV, raising=False)
     with pytest.raises(WatermarkError, match=SECRET_ENV):
-        register_gateway_watermarks()
+        gateway_watermarks()
     monkeypatch.setenv(SECRET_ENV, MASTER)
-    register_gateway_watermarks()
-    assert {"kgw", "gumbel"} <= set(watermark_registry)
-    assert tier_from_dict("marked", {"exposure": "top5", "watermark": "kgw"}).watermark == "kgw"
+    watermarks = gateway_watermarks()
+    assert set(watermarks) == {"kgw", "gumbel"}
+    path = tmp_path / "tiers.yaml"
+    path.write_text("tiers:\n  marked:\n    exposure: top5\n    watermark: kgw\n")
+    assert load_tiers(path, watermarks=watermarks)["marked"].watermark == "kgw"
     generator = torch.Generator().manual_seed(8)
     ids, scores = torch.randint(0, 1000, (2, 6), generator=generator), torch.randn(2, 1000)
     for scheme in SCHEMES:
         expected = Watermark.for_account(scheme, MASTER, MARKED).processor()(ids, scores)
-        assert torch.equal(watermark_registry[scheme](MARKED)(ids, scores), expected)
+        assert torch.equal(watermarks[scheme](MARKED)(ids, scores), expected)
 
 
-def test_a_harvest_through_a_watermarked_tier_is_attributed(
-    default_teacher, watermark_registry, tmp_path
-):
+def test_a_harvest_through_a_watermarked_tier_is_attributed(default_teacher, tmp_path):
     """A real gateway serving the default teacher with a ``kgw`` tier: what an account harvests
     over HTTP (ids recovered from the logprob bytes) names that account among 20."""
     from distillscope.gateway import BUILTIN_TIERS, KeyStore, Tier, create_app, serve_in_thread
 
-    register_gateway_watermarks(MASTER)
     store = KeyStore(tmp_path / "keys.sqlite")
     tiers = {"marked": Tier("marked", BUILTIN_TIERS["top1"].exposure, watermark="kgw")}
     secret = store.create(MARKED, "marked")[1]
-    app = create_app(default_teacher, model_name="teacher", keys=store, tiers=tiers)
+    app = create_app(
+        default_teacher, model_name="teacher", keys=store, tiers=tiers,
+        watermarks=gateway_watermarks(MASTER),
+    )  # fmt: skip
     with serve_in_thread(app) as url:
         harvester = load_teacher(
             f"openai:{url}/v1", model="teacher", tokenizer="default", api_key=secret

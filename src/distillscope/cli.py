@@ -596,9 +596,10 @@ def keys_create(
     keys: Path = KEYS_OPTION,
 ) -> None:
     """Create an API key; the key is printed once and stored only as a hash."""
+    from distillscope.forensics.watermark import SCHEMES
     from distillscope.gateway import KeyStore, load_tiers
 
-    known = load_tiers(tiers)
+    known = load_tiers(tiers, watermarks=SCHEMES)  # names only: serve needs the secret
     if tier not in known:
         raise DistillscopeError(f"unknown tier {tier!r}: expected one of {', '.join(known)}")
     key, secret = KeyStore(keys).create(account, tier, name=name)

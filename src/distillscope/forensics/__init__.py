@@ -2,7 +2,7 @@
 
 ``Watermark.for_account("kgw", master, account).processor()`` marks what a teacher samples;
 ``Watermark.detect`` and ``attribute`` test text for it with exact p-values;
-``register_gateway_watermarks`` makes the schemes available to gateway tiers. ``CanarySet`` plants
+``gateway_watermarks`` builds the schemes a gateway's tiers can name. ``CanarySet`` plants
 per-account canaries in answers to trigger prompts and tests a suspect's answers for them.
 ``build_antidistillation(teacher, lam=...)`` is a processor that makes a local teacher's answers
 worse training data (antidistillation sampling); ``DefendedTeacher`` caps, rounds and noises what a
@@ -18,9 +18,9 @@ _EXPORTS = {
     "WatermarkError": "distillscope.forensics.watermark",
     "attribute": "distillscope.forensics.watermark",
     "derive_key": "distillscope.forensics.watermark",
+    "gateway_watermarks": "distillscope.forensics.watermark",
     "gumbel_log10_p": "distillscope.forensics.watermark",
     "kgw_log10_p": "distillscope.forensics.watermark",
-    "register_gateway_watermarks": "distillscope.forensics.watermark",
     "scored_ngrams": "distillscope.forensics.watermark",
     "CanaryAttribution": "distillscope.forensics.canaries",
     "CanarySet": "distillscope.forensics.canaries",

@@ -404,21 +404,19 @@ def _account_processor(scheme: Scheme, master: str | bytes, params: dict, accoun
     return Watermark.for_account(scheme, master, account_id, **params).processor()
 
 
-def register_gateway_watermarks(
+def gateway_watermarks(
     master_secret: bytes | str | None = None,
     *,
     gamma: float = 0.25,
     delta: float = 2.0,
     context: int = 4,
     top_k: int = 40,
-) -> None:
-    """Register ``kgw`` and ``gumbel`` in the gateway's ``WATERMARKS``, keyed per account.
+) -> dict[Scheme, Callable[[str], object]]:
+    """``kgw`` and ``gumbel`` as the gateway takes them (``create_app(watermarks=...)``,
+    ``load_tiers(watermarks=...)``): ``factory(account_id) -> processor``, keyed per account.
 
-    The master secret defaults to ``$DISTILLSCOPE_WATERMARK_SECRET``. Call this before tiers that
-    name a watermark are loaded: tier validation checks the name is registered.
+    The master secret defaults to ``$DISTILLSCOPE_WATERMARK_SECRET``.
     """
-    from distillscope.gateway.tiers import WATERMARKS
-
     master = master_secret if master_secret is not None else os.environ.get(SECRET_ENV, "")
     if not master:
         raise WatermarkError(
@@ -427,5 +425,7 @@ def register_gateway_watermarks(
         )
     params = {"gamma": gamma, "delta": delta, "context": context, "top_k": top_k}
     Watermark("kgw", 0, **params)  # validate once, here, not on the first request
-    WATERMARKS["kgw"] = partial(_account_processor, "kgw", master, params)
-    WATERMARKS["gumbel"] = partial(_account_processor, "gumbel", master, {"context": context})
+    return {
+        "kgw": partial(_account_processor, "kgw", master, params),
+        "gumbel": partial(_account_processor, "gumbel", master, {"context": context}),
+    }

@@ -18,7 +18,6 @@ _EXPORTS = {
     "run_gateway": "distillscope.gateway.server",
     "serve_in_thread": "distillscope.gateway.server",
     "BUILTIN_TIERS": "distillscope.gateway.tiers",
-    "WATERMARKS": "distillscope.gateway.tiers",
     "Tier": "distillscope.gateway.tiers",
     "load_tiers": "distillscope.gateway.tiers",
 }

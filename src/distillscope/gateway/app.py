@@ -18,6 +18,7 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,7 +43,14 @@ from distillscope.gateway.backends import (
 )
 from distillscope.gateway.keys import ApiKey, BlockListFile, KeyStore
 from distillscope.gateway.limits import Limiter, MemoryLimiter, RateLimited
-from distillscope.gateway.tiers import BUILTIN_TIERS, WATERMARKS, Tier, TierError, antidistilled
+from distillscope.gateway.tiers import (
+    BUILTIN_TIERS,
+    Tier,
+    TierError,
+    WatermarkFactory,
+    antidistilled,
+    check_watermarks,
+)
 from distillscope.gateway.traffic import TrafficLog, open_traffic_log
 
 #: ``max_tokens`` when a request gives none (OpenAI's legacy default).
@@ -235,6 +243,7 @@ def create_app(
     tiers: dict[str, Tier] | None = None,
     block_file: str | None = None,
     antidistillation: Any | None = None,
+    watermarks: Mapping[str, WatermarkFactory] | None = None,
 ) -> FastAPI:
     """An app serving ``backend`` (a ``Backend``, or a local teacher) as one model.
 
@@ -242,6 +251,7 @@ def create_app(
     defaults to no log; ``limiter`` to in-memory limits; ``tiers`` to the built-in ones.
     ``antidistillation`` (an ``AntidistillationProcessor``, from ``build_antidistillation``) is the
     penalty tiers with ``antidistill: LAMBDA`` sample under, at their own strength.
+    ``watermarks`` are those tiers may name (``forensics.gateway_watermarks``).
     """
     if not isinstance(backend, Backend):
         backend = TeacherBackend(backend, model_name=model_name or "distillscope-default")
@@ -255,6 +265,8 @@ def create_app(
             f"tier(s) {', '.join(defended)} set antidistill, which needs a local teacher's proxy "
             "student: build one with distillscope.forensics.build_antidistillation"
         )
+    watermarks = dict(watermarks or {})
+    check_watermarks(tiers, watermarks)
     log = log or open_traffic_log(None)
     limiter = limiter or MemoryLimiter()
     block_list = BlockListFile(block_file) if block_file else None
@@ -436,7 +448,7 @@ def create_app(
             )
         if tier.watermark is not None:
             # last, so the watermark's bias is on the distribution actually sampled
-            processors.append(WATERMARKS[tier.watermark](exchange.caller.account_id or ""))
+            processors.append(watermarks[tier.watermark](exchange.caller.account_id or ""))
         request.processors = processors
         return request
 

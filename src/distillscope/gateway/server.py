@@ -53,13 +53,14 @@ def build_gateway(config: GatewayConfig) -> tuple[FastAPI, object]:
     from distillscope.gateway.traffic import open_traffic_log
     from distillscope.teachers import load_teacher
 
+    watermarks = {}
     if os.environ.get("DISTILLSCOPE_WATERMARK_SECRET"):
         # per-account keys derive from the provider's master secret; tiers may then name
         # `watermark: kgw` or `watermark: gumbel` (docs/forensics.md)
-        from distillscope.forensics.watermark import register_gateway_watermarks
+        from distillscope.forensics.watermark import gateway_watermarks
 
-        register_gateway_watermarks(context=_watermark_context())
-    tiers = load_tiers(config.tiers)
+        watermarks = gateway_watermarks(context=_watermark_context())
+    tiers = load_tiers(config.tiers, watermarks=watermarks)
     defended = antidistilled(tiers)
     if defended and config.upstream:
         raise DistillscopeError(
@@ -89,7 +90,7 @@ def build_gateway(config: GatewayConfig) -> tuple[FastAPI, object]:
     log.start()
     app = create_app(
         backend, keys=keys, log=log, limiter=limiter, tiers=tiers, block_file=config.block_file,
-        antidistillation=antidistillation,
+        antidistillation=antidistillation, watermarks=watermarks,
     )  # fmt: skip
     return app, log
 

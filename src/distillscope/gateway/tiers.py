@@ -15,7 +15,7 @@ YAML file can redefine them or add more::
         over_limit: reject
         round_logprobs: 2          # decimals
         logprob_noise: 0.05        # std of Gaussian noise added to each reported logprob
-        watermark: kgw             # a name registered in WATERMARKS
+        watermark: kgw             # one the gateway offers (forensics.gateway_watermarks)
         antidistill: 0.03          # antidistillation strength lambda (local teachers only)
         antidistill_top_p: 0.9     # ... kept inside the teacher's own nucleus (default 1: off)
         requests_per_minute: 600
@@ -27,40 +27,69 @@ YAML file can redefine them or add more::
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import field, fields, replace
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import ConfigDict, Field, PlainValidator, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
 
-from distillscope.errors import DistillscopeError, ExposureError
+from distillscope.errors import DistillscopeError
 from distillscope.exposure import Exposure, Full, Text, TopK, parse_exposure
 from distillscope.gateway.limits import Limits
 
-#: Watermark factories by name: ``factory(account_id) -> logits processor``. The forensics module
-#: registers its schemes here; a tier naming one gets its processor on every generation.
-WATERMARKS: dict[str, Callable[[str], object]] = {}
+#: ``factory(account_id) -> logits processor``: what a tier's ``watermark:`` names. Whoever builds
+#: the gateway hands ``create_app`` the ones it offers (``forensics.gateway_watermarks``).
+WatermarkFactory = Callable[[str], object]
 
 
 class TierError(DistillscopeError):
     """A tier definition that cannot be used."""
 
 
-@dataclass(frozen=True)
+def _rule(text: str, **constraints: Any) -> Any:
+    """A setting's constraints and, in words, what it must be (the error names it)."""
+    return Field(description=text, **constraints)
+
+
+#: A rate or concurrency limit; null: none.
+Limit = Annotated[int | None, _rule("a positive integer or null", ge=1)]
+
+
+@dataclass(frozen=True, config=ConfigDict(strict=True))
 class Tier:
+    """One tier of keys. Built in Python or from a tier file, it is checked by the same rules:
+    strict types (``"2"`` is not a number, ``true`` not a count) and the ranges below."""
+
     name: str
-    exposure: Exposure = field(default_factory=Text)
-    over_limit: Literal["clamp", "reject"] = "clamp"
-    round_logprobs: int | None = None
-    logprob_noise: float = 0.0
-    watermark: str | None = None
-    antidistill: float | None = None
-    antidistill_top_p: float = 1.0
-    requests_per_minute: int | None = 600
-    tokens_per_minute: int | None = 400_000
-    concurrency: int | None = 16
-    max_prompt_tokens: int = 4096
+    exposure: Annotated[
+        Exposure, PlainValidator(parse_exposure), _rule("text, topK (K up to 20) or full")
+    ] = field(default_factory=Text)
+    over_limit: Annotated[Literal["clamp", "reject"], _rule("clamp or reject")] = "clamp"
+    round_logprobs: Annotated[int | None, _rule("0..8 decimals or null", ge=0, le=8)] = None
+    logprob_noise: Annotated[
+        float, _rule("a number >= 0 (a standard deviation)", ge=0, allow_inf_nan=False)
+    ] = 0.0
+    watermark: Annotated[str | None, _rule("a watermark's name or null")] = None
+    antidistill: Annotated[
+        float | None, _rule("a number >= 0 (the strength) or null", ge=0, allow_inf_nan=False)
+    ] = None
+    antidistill_top_p: Annotated[float, _rule("a number in (0, 1]", gt=0, le=1)] = 1.0
+    requests_per_minute: Limit = 600
+    tokens_per_minute: Limit = 400_000
+    concurrency: Limit = 16
+    max_prompt_tokens: Annotated[int, _rule("a positive integer", ge=1)] = 4096
+
+    @model_validator(mode="after")
+    def _nucleus_needs_a_strength(self) -> Tier:
+        if self.antidistill_top_p < 1 and not self.antidistill:
+            raise ValueError(
+                "antidistill_top_p keeps antidistillation's draw inside the teacher's nucleus; "
+                "set antidistill (the strength) too"
+            )
+        return self
 
     @property
     def limits(self) -> Limits:
@@ -108,62 +137,46 @@ def antidistilled(tiers: dict[str, Tier]) -> list[str]:
     return sorted(name for name, tier in tiers.items() if tier.antidistill)
 
 
-def tier_from_dict(name: str, spec: dict) -> Tier:
+def tier_from_dict(name: str, spec: object) -> Tier:
     """A tier from its YAML mapping, starting from the built-in of the same name if any."""
-    if not isinstance(spec, dict):
+    if not isinstance(spec, dict) or not all(isinstance(key, str) for key in spec):
         raise TierError(f"tier {name!r} must be a mapping of settings")
-    known = {f.name for f in fields(Tier)} - {"name"}
-    unknown = sorted(set(spec) - known)
+    settings = [f.name for f in fields(Tier) if f.name != "name"]
+    unknown = sorted(set(spec) - set(settings))
     if unknown:
-        raise TierError(f"tier {name!r}: unknown setting(s) {', '.join(unknown)}")
-    base = BUILTIN_TIERS.get(name, Tier(name))
-    values = dict(spec)
-    if "exposure" in values:
-        try:
-            values["exposure"] = parse_exposure(str(values["exposure"]))
-        except ExposureError as exc:
-            raise TierError(f"tier {name!r}: {exc}") from exc
-    tier = replace(base, **values)
-    _check(tier)
-    return tier
-
-
-def _check(tier: Tier) -> None:
-    if tier.over_limit not in ("clamp", "reject"):
-        raise TierError(f"tier {tier.name!r}: over_limit must be clamp or reject")
-    if tier.round_logprobs is not None and not 0 <= tier.round_logprobs <= 8:
-        raise TierError(f"tier {tier.name!r}: round_logprobs must be 0..8 decimals")
-    if not tier.logprob_noise >= 0:
-        raise TierError(f"tier {tier.name!r}: logprob_noise must be >= 0")
-    if tier.watermark is not None and tier.watermark not in WATERMARKS:
-        known = ", ".join(sorted(WATERMARKS)) or (
-            "none registered: set DISTILLSCOPE_WATERMARK_SECRET to enable kgw and gumbel"
-        )
-        raise TierError(f"tier {tier.name!r}: unknown watermark {tier.watermark!r} ({known})")
-    if tier.antidistill is not None and (
-        isinstance(tier.antidistill, bool)
-        or not isinstance(tier.antidistill, int | float)
-        or not 0 <= tier.antidistill < float("inf")
-    ):
-        raise TierError(f"tier {tier.name!r}: antidistill must be a number >= 0 (the strength)")
-    top_p = tier.antidistill_top_p
-    if isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0 < top_p <= 1:
-        raise TierError(f"tier {tier.name!r}: antidistill_top_p must be a number in (0, 1]")
-    if top_p < 1 and not tier.antidistill:
         raise TierError(
-            f"tier {tier.name!r}: antidistill_top_p keeps antidistillation's draw inside the "
-            "teacher's nucleus; set antidistill (the strength) too"
+            f"tier {name!r}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(settings)})"
         )
-    for limit in ("requests_per_minute", "tokens_per_minute", "concurrency"):
-        value = getattr(tier, limit)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise TierError(f"tier {tier.name!r}: {limit} must be a positive integer or null")
-    if tier.max_prompt_tokens < 1:
-        raise TierError(f"tier {tier.name!r}: max_prompt_tokens must be positive")
+    try:
+        return replace(BUILTIN_TIERS.get(name) or Tier(name), **spec)
+    except ValidationError as exc:
+        raise TierError(f"tier {name!r}: {_message(exc.errors()[0])}") from None
 
 
-def load_tiers(path: str | os.PathLike | None = None) -> dict[str, Tier]:
-    """The built-in tiers, with those of a YAML file (``tiers:`` mapping) on top."""
+def _message(error: Mapping[str, Any]) -> str:
+    """pydantic's first error as one line: the setting, what it must be, what it was."""
+    if not error["loc"]:  # a rule across settings
+        return error["msg"].removeprefix("Value error, ")
+    setting = str(error["loc"][0])
+    rule = Tier.__pydantic_fields__[setting].description
+    return f"{setting} must be {rule}, not {error['input']!r}"
+
+
+def check_watermarks(tiers: Mapping[str, Tier], watermarks: Collection[str]) -> None:
+    """Refuse a tier that names a watermark not among ``watermarks`` (those offered)."""
+    for tier in tiers.values():
+        if tier.watermark is not None and tier.watermark not in watermarks:
+            known = ", ".join(sorted(watermarks)) or (
+                "none offered: set DISTILLSCOPE_WATERMARK_SECRET to enable kgw and gumbel"
+            )
+            raise TierError(f"tier {tier.name!r}: unknown watermark {tier.watermark!r} ({known})")
+
+
+def load_tiers(
+    path: str | os.PathLike | None = None, *, watermarks: Collection[str] = ()
+) -> dict[str, Tier]:
+    """The built-in tiers, with those of a YAML file (``tiers:`` mapping) on top; a tier may name
+    only one of ``watermarks``."""
     tiers = dict(BUILTIN_TIERS)
     if path is None:
         return tiers
@@ -178,4 +191,5 @@ def load_tiers(path: str | os.PathLike | None = None) -> dict[str, Tier]:
         raise TierError(f"{path} must hold a 'tiers:' mapping of tier name to settings")
     for name, spec in document["tiers"].items():
         tiers[str(name)] = tier_from_dict(str(name), spec or {})
+    check_watermarks(tiers, watermarks)
     return tiers
