@@ -5,7 +5,7 @@ Names resolve on first use, so the traffic log, keys and limits load without tor
 """
 
 _EXPORTS = {
-    "APIError": "distillscope.gateway.app",
+    "APIError": "distillscope.gateway.wire",
     "create_app": "distillscope.gateway.app",
     "Backend": "distillscope.gateway.backends",
     "ProxyBackend": "distillscope.gateway.backends",
