@@ -225,19 +225,25 @@ def test_reject_tier_refuses_and_rounding_tier_rounds(gateway):
     assert 0.2 < float(np.std(shifts)) < 1.0
 
 
-def test_prompt_logprobs_only_on_full_tier(tiny_teacher, tmp_path):
+def test_prompt_logprobs_only_on_the_research_tier(tiny_teacher, tmp_path):
+    """``research`` (capped at ``full``) serves prompt logprobs; so does a key stored under the
+    tier's old name, ``full``."""
     store = KeyStore(tmp_path / "keys.sqlite")
-    full = store.create("a", "full")[1]
+    research = store.create("a", "research")[1]
+    old_name = store.create("c", "full")[1]
     top5 = store.create("b", "top5")[1]
     app = create_app(tiny_teacher, model_name="tiny", keys=store)
     with serve_in_thread(app) as url:
         body = {"model": "tiny", "messages": HI, "max_tokens": 2, "prompt_logprobs": 3}
-        answer = httpx.post(
-            f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {full}"}
-        )
-        capped = httpx.post(
-            f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {top5}"}
-        )
+
+        def post(secret: str) -> httpx.Response:
+            headers = {"Authorization": f"Bearer {secret}"}
+            return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers)
+
+        answer, renamed, capped = post(research), post(old_name), post(top5)
+        models = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {old_name}"})
+    assert models.json()["data"][0]["distillscope"] == {"tier": "research", "max_exposure": "full"}
+    assert renamed.status_code == 200 and "prompt_logprobs" in renamed.json()
     assert answer.status_code == 200 and answer.headers["x-distillscope-exposure"] == "full"
     prompt_logprobs = answer.json()["prompt_logprobs"]
     assert prompt_logprobs[0] is None
@@ -339,8 +345,8 @@ def test_every_exchange_is_logged_with_its_exposure(gateway):
         ("top5", 20, None, (5, None), True),
         ("top5", 0, None, (0, None), False),
         ("top20", 20, 1, (20, None), True),
-        ("full", 20, 1, (20, 1), False),
-        ("full", None, 1, (None, 1), False),
+        ("research", 20, 1, (20, 1), False),
+        ("research", None, 1, (None, 1), False),
     ],
 )
 def test_one_tier_clamp_for_the_gateway_and_the_simulator(tier, top, prompt_n, served, over):
@@ -360,6 +366,24 @@ def test_tier_file_is_validated(tmp_path):
         path.write_text(f"tiers:\n  partner:\n    {bad}\n")
         with pytest.raises(TierError):
             load_tiers(path)
+    for bad, message in [
+        ("round_logprobs: '2'", "round_logprobs must be 0..8 decimals or null, not '2'"),
+        ("concurrency: true", "concurrency must be a positive integer or null, not True"),
+        ("colour: red", "unknown setting(s) colour (known: exposure, over_limit,"),
+    ]:
+        path.write_text(f"tiers:\n  partner:\n    {bad}\n")
+        with pytest.raises(TierError) as refused:
+            load_tiers(path)
+        one_line = str(refused.value)
+        assert one_line.startswith(f"tier 'partner': {message}") and "\n" not in one_line
+    # the built-in tier once called `full` is `research`; a file may still name it `full`
+    path.write_text("tiers:\n  full:\n    requests_per_minute: 60\n")
+    renamed = load_tiers(path)
+    assert "full" not in renamed and renamed["research"].limits.requests_per_minute == 60
+    assert renamed["research"].allows_prompt_logprobs
+    path.write_text("tiers:\n  full: {}\n  research: {}\n")
+    with pytest.raises(TierError, match="old name of 'research'"):
+        load_tiers(path)
 
 
 def cli(*args, cwd: Path, env=None) -> subprocess.CompletedProcess:
@@ -391,6 +415,19 @@ def test_keys_commands(tmp_path):
     assert again.returncode == 2 and "already revoked" in again.stderr
     bad = cli("keys", "create", "--account", "acme", "--tier", "gold", cwd=tmp_path)
     assert bad.returncode == 2 and "unknown tier" in bad.stderr and "Traceback" not in bad.stderr
+    renamed = cli("keys", "create", "--account", "lab", "--tier", "full", cwd=tmp_path)
+    assert renamed.returncode == 0 and "now named 'research'" in renamed.stderr
+    # a tier file naming a watermark is a tier file `serve` takes (with the secret set)
+    (tmp_path / "tiers.yaml").write_text("tiers:\n  marked:\n    watermark: kgw\n")
+    marked = cli(
+        "keys", "create", "--account", "m", "--tier", "marked", "--tiers", "tiers.yaml",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert marked.returncode == 0, marked.stderr
+    listed = json.loads(cli("keys", "list", "--json", cwd=tmp_path).stdout)
+    assert {k["account_id"]: k["tier"] for k in listed} == {
+        "acme": "top5", "lab": "research", "m": "marked"
+    }  # fmt: skip
 
 
 def test_harvest_through_the_gateway_gets_its_tier(tmp_path, default_dir):

@@ -527,7 +527,9 @@ def serve(
     open_gateway: bool = typer.Option(
         False, "--open", help="No keys: anyone on the network gets top20, unlimited."
     ),
-    tiers: Path | None = typer.Option(None, help="YAML file of tiers (built-ins: text..full)."),
+    tiers: Path | None = typer.Option(
+        None, help="YAML file of tiers (built-ins: text, top1, top5, top20, research)."
+    ),
     limits: str = typer.Option(
         "memory", help="Where rate limits live: 'memory' (one process) or a redis:// URL."
     ),
@@ -590,7 +592,9 @@ def serve(
 @keys_app.command("create")
 def keys_create(
     account: str = typer.Option(..., help="The account the key belongs to."),
-    tier: str = typer.Option(..., help="Its tier: text, top1, top5, top20, full, or --tiers'."),
+    tier: str = typer.Option(
+        ..., help="Its tier: text, top1, top5, top20, research, or one of --tiers'."
+    ),
     name: str | None = typer.Option(None, help="A label for the key."),
     tiers: Path | None = typer.Option(None, help="YAML file of tiers, to check the name against."),
     keys: Path = KEYS_OPTION,
@@ -598,8 +602,12 @@ def keys_create(
     """Create an API key; the key is printed once and stored only as a hash."""
     from distillscope.forensics.watermark import SCHEMES
     from distillscope.gateway import KeyStore, load_tiers
+    from distillscope.gateway.tiers import RENAMED_TIERS
 
     known = load_tiers(tiers, watermarks=SCHEMES)  # names only: serve needs the secret
+    if tier in RENAMED_TIERS:
+        errors.print(f"note: tier {tier!r} is now named {RENAMED_TIERS[tier]!r}; the key gets that")
+        tier = RENAMED_TIERS[tier]
     if tier not in known:
         raise DistillscopeError(f"unknown tier {tier!r}: expected one of {', '.join(known)}")
     key, secret = KeyStore(keys).create(account, tier, name=name)

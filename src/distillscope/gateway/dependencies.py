@@ -21,7 +21,7 @@ from distillscope.exposure import TopK
 from distillscope.gateway.backends import Backend, Generation
 from distillscope.gateway.keys import ApiKey, BlockListFile, KeyStore
 from distillscope.gateway.limits import Limiter
-from distillscope.gateway.tiers import Tier, WatermarkFactory
+from distillscope.gateway.tiers import Tier, WatermarkFactory, tier_name
 from distillscope.gateway.traffic import TrafficLog
 from distillscope.gateway.wire import APIError
 
@@ -54,7 +54,7 @@ class Gateway:
     created: int = 0
 
     def tier_of(self, key: ApiKey) -> Tier:
-        tier = self.tiers.get(key.tier)
+        tier = self.tiers.get(key.tier) or self.tiers.get(tier_name(key.tier))
         if tier is None:
             raise APIError(403, f"this key's tier {key.tier!r} is not offered by this gateway")
         return tier

@@ -1,13 +1,16 @@
 """Exposure policy: what each tier of key may see, and how much it may ask.
 
-A tier caps exposure (``text``: no logprobs; ``topK``: at most K alternatives per token; ``full``:
-``top_logprobs`` up to 20 plus vLLM's ``prompt_logprobs``), decides what happens to a request
-asking for more (``clamp``: served at the cap; ``reject``: 400), may round or noise the logprobs
-it reveals, may watermark what it samples or steer it away from what a distiller learns from
-(antidistillation sampling), and sets the key's rate limits.
+A tier caps exposure on the ladder of ``distillscope.exposure`` (``text``: no logprobs; ``topK``:
+at most K alternatives per token; ``full``: nothing withheld, which over an OpenAI-compatible API
+is the most it can carry, ``top_logprobs`` up to 20 plus vLLM's ``prompt_logprobs``), decides what
+happens to a request asking for more (``clamp``: served at the cap; ``reject``: 400), may round or
+noise the logprobs it reveals, may watermark what it samples or steer it away from what a
+distiller learns from (antidistillation sampling), and sets the key's rate limits.
 
-Built-in tiers are named after their cap (``text``, ``top1``, ``top5``, ``top20``, ``full``); a
-YAML file can redefine them or add more::
+Built-in tiers: ``text``, ``top1``, ``top5``, ``top20`` (named after their cap) and ``research``
+(cap ``full``: top-20 and the prompt's logprobs, what evaluation and research users ask for). It
+was called ``full`` until that word was kept for the whole distribution; ``full`` is still
+accepted as its name (``RENAMED_TIERS``). A YAML file can redefine them or add more::
 
     tiers:
       partner:
@@ -128,8 +131,19 @@ class Tier:
 
 
 BUILTIN_TIERS: dict[str, Tier] = {
-    name: Tier(name, parse_exposure(name)) for name in ("text", "top1", "top5", "top20", "full")
+    **{name: Tier(name, parse_exposure(name)) for name in ("text", "top1", "top5", "top20")},
+    "research": Tier("research", Full()),
 }
+
+#: Old tier names, still accepted in key stores, ``keys create --tier`` and tier files, and the
+#: tier each now names. ``full`` became ``research``: it serves top-20 and the prompt's logprobs,
+#: not the whole distribution ``exposure.Full`` is.
+RENAMED_TIERS = {"full": "research"}
+
+
+def tier_name(name: str) -> str:
+    """``name``, or the current name of a renamed tier."""
+    return RENAMED_TIERS.get(name, name)
 
 
 def antidistilled(tiers: dict[str, Tier]) -> list[str]:
@@ -189,7 +203,11 @@ def load_tiers(
         raise TierError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(document, dict) or not isinstance(document.get("tiers"), dict):
         raise TierError(f"{path} must hold a 'tiers:' mapping of tier name to settings")
-    for name, spec in document["tiers"].items():
-        tiers[str(name)] = tier_from_dict(str(name), spec or {})
+    named = [str(name) for name in document["tiers"]]
+    for old, new in RENAMED_TIERS.items():
+        if old in named and new in named:
+            raise TierError(f"{path}: tier {old!r} is the old name of {new!r}; define one of them")
+    for name, spec in zip(named, document["tiers"].values(), strict=True):
+        tiers[tier_name(name)] = tier_from_dict(tier_name(name), spec or {})
     check_watermarks(tiers, watermarks)
     return tiers

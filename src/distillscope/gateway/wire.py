@@ -67,7 +67,7 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    #: vLLM's extension: logprobs of the prompt's own tokens (tiers with ``full`` exposure only).
+    #: vLLM's extension: logprobs of the prompt's own tokens (tiers capped at ``full`` only).
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
 
 
