@@ -50,7 +50,7 @@ class Gateway:
     #: the penalty ``antidistill`` tiers sample under (``forensics.build_antidistillation``)
     antidistillation: Any | None = None
     watermarks: dict[str, WatermarkFactory] = field(default_factory=dict)
-    #: when the served model was created, as ``/v1/models`` reports it (Unix seconds)
+    #: when the app was made (Unix seconds): ``/v1/models`` reports it as the model's ``created``
     created: int = 0
 
     def tier_of(self, key: ApiKey) -> Tier:
