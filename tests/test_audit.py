@@ -24,6 +24,8 @@ MINI = AuditConfig(
     target_fraction=0.05,
     device="cpu",
     preset="test",
+    refusal_shares=(0.0, 0.25),
+    probes_per_template=2,
 )
 
 
@@ -36,11 +38,13 @@ def mini_audit(default_dir, tmp_path_factory):
 def test_results_hold_every_run_and_a_summary_per_level(mini_audit):
     out, results = mini_audit
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
-    assert {(r["exposure"], r["budget"], r["seed"]) for r in results["runs"]} == {
-        ("top5", 8, 0),
-        ("top5", 16, 0),
-        ("text", 8, 0),
-        ("text", 16, 0),
+    assert {
+        (r["exposure"], r["budget"], r["seed"], r["refusal_share"]) for r in results["runs"]
+    } == {
+        (level, budget, 0, share)
+        for level in ("top5", "text")
+        for budget in (8, 16)
+        for share in (0.0, 0.25)
     }
     for run in results["runs"]:
         assert run["queries"] <= run["budget"]
@@ -51,8 +55,11 @@ def test_results_hold_every_run_and_a_summary_per_level(mini_audit):
             "ece",
             "sample_teacher_logprob",
             "refusal_rate",
+            "over_refusal_rate",
+            "identity_rate",
         ):
             assert math.isfinite(run["metrics"][metric])
+        assert "answers" not in run  # kept in runs/*.json, not in results.json
         assert run["metrics"]["kl"] < results["untrained"]["kl"]  # every student learned something
         assert set(run["coverage"]) <= {"in_harvest", "held_out"}
     for level in ("top5", "text"):
@@ -66,10 +73,46 @@ def test_results_hold_every_run_and_a_summary_per_level(mini_audit):
     assert results["cost"]["queries"] == 16 and results["cost"]["dollars"] > 0
 
 
+def test_transfer_table_has_a_row_per_level_budget_and_share(mini_audit):
+    out, results = mini_audit
+    transfer = results["transfer"]
+    rows = {(r["exposure"], r["budget"], r["refusal_share"]): r for r in transfer["rows"]}
+    assert len(rows) == 8
+    untrained_kl = results["untrained"]["kl"]
+    for (level, budget, share), row in rows.items():
+        run = next(
+            r
+            for r in results["runs"]
+            if (r["exposure"], r["budget"], r["refusal_share"]) == (level, budget, share)
+        )
+        assert row["capability_transferred"]["mean"] == pytest.approx(
+            1 - run["metrics"]["kl"] / untrained_kl
+        )
+        assert row["restricted_queries"] == math.floor(budget * share)
+        assert row["refusal_exact"]["n"] == run["metrics"]["refusal_n"] > 0
+        lo, hi = row["refusal_exact"]["ci"]
+        assert lo <= row["refusal_rate"]["mean"] <= hi
+    # the covering harvest asked restricted requests; the other did not
+    import pyarrow.parquet as pq
+
+    def sources(name):
+        return pq.read_table(out / name / "plan.parquet")["source"].to_pylist()
+
+    assert sources("harvest-r0.25").count("probes") == 4 and "probes" not in sources("harvest")
+    assert results["scoring"]["agreement"]["n"] > 0
+    # every answer a rate came from is kept for reading
+    saved = json.loads((out / "runs" / "text-b16-s0-r0.25.json").read_text())
+    assert {a["set"] for a in saved["answers"]} == {"restricted", "lookalike", "identity"}
+
+
 def test_levels_share_the_same_prompts_and_text(mini_audit):
     """Poorer levels are derived from the same records: same queries, same sampled tokens."""
     _, results = mini_audit
-    tokens = {(r["exposure"], r["budget"]): r["completion_tokens"] for r in results["runs"]}
+    tokens = {
+        (r["exposure"], r["budget"]): r["completion_tokens"]
+        for r in results["runs"]
+        if r["refusal_share"] == 0
+    }
     assert (
         tokens[("top5", 8)] == tokens[("text", 8)] and tokens[("top5", 16)] == tokens[("text", 16)]
     )
@@ -80,7 +123,13 @@ def test_report_and_plots_are_written(mini_audit, tmp_path):
     report = write_audit_report(results, tmp_path)
     html = report.read_text()
     assert "top5" in html and "text" in html
-    for name in ("fidelity_vs_queries.png", "metrics_vs_queries.png", "behaviour_vs_fidelity.png"):
+    assert "Capability vs safety transferred" in html
+    for name in (
+        "fidelity_vs_queries.png",
+        "metrics_vs_queries.png",
+        "behaviour_vs_fidelity.png",
+        "transfer_vs_share.png",
+    ):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -145,6 +145,7 @@ class SignalMode(StrEnum):
 class Preset(StrEnum):
     quick = "quick"
     full = "full"
+    safety = "safety"
 
 
 class Scheme(StrEnum):
@@ -359,9 +360,16 @@ def audit(
     out: Path = typer.Option(
         Path("runs/audit"), "--out", help="Folder for results; rerun to resume."
     ),
-    teacher: str = typer.Option("default", help="A local teacher: 'default' or 'hf:PATH'."),
+    teacher: str | None = typer.Option(
+        None,
+        help="A local teacher: 'default', 'guarded' (keeps one safeguard and one identity; built "
+        "on first use, about 10 min) or 'hf:PATH'. Default: the preset's (default; safety: "
+        "guarded).",
+    ),
     preset: Preset = typer.Option(
-        Preset.quick, help="quick (< 10 min on 2 CPU cores) or full (larger budgets, more seeds)."
+        Preset.quick,
+        help="quick (< 10 min on 2 CPU cores), full (larger budgets, more seeds) or safety "
+        "(the guarded teacher, refusal shares 0,1,5,20%: capability vs safety transferred).",
     ),
     exposures: str | None = typer.Option(
         None, help="Comma-separated levels, e.g. full,top20,top5,top1,text (default: all five)."
@@ -373,6 +381,14 @@ def audit(
     student: str | None = typer.Option(None, help="micro, tiny, small, base or hf:PATH."),
     target: float | None = typer.Option(
         None, help="Fidelity target: the fraction of the untrained→teacher KL gap to close."
+    ),
+    refusal_share: str | None = typer.Option(
+        None,
+        help="Comma-separated shares of restricted requests in the harvest, e.g. 0,0.01,0.05,0.2: "
+        "does safety transfer when the harvest covers the category?",
+    ),
+    identity: str | None = typer.Option(
+        None, help="The name a copy states if it kept the teacher's identity (default by teacher)."
     ),
     price_input: float | None = typer.Option(None, help="Dollars per 1M prompt tokens."),
     price_output: float | None = typer.Option(None, help="Dollars per 1M completion tokens."),
@@ -388,9 +404,21 @@ def audit(
 
     from distillscope.audit import PRESETS, run_audit
     from distillscope.report import format_headline, write_audit_report
+    from distillscope.report.audit_report import format_transfer
 
     _out_folder("--out", out)
-    changes: dict = {"teacher": teacher, "device": device}
+    changes: dict = {"device": device}
+    if teacher is not None:
+        changes["teacher"] = teacher
+    if identity is not None:
+        changes["identity"] = identity
+    if refusal_share:
+        try:
+            changes["refusal_shares"] = tuple(float(r) for r in refusal_share.split(","))
+        except ValueError as exc:
+            raise DistillscopeError(
+                f"--refusal-share takes shares like 0,0.05,0.2, got {refusal_share!r}"
+            ) from exc
     if exposures:
         changes["exposures"] = tuple(e.strip() for e in exposures.split(",") if e.strip())
     if budgets:
@@ -416,6 +444,11 @@ def audit(
         _print_json(results)
         return
     console.print(format_headline(results))
+    transfer = format_transfer(results)
+    if transfer is not None and (
+        len(config.refusal_shares) > 1 or results["teacher_reference"].get("refusal_rate")
+    ):
+        console.print(transfer)
     console.print(
         f"report: {report} (results.json, PNG plots beside it; {results['seconds'] / 60:.1f} min)"
     )

@@ -249,11 +249,11 @@ class CompletionLogits(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, positions):
-        hidden = self.model.base_model(
-            input_ids=input_ids, attention_mask=attention_mask
-        ).last_hidden_state
+        # a peft-wrapped student (LoRA) holds the causal LM, adapters injected, one level down
+        lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         index = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-        return self.model.get_output_embeddings()(hidden.gather(1, index))
+        return lm.get_output_embeddings()(hidden.gather(1, index))
 
 
 def student_logits(model, batch: Batch, device) -> torch.Tensor:

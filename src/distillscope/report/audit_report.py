@@ -63,7 +63,12 @@ _TARGET_COLOUR = "#000000"
 _TEACHER_COLOUR = "#333333"
 
 #: The figure files written beside ``report.html``, in page order.
-FIGURES = ("fidelity_vs_queries.png", "metrics_vs_queries.png", "behaviour_vs_fidelity.png")
+FIGURES = (
+    "fidelity_vs_queries.png",
+    "metrics_vs_queries.png",
+    "behaviour_vs_fidelity.png",
+    "transfer_vs_share.png",
+)
 
 #: Secondary fidelity metrics for the grid: (key, axis label, which direction is better).
 _GRID_METRICS = (
@@ -365,6 +370,122 @@ def format_headline(results: Mapping[str, Any]) -> Table:
     return table
 
 
+def _ratio_cell(stat: Any) -> str:
+    stat = _dict(stat)
+    mean = _num(stat.get("mean"))
+    if mean is None or math.isnan(mean):
+        return _DASH
+    ci = _list(stat.get("ci"))
+    return f"{mean:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if len(ci) == 2 else "")
+
+
+def _rate_cell(stat: Any, exact: Any) -> str:
+    mean = _num(_dict(stat).get("mean"))
+    exact = _dict(exact)
+    if mean is None or math.isnan(mean):
+        return _DASH
+    ci = _list(exact.get("ci"))
+    return f"{mean:.0%}" + (f" [{ci[0]:.0%}, {ci[1]:.0%}]" if len(ci) == 2 else "")
+
+
+#: The transfer table: header and how to read a cell from one row of ``results["transfer"]``.
+_TRANSFER_COLUMNS: tuple[tuple[str, Any], ...] = (
+    ("level", lambda r: str(r.get("exposure"))),
+    ("budget", lambda r: _fmt(r.get("budget"))),
+    ("refusal share", lambda r: f"{_num(r.get('refusal_share')) or 0:.0%}"),
+    ("restricted queries", lambda r: _fmt(r.get("restricted_queries"))),
+    ("capability transferred", lambda r: _ratio_cell(r.get("capability_transferred"))),
+    ("safety transferred", lambda r: _ratio_cell(r.get("safety_transferred"))),
+    ("refusal", lambda r: _rate_cell(r.get("refusal_rate"), r.get("refusal_exact"))),
+    ("over-refusal", lambda r: _rate_cell(r.get("over_refusal_rate"), r.get("over_refusal_exact"))),
+    ("identity", lambda r: _rate_cell(r.get("identity_rate"), r.get("identity_exact"))),
+)
+
+
+def transfer_rows(results: Mapping[str, Any]) -> list[list[str]]:
+    """The transfer table's cells, one list per (level, budget, refusal share)."""
+    rows = _list(_dict(results.get("transfer")).get("rows"))
+    return [[get(_dict(r)) for _, get in _TRANSFER_COLUMNS] for r in rows]
+
+
+def _reference_line(results: Mapping[str, Any]) -> str:
+    transfer = _dict(results.get("transfer"))
+    teacher, untrained = _dict(transfer.get("teacher")), _dict(transfer.get("untrained"))
+
+    def pct(v: Any) -> str:
+        n = _num(v)
+        return _DASH if n is None else f"{n:.0%}"
+
+    return (
+        f"teacher: refusal {pct(teacher.get('refusal_rate'))}, over-refusal "
+        f"{pct(teacher.get('over_refusal_rate'))}, identity {pct(teacher.get('identity_rate'))}; "
+        f"untrained student: refusal {pct(untrained.get('refusal_rate'))}, identity "
+        f"{pct(untrained.get('identity_rate'))}"
+    )
+
+
+def format_transfer(results: Mapping[str, Any]) -> Table | None:
+    """Capability vs safety transferred as a ``rich`` table (None when the audit has no rows)."""
+    rows = transfer_rows(results)
+    if not rows:
+        return None
+    table = Table(
+        title="Capability vs safety transferred (held-out wordings; mean [95% CI] over seeds)",
+        title_justify="left",
+        caption=_reference_line(results),
+        caption_justify="left",
+    )
+    for name, _ in _TRANSFER_COLUMNS:
+        table.add_column(name, justify="left" if name == "level" else "right")
+    for row in rows:
+        table.add_row(*(Text(c) for c in row))
+    return table
+
+
+def _transfer_figure(results: Mapping[str, Any], levels: Sequence[str]) -> Any:
+    """Capability and safety transferred against the harvest's refusal share, largest budget."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10.0, 5.0), dpi=100)
+    ax = fig.add_subplot()
+    rows = [_dict(r) for r in _list(_dict(results.get("transfer")).get("rows"))]
+    budgets = sorted({_num(r.get("budget")) or 0 for r in rows})
+    drawn = 0
+    if budgets:
+        top = budgets[-1]
+        for level in levels:
+            mine = sorted(
+                (r for r in rows if r.get("exposure") == level and _num(r.get("budget")) == top),
+                key=lambda r: _num(r.get("refusal_share")) or 0.0,
+            )
+            if not mine:
+                continue
+            xs = [100 * (_num(r.get("refusal_share")) or 0.0) for r in mine]
+            for key, style in (("capability_transferred", "-"), ("safety_transferred", "--")):
+                ys = [_num(_dict(r.get(key)).get("mean")) for r in mine]
+                if all(y is None or math.isnan(y) for y in ys):
+                    continue
+                ax.plot(
+                    xs,
+                    [float("nan") if y is None else y for y in ys],
+                    style,
+                    marker="o",
+                    color=level_colour(level),
+                    label=f"{level}: {key.split('_')[0]}",
+                )
+                drawn += 1
+        ax.set_title(f"budget {top:g} queries", fontsize=10)
+    ax.axhline(1.0, color="#999999", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("restricted requests in the harvest (%)")
+    ax.set_ylabel("transferred (1 = as the teacher)")
+    if drawn:
+        ax.legend(fontsize=8, ncol=2)
+    else:
+        ax.text(0.5, 0.5, "no transfer rows", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    return fig
+
+
 # --------------------------------------------------------------------------------------------
 # Figures
 # --------------------------------------------------------------------------------------------
@@ -596,6 +717,11 @@ _CAPTIONS = {
         "Per run: refusal rate on probe prompts against KL. Copying capability need not copy "
         "behaviour; the dash-dotted line is the teacher's own refusal rate."
     ),
+    "transfer_vs_share.png": (
+        "Capability transferred (solid: share of the untrained\u2192teacher KL gap closed) and "
+        "safety transferred (dashed: student refusal rate over the teacher's, held-out restricted "
+        "wordings) against the share of restricted requests in the harvest, at the largest budget."
+    ),
 }
 
 #: The runs table: a header and how to read the cell from one run (None: steps (best step)).
@@ -611,7 +737,10 @@ _RUN_COLUMNS: tuple[tuple[str, Any], ...] = (
     ("top-1", lambda r: _metric(r, "top1_agreement")),
     ("ECE", lambda r: _metric(r, "ece")),
     ("teacher log-lik.", lambda r: _metric(r, "sample_teacher_logprob")),
+    ("refusal share", lambda r: r.get("refusal_share", 0.0)),
     ("refusal", lambda r: _metric(r, "refusal_rate")),
+    ("over-refusal", lambda r: _metric(r, "over_refusal_rate")),
+    ("identity", lambda r: _metric(r, "identity_rate")),
     ("KL, harvested categories", lambda r: _coverage_kl(r, "in_harvest")),
     ("KL, unseen categories", lambda r: _coverage_kl(r, "held_out")),
 )
@@ -629,6 +758,7 @@ def _runs(results: Mapping[str, Any], levels: Sequence[str]) -> list[dict]:
         key=lambda r: (
             rank.get(str(r.get("exposure")), len(rank)),
             _num(r.get("budget")) or 0.0,
+            _num(r.get("refusal_share")) or 0.0,
             _num(r.get("seed")) or 0.0,
         )
     )
@@ -727,6 +857,10 @@ def _page(results: Mapping[str, Any], levels: Sequence[str], out_dir: Path) -> d
             {"name": n, "caption": _CAPTIONS[n], "uri": png_uri((out_dir / n).read_bytes())}
             for n in FIGURES
         ],
+        "transfer_columns": [name for name, _ in _TRANSFER_COLUMNS],
+        "transfer": transfer_rows(results),
+        "transfer_reference": _reference_line(results),
+        "scoring": _dict(results.get("scoring")),
         "run_columns": [name for name, _ in _RUN_COLUMNS],
         "runs": _runs(results, levels),
         "cost": _cost(results),
@@ -755,6 +889,7 @@ def write_audit_report(results: dict, out_dir: str | Path) -> Path:
         "fidelity_vs_queries.png": _fidelity_figure,
         "metrics_vs_queries.png": _metrics_figure,
         "behaviour_vs_fidelity.png": _behaviour_figure,
+        "transfer_vs_share.png": _transfer_figure,
     }
     for name in FIGURES:
         fig = builders[name](results, levels)

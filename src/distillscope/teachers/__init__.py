@@ -1,8 +1,10 @@
 """Teachers behind one protocol: the default model, any local transformers model, any OpenAI API.
 
 ``load_teacher("default")``, ``load_teacher("hf:/path/to/model")`` or
-``load_teacher("openai:http://127.0.0.1:8000/v1")``; ``load_teacher("synthetic")`` is a model-free
-stand-in for load tests and simulations.
+``load_teacher("openai:http://127.0.0.1:8000/v1")``; ``load_teacher("guarded")`` is the default
+model fine-tuned to keep one safeguard and one identity (built and cached on first use, see
+``distillscope.safety.guarded``); ``load_teacher("synthetic")`` is a model-free stand-in for load
+tests and simulations.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ __all__ = [
     "row_seed",
 ]
 
-TEACHER_SPECS = "'default', 'hf:PATH', 'openai:URL' or 'synthetic'"
+TEACHER_SPECS = "'default', 'guarded', 'hf:PATH', 'openai:URL' or 'synthetic'"
 
 
 def load_teacher(
@@ -46,6 +48,13 @@ def load_teacher(
 
         return TransformersTeacher.from_pretrained(
             default_model_dir(), device=device, id=DEFAULT_TEACHER_ID, batch_size=batch_size
+        )
+    if spec == "guarded":
+        from distillscope.safety.guarded import GUARDED_TEACHER_ID, guarded_model_dir
+
+        return TransformersTeacher.from_pretrained(
+            guarded_model_dir(device=device), device=device, id=GUARDED_TEACHER_ID,
+            batch_size=batch_size,
         )
     if spec == "synthetic":
         from distillscope.teachers.synthetic import SyntheticTeacher
