@@ -6,6 +6,7 @@ The server is the session's ``postgres_url`` fixture (tests/fixtures_services.py
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -62,6 +63,8 @@ def full_row(exchange_id: str) -> dict:
         "status": 200,
         "error_code": None,
         "finish_reason": "stop",
+        "tools": '[{"type": "function", "function": {"name": "search", "parameters": {}}}]',
+        "tool_calls": '[{"id": "call_1", "type": "function", "function": {"name": "search"}}]',
     }
 
 
@@ -353,3 +356,26 @@ def test_targets_pick_their_backend_and_explain_mistakes(tmp_path):
         con.execute("CREATE TABLE exchanges (id INTEGER)")
     with pytest.raises(TrafficLogError, match="exchanges table with other columns"):
         open_traffic_log(foreign).start()
+
+
+def test_a_log_from_before_the_tool_columns_gains_them(tmp_path):
+    """A DuckDB log and a journal segment written before ``tools``/``tool_calls`` existed open,
+    the table gains the columns, and old rows read them as null."""
+    path = tmp_path / "old.duckdb"
+    old = [c for c in EXCHANGE_SCHEMA.names if c not in ("tools", "tool_calls")]
+    row = full_row("chatcmpl-old")
+    with open_traffic_log(path):  # today's table, less the two columns: the old one
+        pass
+    with duckdb.connect(str(path)) as con:
+        con.execute("ALTER TABLE exchanges DROP COLUMN tools")
+        con.execute("ALTER TABLE exchanges DROP COLUMN tool_calls")
+    journal = path.with_name(f"{path.name}.journal")
+    journal.mkdir(exist_ok=True)
+    values = [row[c].isoformat() if c == "ts" else row[c] for c in old]
+    (journal / "segment-00000000000000000001.jsonl").write_text(json.dumps(values) + "\n")
+    with open_traffic_log(path) as log:
+        log.submit(full_row("chatcmpl-new")).result(timeout=10)
+    table = read_traffic(path)
+    assert table.schema.equals(EXCHANGE_SCHEMA)
+    by_id = {r["exchange_id"]: r for r in table.to_pylist()}
+    assert by_id["chatcmpl-old"]["tools"] is None and by_id["chatcmpl-new"]["tools"]

@@ -159,6 +159,17 @@ class SuspectMode(StrEnum):
     both = "both"
 
 
+def _closing(teacher, run, interrupted: str):
+    """``run()`` with the teacher closed after; Ctrl-C says what is kept, and exits 130."""
+    try:
+        return run()
+    except KeyboardInterrupt:
+        errors.print(interrupted)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    finally:
+        teacher.close()
+
+
 @app.command()
 def harvest(
     out: Path = typer.Option(..., "--out", help="Folder for the records; rerun to resume."),
@@ -222,8 +233,9 @@ def harvest(
         tokenizer=tokenizer,
         concurrency=concurrency,
     )
-    try:
-        manifest = run_harvest(
+    manifest = _closing(
+        model_teacher,
+        lambda: run_harvest(
             model_teacher,
             chosen,
             out,
@@ -232,12 +244,9 @@ def harvest(
             cache=cache,
             prompts_label=f"{prompts} n={n} seed={seed}",
             progress=not as_json,
-        )
-    except KeyboardInterrupt:
-        errors.print("interrupted: every finished batch is kept; rerun the same command to resume")
-        raise typer.Exit(130) from None
-    finally:
-        model_teacher.close()
+        ),
+        "interrupted: every finished batch is kept; rerun the same command to resume",
+    )
     if as_json:
         _print_json(manifest.__dict__)
         return
@@ -255,6 +264,78 @@ def harvest(
             if manifest.generated_tokens_per_second
             else ""
         )
+    )
+
+
+@app.command()
+def trajectories(
+    out: Path = typer.Option(..., "--out", help="Folder for the records; rerun to resume."),
+    teacher: str = typer.Option(
+        "default", help="'default' (SmolLM2-135M-Instruct), 'hf:PATH' or 'openai:URL'."
+    ),
+    tasks: str = typer.Option("builtin", help="'builtin' (12 tasks) or a .jsonl of {prompt}."),
+    n: int | None = typer.Option(None, min=1, help="Only the first N tasks."),
+    max_turns: int = typer.Option(4, min=1, help="Assistant turns per trajectory, at most."),
+    tool_choice: str = typer.Option(
+        "required", help="First turn: 'required', 'auto', 'none' or a tool's name."
+    ),
+    stream: bool = typer.Option(False, help="openai: ask for streamed answers."),
+    exposure: str = typer.Option("top5", help="'topK' (K<=20, e.g. top5) or 'text'."),
+    max_new_tokens: int = typer.Option(64, min=1, help="Tokens per turn, at most."),
+    temperature: float = typer.Option(1.0, min=0.0, help="Sampling temperature (0 = greedy)."),
+    seed: int = typer.Option(0, help="Seeds every turn's draw."),
+    device: str = typer.Option("auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'."),
+    model: str | None = typer.Option(None, help="openai: the served model (default: first)."),
+    tokenizer: str | None = typer.Option(
+        None, help="openai: tokenizer to map tokens to ids ('default' or 'hf:PATH')."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Harvest multi-turn tool-use trajectories (calculator, file reader, search) as records.
+
+    Example: distillscope trajectories --teacher openai:http://127.0.0.1:8000/v1
+    --tokenizer default --max-turns 4 --out runs/t1
+    """
+    from distillscope.agent import harvest_trajectories, load_tasks, parse_tool_choice
+    from distillscope.agent.trajectories import check_settings
+    from distillscope.exposure import Full, parse_exposure
+    from distillscope.harvest import ensure_writable
+    from distillscope.teachers import SamplingConfig, load_teacher
+
+    level = parse_exposure(exposure)
+    if isinstance(level, Full):
+        raise DistillscopeError("--exposure full is not stored: use top20 or poorer")
+    choice = parse_tool_choice(tool_choice)
+    sampling = SamplingConfig(
+        exposure=level, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed
+    )
+    chosen = load_tasks(tasks, n)
+    ensure_writable(out)
+    settings = {"sampling": sampling.as_dict(), "max_turns": max_turns, "tool_choice": choice}
+    check_settings(out, settings)  # before the teacher loads: a refusal costs nothing
+    model_teacher = load_teacher(teacher, device=device, model=model, tokenizer=tokenizer)
+    manifest = _closing(
+        model_teacher,
+        lambda: harvest_trajectories(
+            model_teacher,
+            chosen,
+            out,
+            sampling=sampling,
+            max_turns=max_turns,
+            tool_choice=choice,
+            stream=stream,
+            tasks_label=f"{tasks} n={n}",
+            progress=not as_json,
+        ),
+        "interrupted: finished trajectories are kept; rerun the same command to resume",
+    )
+    if as_json:
+        _print_json(manifest.__dict__)
+        return
+    console.print(
+        f"[green]harvested[/] {manifest.trajectories} trajectories ({manifest.records} turns, "
+        f"{manifest.tool_calls} tool calls, {manifest.tool_calls_accepted} accepted by their "
+        f"tool) at [bold]{exposure}[/] into {out}"
     )
 
 
@@ -535,6 +616,35 @@ def data_inspect(
     for key, value in summary["provenance"].items():
         table.add_row(f"provenance.{key}", str(value))
     console.print(table)
+
+
+class ExportFormat(StrEnum):
+    jsonl = "jsonl"
+
+
+@data_app.command("export")
+def data_export(
+    path: Path = typer.Argument(..., help="A harvest or trajectories folder."),
+    out: Path = typer.Argument(..., help="The file to write, e.g. train.jsonl."),
+    format: ExportFormat = typer.Option(ExportFormat.jsonl, "--format", help="Only jsonl."),
+    as_json: bool = typer.Option(False, "--json", help="Print the counts as JSON."),
+) -> None:
+    """Write records as chat messages (tool calls included) with the teacher's top-k logprobs,
+    one JSON line per record: what TRL's trainers and `datasets` load."""
+    from distillscope.records import RecordSet, export_jsonl
+
+    if not path.exists():
+        raise DistillscopeError(f"{path} does not exist")
+    if not out.parent.is_dir():
+        raise DistillscopeError(f"{out.parent} is not a folder: create it first")
+    summary = export_jsonl(RecordSet(path), out)
+    if as_json:
+        _print_json(summary)
+        return
+    console.print(
+        f"[green]exported[/] {summary['lines']} records ({summary['tool_calls']} tool calls, "
+        f"{summary['exposure']}) to {out}; provenance in {summary['provenance']}"
+    )
 
 
 KEYS_OPTION = typer.Option(

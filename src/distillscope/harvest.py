@@ -124,7 +124,7 @@ def ensure_writable(out: str | os.PathLike) -> None:
         stale.unlink(missing_ok=True)  # a batch that was being written when the run died
 
 
-def _load_plan(out: Path, prompts: Sequence[Prompt]) -> list[Prompt]:
+def load_plan(out: Path, prompts: Sequence[Prompt]) -> list[Prompt]:
     """The prompts this folder is committed to; a rerun must ask for the same ones."""
     path = out / PLAN
     wanted = pa.Table.from_pylist(
@@ -191,7 +191,7 @@ def harvest(
     out = Path(out)
     ensure_writable(out)
     served_before = _check_settings(out, teacher, sampling)
-    plan = _load_plan(out, prompts)
+    plan = load_plan(out, prompts)
     store = ExchangeCache() if cache is True else (cache or None)
     requested = sampling.exposure
     level = parse_exposure(served_before, max_k=None) if served_before else requested

@@ -11,6 +11,14 @@ teacher saw), ``completion_ids`` and ``completion_text``, ``token_logprobs``, ``
 ``topk_logprobs`` as fixed-size lists of k per position, ``tail_mass`` per position,
 ``finish_reason``, ``prompt_tokens``, and ``cached`` (served from the exchange cache, not queried).
 Ids are uint16 when the vocabulary fits (SmolLM2's 49,152 does), logprobs float32.
+
+A turn of an agent trajectory (``agent.trajectories``) is one record too: ``prompt_ids`` are the
+whole conversation before the turn (tools, earlier turns, tool results), the completion is the
+assistant's turn, and four more columns say what it answered: ``messages`` (the conversation as
+OpenAI's JSON messages), ``tools`` (the tools offered, JSON), ``tool_calls`` (the calls the turn
+made, JSON in OpenAI's shape) and ``turn`` (0, 1, ... within the trajectory, which shares its
+``prompt_id``). They are null in a single-prompt record, and parts written before they existed
+read as null. ``export_jsonl`` writes any record set as chat ``messages``, one line per record.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import pyarrow.parquet as pq
 
 from distillscope.errors import IncompatibleDataError
 from distillscope.exposure import Exposure, Signal, Text, TopK, parse_exposure
-from distillscope.paths import atomic_path
+from distillscope.paths import atomic_path, write_text_atomically
 from distillscope.prompts import Prompt
 from distillscope.teachers.base import Completion
 from distillscope.tokens import tokenizer_fingerprint, vocab_size
@@ -101,6 +109,15 @@ def id_type(provenance: Provenance) -> pa.DataType:
     return pa.int32()
 
 
+#: Columns a record may leave null, added after the first release (agent trajectories).
+OPTIONAL_COLUMNS = (
+    ("messages", pa.string()),
+    ("tools", pa.string()),
+    ("tool_calls", pa.string()),
+    ("turn", pa.int32()),
+)
+
+
 def records_schema(provenance: Provenance) -> pa.Schema:
     ids = id_type(provenance)
     k = provenance.k
@@ -123,6 +140,7 @@ def records_schema(provenance: Provenance) -> pa.Schema:
             ("finish_reason", pa.string()),
             ("prompt_tokens", pa.int32()),
             ("cached", pa.bool_()),
+            *OPTIONAL_COLUMNS,
         ]
     )
     return schema.with_metadata({METADATA_KEY: provenance.to_json().encode()})
@@ -141,9 +159,17 @@ def _ids(values: np.ndarray | None, provenance: Provenance) -> list[int] | None:
 
 
 def completion_row(
-    prompt: Prompt, completion: Completion, provenance: Provenance, *, cached: bool = False
+    prompt: Prompt,
+    completion: Completion,
+    provenance: Provenance,
+    *,
+    cached: bool = False,
+    messages: list[dict] | None = None,
+    tools: list[dict] | None = None,
+    turn: int | None = None,
 ) -> dict:
-    """One record row from a prompt and the teacher's answer, at the provenance's exposure."""
+    """One record row from a prompt and the teacher's answer, at the provenance's exposure;
+    ``messages``, ``tools`` and ``turn`` for a turn of a conversation."""
     signal = completion.signal.downgrade(provenance.exposure)
     has_ids = provenance.token_ids
     return {
@@ -164,7 +190,15 @@ def completion_row(
         "finish_reason": completion.finish_reason,
         "prompt_tokens": completion.prompt_tokens,
         "cached": cached,
+        "messages": _json_or_none(messages),
+        "tools": _json_or_none(tools),
+        "tool_calls": _json_or_none(completion.tool_calls),
+        "turn": turn,
     }
+
+
+def _json_or_none(value) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False)
 
 
 def write_part(path: Path, rows: Sequence[dict], provenance: Provenance) -> int:
@@ -192,6 +226,21 @@ class Exchange:
     completion_text: str
     signal: Signal
     finish_reason: str
+    #: a conversation's turn: what it answered, the tools offered, the calls it made
+    messages: list[dict] | None = None
+    tools: list[dict] | None = None
+    tool_calls: list[dict] | None = None
+    turn: int | None = None
+
+    def chat(self) -> list[dict]:
+        """The exchange as chat messages: the conversation (or the prompt as one user turn) and
+        the answer as an assistant message in OpenAI's shape."""
+        history = self.messages or [{"role": "user", "content": self.prompt}]
+        if self.tool_calls:
+            answer = {"role": "assistant", "content": None, "tool_calls": self.tool_calls}
+        else:
+            answer = {"role": "assistant", "content": self.completion_text}
+        return [*history, answer]
 
 
 class RecordSet:
@@ -272,6 +321,10 @@ class RecordSet:
                 ).reshape(-1, stored.k)
                 signal.tail_mass = np.asarray(columns["tail_mass"][i], dtype=np.float32)
             prompt_ids = columns["prompt_ids"][i]
+            loaded = {
+                name: None if columns[name][i] is None else json.loads(columns[name][i])
+                for name in ("messages", "tools", "tool_calls")
+            }
             yield Exchange(
                 prompt_id=columns["prompt_id"][i],
                 prompt=columns["prompt"][i],
@@ -280,6 +333,8 @@ class RecordSet:
                 completion_text=columns["completion_text"][i],
                 signal=signal.downgrade(target),
                 finish_reason=columns["finish_reason"][i],
+                turn=columns["turn"][i],
+                **loaded,
             )
 
     def summary(self) -> dict:
@@ -304,6 +359,54 @@ class RecordSet:
             "categories": {c: categories.count(c) for c in sorted(set(categories))},
             "provenance": json.loads(self.provenance.to_json()),
         }
+
+
+def export_jsonl(records: RecordSet, out: str | os.PathLike) -> dict:
+    """Write every record as one JSON line of chat ``messages`` (tool calls and tool results in
+    OpenAI's shape), ``tools``, and the teacher's logprobs of the answer where the records hold
+    them; the provenance goes beside, in ``OUT`` with the suffix ``.provenance.json``.
+
+    A line: ``prompt_id``, ``turn``, ``category``, ``messages`` (the last one is the answer to
+    train on), ``tools`` (or null), ``teacher_logprobs``: null at ``text``, else
+    ``{token_ids, token_logprobs, topk_ids, topk_logprobs, tail_mass}`` over the answer's tokens,
+    ids in the tokenizer the provenance names. Returns counts.
+    """
+    out = Path(out)
+    lines, calls = 0, 0
+    with atomic_path(out) as staging, open(staging, "w", encoding="utf-8") as sink:
+        for exchange in records.exchanges():
+            signal = exchange.signal
+            logprobs = None
+            if signal.token_logprobs is not None:
+                logprobs = {
+                    "token_ids": signal.token_ids.tolist(),
+                    "token_logprobs": signal.token_logprobs.tolist(),
+                    "topk_ids": None if signal.topk_ids is None else signal.topk_ids.tolist(),
+                    "topk_logprobs": None
+                    if signal.topk_logprobs is None
+                    else signal.topk_logprobs.tolist(),
+                    "tail_mass": None if signal.tail_mass is None else signal.tail_mass.tolist(),
+                }
+            line = {
+                "prompt_id": exchange.prompt_id,
+                "turn": exchange.turn,
+                "category": exchange.category,
+                "messages": exchange.chat(),
+                "tools": exchange.tools,
+                "teacher_logprobs": logprobs,
+            }
+            sink.write(json.dumps(line, ensure_ascii=False) + "\n")
+            lines += 1
+            calls += len(exchange.tool_calls or ())
+    provenance = out.with_suffix(".provenance.json")
+    write_text_atomically(provenance, records.provenance.to_json() + "\n")
+    return {
+        "out": str(out),
+        "provenance": str(provenance),
+        "lines": lines,
+        "tool_calls": calls,
+        "exposure": str(records.exposure),
+    }
 
 
 def provenance_for(teacher, sampling, *, exposure: Exposure | None = None) -> Provenance:
@@ -354,6 +457,9 @@ def _read_part(part: Path, provenance: Provenance) -> pa.Table:
             "folder to rewrite it"
         ) from None
     expected = records_schema(provenance)
+    for name, kind in OPTIONAL_COLUMNS:
+        if name not in table.column_names:  # a part written before the column existed
+            table = table.append_column(name, pa.nulls(table.num_rows, kind))
     missing = [n for n in expected.names if n not in table.column_names]
     if missing:
         raise IncompatibleDataError(

@@ -84,6 +84,14 @@ _TOOL_NAME = (
 )
 
 
+def _offered(columns) -> str:
+    """SQL: the text a request's tools are read from: its messages, and the ``tools`` column of
+    a gateway log that has one."""
+    if "tools" not in columns:
+        return "messages"
+    return "(coalesce(tools, '') || coalesce(messages, ''))"
+
+
 def _catalogue(column: str) -> str:
     """SQL: the request's tool catalogue, a hash of the sorted set of tool names its messages
     offer (null when none)."""
@@ -361,7 +369,8 @@ def _load(con, log: Path, until: datetime | None) -> tuple[dict[str, int], set[s
             {col("prompt", "NULL::VARCHAR")}, {col("model", "NULL::VARCHAR")},
             {col("client_ip", "NULL::VARCHAR")}, {col("user_agent", "NULL::VARCHAR")},
             {col("exposure_requested", "NULL::VARCHAR")}, {col("status", "200")},
-            {_catalogue("messages") if "messages" in columns else "NULL::UBIGINT"} AS catalogue
+            {_catalogue(_offered(columns)) if "messages" in columns else "NULL::UBIGINT"}
+                AS catalogue
         FROM {source}"""
     )
     if "messages" not in columns:

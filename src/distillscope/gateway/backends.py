@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from distillscope import toolcalls
 from distillscope.errors import TeacherError
 from distillscope.exposure import Exposure, Full, Text, TopK
 from distillscope.teachers.base import Completion, SamplingConfig, Teacher
@@ -42,7 +43,7 @@ class GenerationRequest:
     all; 0: the sampled token's only), already capped by the caller's tier.
     """
 
-    messages: list[dict[str, str]] | None
+    messages: list[dict[str, Any]] | None
     prompt: str | None
     temperature: float
     max_tokens: int
@@ -51,6 +52,15 @@ class GenerationRequest:
     prompt_logprobs: int | None = None
     processors: Sequence[Any] = ()
     encoded: list[int] | None = field(default=None, repr=False)
+    #: the tools offered (OpenAI's ``tools``) and ``tool_choice``: none, auto, required or
+    #: ``{"type": "function", "function": {"name": ...}}``
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] = "none"
+
+    @property
+    def may_call(self) -> bool:
+        """Whether the answer may be tool calls (then a stream holds its pieces back)."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     @property
     def last_user_text(self) -> str:
@@ -76,6 +86,8 @@ class Generation:
     completion_tokens: int
     logprobs: list[dict[str, Any]] | None = None
     prompt_logprobs: list[dict[str, Any] | None] | None = None
+    #: the calls the answer makes, in OpenAI's shape; then ``finish_reason`` is ``tool_calls``
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class Backend(ABC):
@@ -134,24 +146,23 @@ class TeacherBackend(Backend):
         tokenizer = self.teacher.tokenizer
         if request.messages is None:
             return list(tokenizer(request.prompt or "")["input_ids"])
-        if _single_user_turn(request.messages):
+        if _single_user_turn(request.messages) and not request.tools:
             return encode_prompt(tokenizer, request.messages[0]["content"], 1 << 62)
-        if getattr(tokenizer, "chat_template", None):
-            templated = tokenizer.apply_chat_template(
-                request.messages, tokenize=False, add_generation_prompt=True
-            )
-            return list(tokenizer(templated, add_special_tokens=False)["input_ids"])
-        text = "\n".join(f"{m['role']}: {m['content']}" for m in request.messages)
-        return list(tokenizer(text + "\nassistant:")["input_ids"])
+        return toolcalls.render_chat_ids(
+            tokenizer, request.messages, request.tools, request.tool_choice
+        )
 
     @staticmethod
     def _key(request: GenerationRequest) -> str:
         """What seeds the draw: the prompt text for one user turn (as in a harvest)."""
         if request.messages is None:
             return request.prompt or ""
-        if _single_user_turn(request.messages):
+        if _single_user_turn(request.messages) and not request.tools:
             return request.messages[0]["content"]
-        return json.dumps(request.messages, ensure_ascii=False, sort_keys=True)
+        if not request.tools:
+            return json.dumps(request.messages, ensure_ascii=False, sort_keys=True)
+        conversation = [request.messages, request.tools, request.tool_choice]
+        return json.dumps(conversation, ensure_ascii=False, sort_keys=True)
 
     def _sampling(self, request: GenerationRequest) -> SamplingConfig:
         n = request.top_logprobs
@@ -166,14 +177,30 @@ class TeacherBackend(Backend):
 
     def _run(self, request: GenerationRequest, on_step=None) -> Generation:
         encoded = request.encoded if request.encoded is not None else self._encode(request)
+        speaks_tools = request.messages is not None and toolcalls.needs_convention(
+            request.messages, request.tools
+        )
+        if speaks_tools and not hasattr(self.teacher, "chat"):
+            raise BackendError(f"{self.teacher.id} cannot take tools or tool messages")
         with self._lock:
-            completion = self.teacher.generate_from_ids(
-                [encoded],
-                self._sampling(request),
-                keys=[self._key(request)],
-                processors=request.processors,
-                on_step=on_step,
-            )[0]
+            if speaks_tools:
+                completion = self.teacher.chat(
+                    request.messages,
+                    self._sampling(request),
+                    tools=request.tools,
+                    tool_choice=request.tool_choice,
+                    key=self._key(request),
+                    processors=request.processors,
+                    on_step=on_step,
+                )
+            else:
+                completion = self.teacher.generate_from_ids(
+                    [encoded],
+                    self._sampling(request),
+                    keys=[self._key(request)],
+                    processors=request.processors,
+                    on_step=on_step,
+                )[0]
             prompt_logprobs = None
             if request.prompt_logprobs is not None:
                 prompt_logprobs = self._prompt_logprobs(encoded, request.prompt_logprobs)
@@ -184,6 +211,7 @@ class TeacherBackend(Backend):
             completion_tokens=completion.completion_tokens,
             logprobs=self._entries(completion, request.top_logprobs),
             prompt_logprobs=prompt_logprobs,
+            tool_calls=completion.tool_calls,
         )
 
     async def generate(self, request: GenerationRequest) -> Generation:
@@ -302,7 +330,7 @@ class _Cancelled(Exception):
     """Raised inside the model thread when a streaming client went away."""
 
 
-def _single_user_turn(messages: list[dict[str, str]]) -> bool:
+def _single_user_turn(messages: list[dict[str, Any]]) -> bool:
     return len(messages) == 1 and messages[0]["role"] == "user"
 
 
@@ -347,7 +375,7 @@ class ProxyBackend(Backend):
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         if request.messages is None:
             return max(1, len(request.prompt or "") // 4)
-        return max(1, sum(len(m["content"]) for m in request.messages) // 4)
+        return max(1, len(json.dumps([request.messages, request.tools])) // 4)
 
     def _args(self, request: GenerationRequest) -> dict[str, Any]:
         args: dict[str, Any] = {
@@ -364,11 +392,14 @@ class ProxyBackend(Backend):
             args["messages"] = request.messages
             if request.top_logprobs is not None:
                 args.update(logprobs=True, top_logprobs=request.top_logprobs)
+            if request.tools:
+                args.update(tools=request.tools, tool_choice=request.tool_choice)
         return args
 
     async def generate(self, request: GenerationRequest) -> Generation:
         if request.prompt_logprobs is not None:
             raise BackendError("the upstream API cannot score prompts")
+        tool_calls = None
         try:
             if request.messages is None:
                 response = await self.client.completions.create(**self._args(request))
@@ -380,6 +411,8 @@ class ProxyBackend(Backend):
                 choice = response.choices[0]
                 text = choice.message.content or ""
                 logprobs = _chat_entries(choice.logprobs, request.top_logprobs)
+                calls = choice.message.tool_calls
+                tool_calls = toolcalls.plain_calls(calls)
         except self._openai.APIError as exc:
             raise _upstream_error(exc) from exc
         usage = response.usage
@@ -389,6 +422,7 @@ class ProxyBackend(Backend):
             prompt_tokens=usage.prompt_tokens if usage else self.count_prompt_tokens(request),
             completion_tokens=usage.completion_tokens if usage else 0,
             logprobs=logprobs,
+            tool_calls=tool_calls,
         )
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Piece | Generation]:
@@ -398,6 +432,7 @@ class ProxyBackend(Backend):
             yield generation
             return
         text, entries, finish, usage = "", [], "stop", None
+        calls: dict[int, dict[str, Any]] = {}
         try:
             chunks = await self.client.chat.completions.create(
                 **self._args(request), stream=True, stream_options={"include_usage": True}
@@ -405,6 +440,7 @@ class ProxyBackend(Backend):
             async for chunk in chunks:
                 usage = chunk.usage or usage
                 for choice in chunk.choices:
+                    toolcalls.gather_call_deltas(calls, choice.delta.tool_calls)
                     piece = Piece(
                         choice.delta.content or "",
                         _chat_entries(choice.logprobs, request.top_logprobs) or [],
@@ -422,6 +458,7 @@ class ProxyBackend(Backend):
             prompt_tokens=usage.prompt_tokens if usage else self.count_prompt_tokens(request),
             completion_tokens=usage.completion_tokens if usage else len(entries),
             logprobs=entries if request.top_logprobs is not None else None,
+            tool_calls=[calls[i] for i in sorted(calls)] or None,
         )
 
     async def close(self) -> None:

@@ -24,6 +24,7 @@ from distillscope.gateway.limits import Limiter
 from distillscope.gateway.tiers import Tier, WatermarkFactory, tier_name
 from distillscope.gateway.traffic import TrafficLog
 from distillscope.gateway.wire import APIError
+from distillscope.toolcalls import function_of
 
 #: Request bodies larger than this are refused with 413 before they are parsed.
 MAX_BODY_BYTES = 2_000_000
@@ -105,7 +106,9 @@ class TrafficRow:
     request: Request
     caller: Caller | None = None
     model: str | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
+    #: the tools the request offered (OpenAI's ``tools``)
+    tools: list[dict[str, Any]] | None = None
     prompt: str | None = None
     stream: bool = False
     temperature: float | None = None
@@ -141,8 +144,20 @@ class TrafficRow:
             "exposure_served": self.exposure_served,
             "status": status,
             "finish_reason": generation.finish_reason if generation else None,
+            "tools": _tools_json(self.tools),
+            "tool_calls": json.dumps(generation.tool_calls)
+            if generation and generation.tool_calls
+            else None,
             **extra,
         }
+
+
+def _tools_json(tools: list[dict[str, Any]] | None) -> str | None:
+    """The tools offered as the log stores them: OpenAI's shape, each function's name first and
+    its parameters next (the order the detector's catalogue reads, as in a system message)."""
+    if not tools:
+        return None
+    return json.dumps([{"type": "function", "function": function_of(tool)} for tool in tools])
 
 
 def exchange_of(request: Request) -> TrafficRow | None:

@@ -39,6 +39,7 @@ from distillscope.gateway.wire import (
     completion_chunk,
     completion_response,
     sse,
+    tool_call_deltas,
     usage_chunk,
 )
 
@@ -59,6 +60,7 @@ _NEUTRAL: dict[str, tuple] = {
     "logit_bias": (None, {}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None, True),
     "response_format": (None, {"type": "text"}),
     "echo": (None, False),
     "best_of": (None, 1),
@@ -101,7 +103,7 @@ class Serving:
         self,
         exchange: TrafficRow,
         body: ChatCompletionRequest | CompletionRequest,
-        messages: list[dict[str, str]] | None,
+        messages: list[dict[str, Any]] | None,
         prompt: str | None,
         asked: int | None,
     ) -> GenerationRequest:
@@ -130,6 +132,9 @@ class Serving:
             max_tokens=exchange.max_tokens,
             seed=body.seed or 0,
         )
+        if isinstance(body, ChatCompletionRequest):
+            request.tools, request.tool_choice = body.tool_list(), body.choice()
+            exchange.tools = request.tools
         exchange.prompt = request.last_user_text
         caller = exchange.caller
         served, prompt_n = apply_policy(caller.tier, asked, body.prompt_logprobs, exchange)
@@ -206,6 +211,8 @@ class Serving:
         name = self.backend.model_name
         created = int(time.time())
         used = 0
+        # An answer that may be tool calls is held until it is known to be calls or text.
+        held: list[dict[str, Any]] | None = [] if request.may_call else None
         try:
             if chat:
                 yield sse(chunk(exchange_id, created, name, {"role": "assistant"}, None, None))
@@ -214,12 +221,20 @@ class Serving:
                     if isinstance(item, Generation):
                         used = item.prompt_tokens + item.completion_tokens
                         await self.log.record(exchange.row(exchange_id, 200, item))
+                        if held is not None:
+                            entries = held if request.top_logprobs is not None else None
+                            for delta in tool_call_deltas(item) or [{"content": item.text}]:
+                                yield sse(chunk(exchange_id, created, name, delta, entries, None))
+                                entries = None
                         yield sse(chunk(exchange_id, created, name, {}, None, item))
                         if include_usage:
                             yield sse(usage_chunk(exchange_id, created, name, item, chat))
                         yield "data: [DONE]\n\n"
                         return
                     reveal.apply_entries(item.logprobs)
+                    if held is not None:
+                        held += item.logprobs
+                        continue
                     entries = item.logprobs if request.top_logprobs is not None else None
                     delta = {"content": item.text} if chat else item.text
                     yield sse(chunk(exchange_id, created, name, delta, entries, None))
@@ -239,7 +254,7 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, who: CallerDep, serving: ServingDep
 ) -> JSONResponse | StreamingResponse:
     exchange: TrafficRow = request.state.exchange
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages = [m.as_dict() for m in body.messages]
     exchange.messages = messages
     if not any(m["role"] == "user" for m in messages):
         raise APIError(400, "messages must contain a user message", param="messages")

@@ -124,8 +124,19 @@ _COLUMNS = (
     _Column("status", "SMALLINT", required=True),
     _Column("error_code", "TEXT"),
     _Column("finish_reason", "TEXT"),
+    # added after the first release: a table made before gets them (``_ADD_COLUMNS``)
+    _Column("tools", "TEXT"),
+    _Column("tool_calls", "TEXT"),
 )
 _NAMES = frozenset(column.name for column in _COLUMNS)
+#: Columns added after the first release, in order: a log made before gets them on open, and a
+#: journal segment written before is read with nulls for them.
+_ADDED = ("tools", "tool_calls")
+_ADD_COLUMNS = [
+    f"ALTER TABLE exchanges ADD COLUMN IF NOT EXISTS {c.name} {c.sql}"
+    for c in _COLUMNS
+    if c.name in _ADDED
+]
 
 #: The ``exchanges`` table as Arrow: what ``read()`` returns, column for column.
 EXCHANGE_SCHEMA = pa.schema(
@@ -172,6 +183,7 @@ class _Journal:
             except json.JSONDecodeError:
                 break  # torn by a kill mid-write: never acknowledged
             values[1] = datetime.fromisoformat(values[1])
+            values += [None] * (len(_COLUMNS) - len(values))  # a segment from before _ADDED
             rows.append(tuple(values))
         return rows
 
@@ -538,6 +550,8 @@ class DuckDBTrafficLog(TrafficLog):
         try:
             self._con = duckdb.connect(self.target)
             self._con.execute(_CREATE_TABLE)
+            for statement in _ADD_COLUMNS:
+                self._con.execute(statement)
             _check_columns(self.target, self._con.sql("SELECT * FROM exchanges LIMIT 0").columns)
         except duckdb.Error as error:
             raise TrafficLogError(f"cannot open {self.target}: {_first_line(error)}") from None
@@ -597,6 +611,8 @@ class PostgresTrafficLog(TrafficLog):
         try:
             self._conn = self._connect()
             self._conn.execute(_CREATE_TABLE)
+            for statement in _ADD_COLUMNS:
+                self._conn.execute(statement)
             self._conn.execute("CREATE INDEX IF NOT EXISTS exchanges_ts ON exchanges (ts)")
             columns = self._conn.execute("SELECT * FROM exchanges LIMIT 0").description
             _check_columns(self.target, [column.name for column in columns])

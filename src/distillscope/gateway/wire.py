@@ -29,14 +29,70 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    #: a JSON string, as OpenAI sends it (the model's own; it may not be valid JSON)
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    #: an assistant's calls, sent back in a later request
+    tool_calls: list[ToolCall] | None = None
+    #: a tool message answers this call
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise PydanticCustomError("tool_call_id", "a tool message needs tool_call_id")
+        if self.tool_calls and self.role != "assistant":
+            raise PydanticCustomError("tool_calls", "only assistant messages carry tool_calls")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as the backend and the log take it (OpenAI's shape, text content)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["content"] = self.content and self.text()
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(BaseModel):
@@ -69,6 +125,35 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     #: vLLM's extension: logprobs of the prompt's own tokens (tiers capped at ``full`` only).
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+
+    @model_validator(mode="after")
+    def _tool_choice_offered(self) -> ChatCompletionRequest:
+        names = {tool.function.name for tool in self.tools or ()}
+        if isinstance(self.tool_choice, NamedToolChoice):
+            if self.tool_choice.function.name not in names:
+                raise PydanticCustomError(
+                    "tool_choice", "tool_choice names a function that tools do not offer"
+                )
+        elif self.tool_choice == "required" and not names:
+            raise PydanticCustomError("tool_choice", "tool_choice required needs tools")
+        return self
+
+    def tool_list(self) -> list[dict[str, Any]] | None:
+        """The tools offered, as plain dicts (``None`` when none)."""
+        if not self.tools:
+            return None
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
+
+    def choice(self) -> str | dict[str, Any]:
+        """``tool_choice`` as a string or OpenAI's named-function dict (OpenAI's defaults:
+        ``auto`` with tools, ``none`` without)."""
+        if self.tool_choice is None:
+            return "auto" if self.tools else "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.model_dump()
+        return self.tool_choice
 
 
 class CompletionRequest(_Sampling):
@@ -124,6 +209,18 @@ def _usage(generation: Generation) -> dict[str, int]:
     }
 
 
+def chat_message(generation: Generation) -> dict[str, Any]:
+    """The answer as OpenAI's assistant message: content, or ``tool_calls`` and null content."""
+    if generation.tool_calls:
+        return {
+            "role": "assistant",
+            "content": None,
+            "refusal": None,
+            "tool_calls": generation.tool_calls,
+        }
+    return {"role": "assistant", "content": generation.text, "refusal": None}
+
+
 def chat_response(exchange_id: str, model: str, generation: Generation) -> dict[str, Any]:
     logprobs = None
     if generation.logprobs is not None:
@@ -136,7 +233,7 @@ def chat_response(exchange_id: str, model: str, generation: Generation) -> dict[
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": generation.text, "refusal": None},
+                "message": chat_message(generation),
                 "finish_reason": generation.finish_reason,
                 "logprobs": logprobs,
             }
@@ -201,6 +298,18 @@ def chat_chunk(exchange_id, created, model, delta, entries, final: Generation | 
             }
         ],
     }
+
+
+def tool_call_deltas(generation: Generation) -> list[dict[str, Any]]:
+    """A whole answer's calls as OpenAI streams them: per call, a delta naming it (``id``,
+    ``type``, ``function.name``, empty ``arguments``), then a delta with its arguments."""
+    deltas = []
+    for index, call in enumerate(generation.tool_calls or ()):
+        named = {**call, "function": {"name": call["function"]["name"], "arguments": ""}}
+        arguments = {"arguments": call["function"]["arguments"]}
+        deltas.append({"tool_calls": [{"index": index, **named}]})
+        deltas.append({"tool_calls": [{"index": index, "function": arguments}]})
+    return deltas
 
 
 def completion_chunk(exchange_id, created, model, text, entries, final: Generation | None):

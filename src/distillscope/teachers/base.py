@@ -71,10 +71,18 @@ class Completion:
     token_strings: list[str] | None = None
     topk_strings: list[list[str]] | None = None
     prompt_tokens: int = 0
+    #: The calls the answer makes, in OpenAI's shape (``toolcalls``); ``None`` when it makes none.
+    tool_calls: list[dict] | None = None
 
     @property
     def completion_tokens(self) -> int:
         return len(self.signal)
+
+    def message(self) -> dict:
+        """The answer as an assistant message in OpenAI's shape."""
+        if self.tool_calls:
+            return {"role": "assistant", "content": None, "tool_calls": self.tool_calls}
+        return {"role": "assistant", "content": self.text}
 
 
 @runtime_checkable

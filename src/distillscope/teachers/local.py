@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from transformers import (
     LogitsProcessorList,
 )
 
+from distillscope import toolcalls
 from distillscope.errors import TeacherError
 from distillscope.exposure import Full, Signal, Text, TopK, tail_mass
 from distillscope.teachers.base import Completion, SamplingConfig, row_seed
@@ -57,8 +59,11 @@ class _SampleAndRecord(LogitsProcessor):
         keep_full: bool,
         processors: Sequence[LogitsProcessor] = (),
         on_step: OnStep | None = None,
+        prefixes: Sequence[Sequence[Sequence[int]] | None] | None = None,
     ):
         self.processors = list(processors)
+        #: per row, token sequences the answer must begin with one of (constrained decoding)
+        self.prefixes = prefixes
         self.on_step = on_step
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
         self.temperature = temperature
@@ -75,12 +80,15 @@ class _SampleAndRecord(LogitsProcessor):
             scores = processor(input_ids, scores)
         logprobs = torch.log_softmax(scores.float(), dim=-1)
         if self.temperature == 0:
-            choice = logprobs.argmax(dim=-1)
+            draw = logprobs
         else:
             vocab = logprobs.shape[-1]
             uniform = torch.stack([torch.rand(vocab, generator=g) for g in self.generators])
             gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-30))).to(logprobs.device)
-            choice = (logprobs / self.temperature + gumbel).argmax(dim=-1)
+            draw = logprobs / self.temperature + gumbel
+        choice = draw.argmax(dim=-1)
+        if self.prefixes is not None:
+            choice = self._constrain(choice, draw)
         self.chosen.append(choice.cpu())
         self.chosen_logprobs.append(logprobs.gather(-1, choice[:, None])[:, 0].cpu())
         if self.k:
@@ -99,6 +107,23 @@ class _SampleAndRecord(LogitsProcessor):
         forced = torch.full_like(scores, float("-inf"))
         forced.scatter_(-1, choice[:, None], 0.0)
         return forced
+
+    def _constrain(self, choice: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:
+        """Rows still inside a forced prefix take the likeliest of the tokens that continue one
+        of their alternatives under the same draw (an exact sample from the teacher's
+        distribution restricted to them); the logprobs reported stay the teacher's own."""
+        step = len(self.chosen)
+        drawn = [[int(t[row]) for t in self.chosen] for row in range(len(choice))]
+        for row, alternatives in enumerate(self.prefixes):
+            if not alternatives:
+                continue
+            alive = [a for a in alternatives if list(a[:step]) == drawn[row]]
+            if not alive or any(len(a) <= step for a in alive):
+                continue  # the prefix is complete (or was left): free from here
+            allowed = sorted({int(a[step]) for a in alive})
+            if int(choice[row]) not in allowed:
+                choice[row] = allowed[int(draw[row, allowed].argmax())]
+        return choice
 
 
 class TransformersTeacher:
@@ -177,12 +202,14 @@ class TransformersTeacher:
         keys: Sequence[str],
         processors: Sequence[LogitsProcessor] = (),
         on_step: OnStep | None = None,
+        prefixes: Sequence[Sequence[Sequence[int]] | None] | None = None,
     ) -> list[Completion]:
         """Sample from exact prompt ids (already templated). ``keys`` seed each row's draw.
 
         ``processors`` (a watermark, say) transform the raw logits before the draw, so the
         reported logprobs are those of the distribution actually sampled; ``on_step`` sees each
-        token of the first row as it is drawn.
+        token of the first row as it is drawn; ``prefixes`` gives each row token sequences its
+        answer must begin with one of (``toolcalls.forced_prefixes``), or ``None``.
         """
         prompts = keys
         exposure = sampling.exposure
@@ -199,6 +226,7 @@ class TransformersTeacher:
             keep_full=isinstance(exposure, Full),
             processors=[*self.processors, *processors],
             on_step=on_step,
+            prefixes=prefixes,
         )
         config = GenerationConfig(
             do_sample=False,
@@ -240,6 +268,40 @@ class TransformersTeacher:
                 )
             )
         return completions
+
+    def chat(
+        self,
+        messages: Sequence[dict],
+        sampling: SamplingConfig,
+        *,
+        tools: Sequence[dict] | None = None,
+        tool_choice="auto",
+        key: str | None = None,
+        processors: Sequence[LogitsProcessor] = (),
+        on_step: OnStep | None = None,
+    ) -> Completion:
+        """One assistant turn of a conversation in OpenAI's shape, tools in the convention of
+        ``distillscope.toolcalls``; the answer's ``tool_calls`` are parsed from its text. ``key``
+        seeds the draw (default: the conversation itself)."""
+        encoded = toolcalls.render_chat_ids(self.tokenizer, messages, tools, tool_choice)
+        forced = toolcalls.forced_prefixes(self.tokenizer, tools, tool_choice)
+        if key is None:
+            key = json.dumps([messages, tools, tool_choice], ensure_ascii=False, sort_keys=True)
+        completion = self.generate_from_ids(
+            [encoded],
+            sampling,
+            keys=[key],
+            processors=processors,
+            on_step=on_step,
+            prefixes=None if forced is None else [forced],
+        )[0]
+        if tools and tool_choice != "none":
+            completion.tool_calls = toolcalls.parse_tool_calls(
+                completion.text, toolcalls.tool_names(tools), ids_from=key
+            )
+        if completion.tool_calls:
+            completion.finish_reason = "tool_calls"
+        return completion
 
     def _completion_length(self, row: np.ndarray) -> tuple[int, str]:
         """Tokens up to and including the first stop token (kept: students should learn to stop)."""

@@ -17,6 +17,7 @@ import numpy as np
 import openai
 from openai import AsyncOpenAI, OpenAI
 
+from distillscope import toolcalls
 from distillscope.errors import TeacherError
 from distillscope.exposure import Exposure, Signal, Text, TopK, is_at_least, tail_mass
 from distillscope.teachers.base import Completion, SamplingConfig
@@ -173,6 +174,72 @@ class OpenAITeacher:
             prompt_tokens=usage.prompt_tokens if usage else 0,
         )
 
+    def chat(
+        self,
+        messages: Sequence[dict],
+        sampling: SamplingConfig,
+        *,
+        tools: Sequence[dict] | None = None,
+        tool_choice: Any = "auto",
+        stream: bool = False,
+    ) -> Completion:
+        """One assistant turn of a conversation, tools and calls in OpenAI's shape, streamed
+        (tool-call deltas gathered by index) or not. ``prompt_ids`` are the conversation as
+        ``toolcalls.render_chat_ids`` spells it with this tokenizer: what a distillscope gateway
+        serving a local model of this tokenizer sees (for another server, its best guess).
+        At ``text`` exposure the answer's ids are its text (or its calls in the convention)
+        tokenized, plus the end-of-turn token."""
+        request: dict[str, Any] = {
+            "model": self.model,
+            "messages": list(messages),
+            "temperature": sampling.temperature,
+            "max_tokens": sampling.max_new_tokens,
+            "seed": sampling.seed,
+        }
+        if tools:
+            request.update(tools=list(tools), tool_choice=tool_choice)
+        if isinstance(sampling.exposure, TopK):
+            request.update(logprobs=True, top_logprobs=sampling.exposure.k)
+        try:
+            with OpenAI(**self._client_args) as client:
+                if stream:
+                    answer = _gathered(
+                        client.chat.completions.create(
+                            **request, stream=True, stream_options={"include_usage": True}
+                        )
+                    )
+                else:
+                    answer = _answer(client.chat.completions.create(**request))
+        except openai.APIStatusError as exc:
+            raise TeacherError(f"{self.url} answered {exc.status_code}: {exc.message}") from exc
+        except openai.APIConnectionError as exc:
+            raise TeacherError(f"cannot reach {self.url}: {exc}") from exc
+        text, tool_calls, finish, reported, usage = answer
+        spelled = toolcalls.assistant_text({"content": text, "tool_calls": tool_calls})
+        token_strings = topk_strings = None
+        if isinstance(sampling.exposure, TopK) and reported:
+            signal, token_strings, topk_strings = self._logprob_signal(
+                reported, sampling.exposure.k
+            )
+        else:
+            ended = "stop" if finish == "tool_calls" else finish
+            signal = Signal(Text(), self._text_ids(spelled, ended, usage[1]))
+        prompt_ids = None
+        if self.tokenizer is not None:
+            ids = toolcalls.render_chat_ids(self.tokenizer, messages, tools, tool_choice)
+            prompt_ids = np.asarray(ids, dtype=np.int64)
+        return Completion(
+            prompt=next((m["content"] for m in messages if m["role"] == "user"), ""),
+            text=spelled,
+            signal=signal,
+            finish_reason=finish,
+            prompt_ids=prompt_ids,
+            token_strings=token_strings,
+            topk_strings=topk_strings,
+            prompt_tokens=usage[0],
+            tool_calls=tool_calls,
+        )
+
     def _cut(self, prompt: str, max_prompt_tokens: int) -> str:
         """The prompt cut to ``max_prompt_tokens`` exactly as the local teacher cuts it."""
         if self.tokenizer is None:
@@ -240,3 +307,35 @@ class OpenAITeacher:
 
     def close(self) -> None:
         """Nothing to release: each ``generate`` opens and closes its own client."""
+
+
+def _answer(response) -> tuple:
+    """``(text, tool_calls, finish_reason, logprob entries, (prompt, completion tokens))``."""
+    choice = response.choices[0]
+    usage = response.usage
+    reported = choice.logprobs.content if choice.logprobs is not None else None
+    counts = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
+    return (
+        choice.message.content or "",
+        toolcalls.plain_calls(choice.message.tool_calls),
+        choice.finish_reason,
+        reported,
+        counts,
+    )
+
+
+def _gathered(chunks) -> tuple:
+    """A stream's chunks gathered into what ``_answer`` returns: content pieces joined, tool-call
+    deltas merged by index (the first names the call, later ones add to its arguments)."""
+    text, finish, reported, counts = "", "stop", [], (0, 0)
+    calls: dict[int, dict] = {}
+    for chunk in chunks:
+        if chunk.usage:
+            counts = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+            if choice.logprobs is not None and choice.logprobs.content:
+                reported += choice.logprobs.content
+            toolcalls.gather_call_deltas(calls, choice.delta.tool_calls)
+    return text, [calls[i] for i in sorted(calls)] or None, finish, reported or None, counts

@@ -179,6 +179,9 @@ def exchanges_table(rows: list[tuple], start: datetime) -> pa.Table:
     from distillscope.gateway.traffic import EXCHANGE_SCHEMA
 
     columns = list(zip(*rows)) if rows else [()] * len(EXCHANGE_SCHEMA)
+    # rows stop before the columns added later (tools, tool_calls: simulated tool catalogues
+    # travel in the messages, as a system message), which are null here
+    columns += [(None,) * len(rows)] * (len(EXCHANGE_SCHEMA) - len(columns))
     origin = int(start.timestamp() * 1_000_000)
     columns[1] = [origin + round(t * 1_000_000) for t in columns[1]]
     table = pa.Table.from_arrays(
