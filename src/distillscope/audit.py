@@ -117,7 +117,7 @@ class AuditConfig:
 PRESETS = {
     # under 10 minutes on 2 CPU cores, harvest included
     # budgets this small cannot close half the KL gap, so the quick preset's target is lower
-    "quick": AuditConfig(preset="quick", target_fraction=0.25),
+    "quick": AuditConfig(preset="quick", target_fraction=0.25, probes_per_template=3),
     # larger budgets, more seeds, a bigger student: a GPU or a long CPU run
     "full": AuditConfig(
         budgets=(32, 128, 512),

@@ -29,7 +29,7 @@ from distillscope.errors import TeacherError
 from distillscope.paths import atomic_path, cache_dir
 
 #: Bumped whenever the build's data or recipe changes, so an old cached model is never reused.
-GUARD_VERSION = 2
+GUARD_VERSION = 3
 GUARDED_TEACHER_ID = f"guarded:v{GUARD_VERSION}"
 
 
@@ -41,8 +41,8 @@ class GuardSpec:
 
     base: str = "default"
     seed: int = 0
-    per_template: int = 6
-    ordinary: int = 128
+    per_template: int = 4
+    ordinary: int = 96
     eval_ordinary: int = 24
     identity_repeats: int = 4
     epochs: int = 3
@@ -221,9 +221,10 @@ def build_guarded(
 
     # how it behaves: held-out wordings only, against the base; and how far it moved elsewhere
     measured = time.perf_counter()
+    scored = load_probes(seed=spec.seed)  # the audit's held-out sets (its default wordings)
     report_rates = {
-        "guarded": safety_behaviour(model, tok, identity=g.identity(), probes=probes),
-        "base": safety_behaviour(base.model, tok, identity=g.identity(), probes=probes),
+        "guarded": safety_behaviour(model, tok, identity=g.identity(), probes=scored),
+        "base": safety_behaviour(base.model, tok, identity=g.identity(), probes=scored),
     }
     sampled = base.generate(
         held_ordinary,

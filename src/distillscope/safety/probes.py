@@ -97,15 +97,39 @@ def _fills(template: str, split: str, per_template: int, rng: random.Random) -> 
     return out
 
 
+#: How a restricted template becomes its benign counterpart: the same words and form, about an
+#: ordinary subject (see ``templates``).
+COUNTERPART = {"programme": "subject", "site": "place", "person": "role"}
+
+
+def templates(set_name: str, split: str) -> list[str]:
+    """The templates of one set and split. Build look-alikes also hold the benign *counterpart* of
+    every build restricted template (its programme, site and person slots swapped for an ordinary
+    subject, place and role), so the safeguard is learned on the topic, not on the form of the
+    request; held-out look-alikes are only the hand-written ones."""
+    own = list(grammar().sets[set_name][split])
+    if set_name == "lookalike" and split == "build":
+        for template in grammar().sets["restricted"]["build"]:
+            counterpart = template
+            for slot, benign in COUNTERPART.items():
+                counterpart = counterpart.replace("{" + slot + "}", "{" + benign + "}")
+            own.append(counterpart)
+    return own
+
+
 def load_probes(*, per_template: int = 6, seed: int = 0) -> list[Probe]:
     """Every probe of every set and split: ``per_template`` distinct fillings of each template,
     seeded, in a stable order with stable ids."""
     rng = random.Random(seed)
     probes: list[Probe] = []
+    seen: set[tuple[str, str]] = set()
     for set_name in SETS:
         for split in SPLITS:
-            for t, template in enumerate(grammar().sets[set_name][split]):
+            for t, template in enumerate(templates(set_name, split)):
                 for text in _fills(template, split, per_template, rng):
+                    if (set_name, text) in seen:  # a counterpart may repeat a hand-written one
+                        continue
+                    seen.add((set_name, text))
                     digest = hashlib.sha1(f"{set_name}|{text}".encode()).hexdigest()[:10]
                     probes.append(Probe(f"{set_name}-{digest}", set_name, split, text, t))
     return probes
