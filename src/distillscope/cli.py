@@ -355,6 +355,11 @@ def distill(
     teacher: str | None = typer.Option(
         None, help="Local teacher: scores full exposure in the loop, seeds 'layers:N' students."
     ),
+    student_tokenizer: str | None = typer.Option(
+        None,
+        help="Give the student another tokenizer than the records': 'gpt2' or 'hf:PATH'. The "
+        "text is re-tokenised (ce) and top-k aligned by byte spans (sparse-kl).",
+    ),
     signal: SignalMode | None = typer.Option(
         None,
         help="Where the teacher signal comes from: offline (the records; topK and text, the "
@@ -413,6 +418,7 @@ def distill(
             config,
             student=student,
             teacher=teacher,
+            student_tokenizer=student_tokenizer,
             heldout=heldout,
             device=device,
             progress=not as_json,

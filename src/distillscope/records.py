@@ -298,8 +298,15 @@ class RecordSet:
             digest.update(json.dumps(self.table[name].to_pylist()).encode())
         return digest.hexdigest()[:16]
 
-    def check_compatible(self, tokenizer, *, consumer: str = "this run") -> None:
-        self.provenance.check_tokenizer(tokenizer, consumer=consumer)
+    def check_compatible(self, tokenizer, *, consumer: str = "this run", reader=None) -> None:
+        """Raise unless ``tokenizer`` assigns exactly the ids these records were written in.
+
+        A student with another tokenizer asks for that explicitly by naming ``reader``, the
+        tokenizer the records' ids are read with: ``reader`` is checked instead, and the student's
+        ids come from re-tokenising the text those ids spell (``distill.crosstok``), so no id of
+        one vocabulary is ever read as the other's.
+        """
+        self.provenance.check_tokenizer(tokenizer if reader is None else reader, consumer=consumer)
 
     def exchanges(self, exposure: Exposure | str | None = None) -> Iterator[Exchange]:
         """Every record with its signal downgraded exactly to ``exposure`` (default: as stored)."""

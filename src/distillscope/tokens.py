@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Protocol
 
+import numpy as np
+
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """A short hash of everything that decides token ids: vocab, merges, added and special tokens.
@@ -147,3 +149,28 @@ class TokenMapper:
     def ids_for(self, tokens: Sequence[TokenLike]) -> list[int]:
         """The ids of reported tokens, -1 for each one that cannot be mapped."""
         return [self.id_for(token) for token in tokens]
+
+
+def vocab_map(source, target) -> np.ndarray:
+    """For every id of ``source``, the id of ``target`` that spells exactly the same bytes, or -1.
+
+    Added and special tokens are matched by role, not spelling: ``source``'s end-of-sequence maps
+    to ``target``'s, every other special token to -1 (SmolLM2's ``<|endoftext|>`` is id 0 and not
+    an end of answer). When two target ids spell the same bytes, the lowest wins.
+    """
+    target_special = set(target.added_tokens_decoder)
+    ids: dict[bytes, int] = {}
+    for token_id, spelled in enumerate(token_bytes_table(target)):
+        if spelled and token_id not in target_special:
+            ids.setdefault(spelled, token_id)
+    source_special = set(source.added_tokens_decoder)
+    mapped = np.array(
+        [
+            -1 if token_id in source_special else ids.get(spelled, -1)
+            for token_id, spelled in enumerate(token_bytes_table(source))
+        ],
+        dtype=np.int64,
+    )
+    if source.eos_token_id is not None and target.eos_token_id is not None:
+        mapped[source.eos_token_id] = target.eos_token_id
+    return mapped

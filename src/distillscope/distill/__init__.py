@@ -42,6 +42,7 @@ def distill_records(
     student: str = "tiny",
     teacher: str | None = None,
     tokenizer: str | None = None,
+    student_tokenizer: str | None = None,
     heldout: int = 0,
     device: str = "auto",
     progress: bool = True,
@@ -50,6 +51,9 @@ def distill_records(
 
     ``teacher`` (a local spec) scores online/full/on-policy signals, seeds ``layers:N`` students
     and, with ``heldout`` > 0, measures held-out fidelity on the last ``heldout`` records.
+    ``student_tokenizer`` (``gpt2`` or ``hf:PATH``) gives the student another vocabulary than the
+    records': their text is re-tokenised and top-k signals aligned (``distill.crosstok``), so only
+    ``sparse-kl`` at topK and ``ce`` train, and the student is a built-in size or ``hf:PATH``.
 
     Everything is checked before anything is written to ``out``: a refused run leaves ``out`` as
     it was. A run resumed in ``out`` must name the same data, student, teacher and held-out split
@@ -67,6 +71,8 @@ def distill_records(
         )
     if heldout and teacher is None:
         raise TrainingError("--heldout measures fidelity against the teacher: give --teacher")
+    if student_tokenizer is not None:
+        _check_cross(config, student, heldout)
     check_resume(out, config)
     records = RecordSet(data)
     check_downgrade(records.exposure, config.level())
@@ -77,11 +83,24 @@ def distill_records(
         "student": student,
         "teacher": teacher,
         "heldout": heldout,
+        "student_tokenizer": student_tokenizer,
     }
     _check_inputs(Path(out), inputs)
     torch_device = pick_device(device)
-    tok = load_tokenizer_for(records.provenance, tokenizer)
-    examples = examples_from_records(records, config.exposure, tok)
+    if student_tokenizer is None:
+        tok = load_tokenizer_for(records.provenance, tokenizer)
+        examples = examples_from_records(records, config.exposure, tok)
+    else:
+        from distillscope.distill.crosstok import cross_examples
+        from distillscope.distill.students import load_student_tokenizer
+
+        reader = (
+            load_tokenizer_for(records.provenance, tokenizer)
+            if records.provenance.token_ids
+            else None
+        )
+        tok = load_student_tokenizer(student_tokenizer)
+        examples = cross_examples(records, config.exposure, tok, reader)
     if heldout and heldout >= len(examples):
         raise TrainingError(
             f"--heldout {heldout} leaves no training data ({len(examples)} records)"
@@ -111,6 +130,30 @@ def distill_records(
     return DistillRun(result, parameter_count(model), len(train_set), report)
 
 
+def _check_cross(config, student: str, heldout: int) -> None:
+    """Refuse what a student with another tokenizer cannot train, in one line each."""
+    from distillscope.distill.train import TrainingError
+
+    if config.loss_name() not in CROSS_LOSSES:
+        raise TrainingError(
+            f"--loss {config.loss_name()} with --student-tokenizer: the aligned signal trains "
+            f"with {' or '.join(CROSS_LOSSES)}"
+        )
+    if student.strip().startswith("layers:"):
+        raise TrainingError(
+            "--student layers:N copies the teacher's embeddings: with --student-tokenizer use a "
+            "built-in size or hf:PATH"
+        )
+    if heldout:
+        raise TrainingError(
+            "--heldout measures per-token KL in the teacher's vocabulary: with "
+            "--student-tokenizer use --heldout 0"
+        )
+
+
+#: Losses a student with another tokenizer trains with (the aligned top-k, or its own tokens).
+CROSS_LOSSES = ("sparse-kl", "ce")
+
 #: What a distill run was trained from, beside its config.json.
 INPUTS = "inputs.json"
 
@@ -128,11 +171,12 @@ def _check_inputs(out: Path, inputs: dict) -> None:
             f"--data {inputs['data']} is not the data the run in {out} trained on "
             f"({held.get('data')}, {held.get('records')} records): use a new --out, or that --data"
         )
-    for name in ("student", "teacher", "heldout"):
+    for name in ("student", "teacher", "heldout", "student_tokenizer"):
         theirs, ours = held.get(name), inputs[name]
         if theirs != ours:
-            asked = f"--{name} {ours}" if ours is not None else f"no --{name}"
-            fix = f"--{name} {theirs}" if theirs is not None else f"no --{name}"
+            flag = "--" + name.replace("_", "-")
+            asked = f"{flag} {ours}" if ours is not None else f"no {flag}"
+            fix = f"{flag} {theirs}" if theirs is not None else f"no {flag}"
             raise TrainingError(
                 f"{asked}: the run in {out} was trained with {name} {theirs}; use a new --out, "
                 f"or {fix} to resume it"

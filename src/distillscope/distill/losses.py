@@ -166,7 +166,10 @@ def sparse_kl(
 
     Unbiased in the sense that matters: it is zero only when the student matches the teacher on
     each top-k token *and* on the total tail mass, and it equals dense KL when k = V. Only T=1: the
-    shape of the tail is unknown, so it cannot be re-tempered.
+    shape of the tail is unknown, so it cannot be re-tempered. Slots at -inf count for nothing
+    (give them the id of a counted slot, so no other token leaves the tail): this is how
+    ``distill.crosstok`` passes candidates the student's vocabulary cannot spell, and a one-hot
+    row (logprob 0, no tail) makes the loss exactly cross-entropy on that token.
     """
     if temperature != 1.0:
         raise ValueError(
@@ -175,7 +178,9 @@ def sparse_kl(
         )
     student_at, student_tail = _student_topk_and_tail(student_logits, signal.ids, 1.0)
     teacher = signal.logprobs.float()
-    per = (teacher.exp() * (teacher - student_at)).sum(-1)
+    p = teacher.exp()
+    # a slot at -inf carries no mass (a cross-tokenizer candidate the student cannot spell)
+    per = torch.where(p > 0, p * (teacher - student_at), torch.zeros_like(p)).sum(-1)
     tail = signal.tail_mass.float().clamp_min(0.0)
     # k = V leaves no tail: any teacher "tail" is float rounding, and the student has none either
     has_tail = (tail > 0) & torch.isfinite(student_tail)

