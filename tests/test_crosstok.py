@@ -187,3 +187,15 @@ def test_the_cli_trains_a_gpt2_student_and_refuses_what_cannot_align(cli, record
         assert not other.exists()
     resumed = cli(*base[:-1], "hf:/nowhere", "--out", out, "--exposure", "text")
     one_line_error(resumed, "--student-tokenizer")
+
+
+def test_fidelity_is_measured_across_the_two_vocabularies(records, gpt2, tiny_teacher):
+    from distillscope.crossfidelity import fidelity_across
+
+    held = cross_examples(records, "text", gpt2, tiny_teacher.tokenizer)[:4]
+    teacher_prompts = [e.prompt_ids for e in list(records.exchanges("text"))[:4]]
+    student = build_student("micro", gpt2, seed=0)
+    found = fidelity_across(student, gpt2, tiny_teacher, held, teacher_prompts, max_new_tokens=4)
+    assert found["teacher_loglik"]["answers"] >= 1 and found["teacher_loglik"]["per_token"] < 0
+    # a near-uniform student over 50,257 tokens: about ln(50257) nats per token, spread over bytes
+    assert 0 < found["text_nll_per_byte"] < math.log(len(gpt2))

@@ -93,3 +93,30 @@ def text_nll_per_byte(
             size += sum(len(pieces[int(t)]) for t in example.completion_ids)
     student.train(was_training)
     return total / max(size, 1)
+
+
+def fidelity_across(
+    student,
+    student_tokenizer,
+    teacher,
+    heldout: Sequence[Example],
+    teacher_prompts: Sequence[np.ndarray],
+    *,
+    max_new_tokens: int,
+    seed: int = 0,
+) -> dict:
+    """Both measures on held-out exchanges: ``heldout`` re-tokenised for the student
+    (``distill.crosstok.cross_examples`` at text), ``teacher_prompts`` the same prompts as the
+    teacher saw them. What an audit of a student with another tokenizer reports per run."""
+    return {
+        "teacher_loglik": sample_loglik_across(
+            student,
+            student_tokenizer,
+            teacher,
+            [e.prompt_ids for e in heldout],
+            teacher_prompts,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+        ),
+        "text_nll_per_byte": text_nll_per_byte(student, student_tokenizer, heldout),
+    }
