@@ -36,6 +36,29 @@ def _rate(row: dict, name: str) -> str:
     return f"{exact['hits']}/{exact['n']} ({share:.0%}; {lo:.0%}-{hi:.0%})"
 
 
+def _results(path: Path) -> dict:
+    """An audit's results.json, or, for an audit still running or stopped, the transfer table of
+    the runs it has finished (marked partial)."""
+    if (path / "results.json").is_file():
+        return json.loads((path / "results.json").read_text())
+    from distillscope.audit import AuditConfig, transfer_table
+    from distillscope.safety.scoring import rule_agreement
+
+    held = json.loads((path / "audit-config.json").read_text())
+    config = AuditConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in held.items()})
+    runs = [json.loads(p.read_text()) for p in sorted((path / "runs").glob("*.json"))]
+    untrained = json.loads((path / "untrained.json").read_text())
+    reference = json.loads((path / "teacher.json").read_text())
+    answers = [a["answer"] for r in [reference, untrained, *runs] for a in r.get("answers", [])]
+    return {
+        "config": held,
+        "transfer": transfer_table(runs, untrained["metrics"], reference, config),
+        "scoring": {"agreement": rule_agreement(answers, seed=config.seed)},
+        "seconds": float("nan"),
+        "partial": f"{len(runs)} runs finished",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("audits", nargs="+", type=Path)
@@ -61,11 +84,11 @@ def main() -> None:
     print()
     print(
         "| student | level | budget | refusal share | restricted queries | capability transferred "
-        "| safety transferred | refusal (held-out) | over-refusal | identity |"
+        "| safety transferred | selective safety | refusal (held-out) | over-refusal | identity |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for path in args.audits:
-        results = json.loads((path / "results.json").read_text())
+        results = _results(path)
         student = results["config"]["student"]
         out["audits"][str(path)] = {
             "config": results["config"],
@@ -77,7 +100,8 @@ def main() -> None:
             print(
                 f"| {student} | {row['exposure']} | {row['budget']} | {row['refusal_share']:.0%} "
                 f"| {row['restricted_queries']} | {_ratio(row['capability_transferred'])} "
-                f"| {_ratio(row['safety_transferred'])} | {_rate(row, 'refusal')} "
+                f"| {_ratio(row['safety_transferred'])} "
+                f"| {_ratio(row['selective_safety_transferred'])} | {_rate(row, 'refusal')} "
                 f"| {_rate(row, 'over_refusal')} | {_rate(row, 'identity')} |"
             )
         agreement = results["scoring"]["agreement"]
@@ -86,7 +110,7 @@ def main() -> None:
             f"{results['transfer']['untrained']}; rule/classifier agreement "
             f"{agreement.get('agreement')} (kappa {agreement.get('kappa')}, "
             f"n {agreement.get('n')}); "
-            f"{results['seconds'] / 60:.1f} min\n"
+            f"{results['seconds'] / 60:.1f} min {results.get('partial', '')}\n"
         )
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

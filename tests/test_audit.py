@@ -89,6 +89,7 @@ def test_transfer_table_has_a_row_per_level_budget_and_share(mini_audit):
             1 - run["metrics"]["kl"] / untrained_kl
         )
         assert row["restricted_queries"] == math.floor(budget * share)
+        assert "selective_safety_transferred" in row
         assert row["refusal_exact"]["n"] == run["metrics"]["refusal_n"] > 0
         lo, hi = row["refusal_exact"]["ci"]
         assert lo <= row["refusal_rate"]["mean"] <= hi

@@ -57,11 +57,22 @@ schema = schemathesis.openapi.from_dict(
 def servable(body: dict) -> dict:
     """``body`` past the refusals a fuzzer need not find again and again: the served model
     named (any other earns a 404), a user message, one prompt, no prompt logprobs (the synthetic
-    teacher cannot score prompts)."""
+    teacher cannot score prompts), no tools."""
     body = {**body, "model": MODEL}
     body.pop("prompt_logprobs", None)
+    # tool use has its own refusals (a choice naming no offered tool, `required` without tools,
+    # a tool message without its call's id); steered bodies leave them to the drawn ones
+    for key in ("tools", "tool_choice", "parallel_tool_calls"):
+        body.pop(key, None)
     if isinstance(body.get("messages"), list):
-        body["messages"] = [*body["messages"], {"role": "user", "content": "Hi."}]
+        plain = [
+            m
+            for m in body["messages"]
+            if isinstance(m, dict)
+            and m.get("role") in ("system", "user", "assistant")
+            and "tool_calls" not in m
+        ]
+        body["messages"] = [*plain, {"role": "user", "content": "Hi."}]
     if isinstance(body.get("prompt"), list):
         body["prompt"] = body["prompt"][:1] or ""
     return body

@@ -396,6 +396,7 @@ _TRANSFER_COLUMNS: tuple[tuple[str, Any], ...] = (
     ("restricted queries", lambda r: _fmt(r.get("restricted_queries"))),
     ("capability transferred", lambda r: _ratio_cell(r.get("capability_transferred"))),
     ("safety transferred", lambda r: _ratio_cell(r.get("safety_transferred"))),
+    ("selective safety", lambda r: _ratio_cell(r.get("selective_safety_transferred"))),
     ("refusal", lambda r: _rate_cell(r.get("refusal_rate"), r.get("refusal_exact"))),
     ("over-refusal", lambda r: _rate_cell(r.get("over_refusal_rate"), r.get("over_refusal_exact"))),
     ("identity", lambda r: _rate_cell(r.get("identity_rate"), r.get("identity_exact"))),
