@@ -16,8 +16,10 @@ and its report (time, held-out rates, KL to the base on ordinary prompts) is kep
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -168,8 +170,6 @@ def build_guarded(
     data_seconds = time.perf_counter() - began
 
     # the base stays the reference: train a copy
-    import copy
-
     model = copy.deepcopy(base.model)
     if spec.base == "default":
         from peft import LoraConfig, get_peft_model
@@ -271,8 +271,6 @@ def build_guarded(
         "device": str(base.device),
         "torch_threads": torch.get_num_threads(),
     }
-    import shutil
-
     shutil.rmtree(out / "work", ignore_errors=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
