@@ -34,6 +34,24 @@ def test_automation_alone_is_no_evidence():
     assert combine(both)[0] == pytest.approx(2 * combine(content_only)[0])
 
 
+def test_a_harvest_specific_signal_at_its_extreme_flags_an_account_with_context_behind_it():
+    """Asking for the reasoning in every request, or sweeping more tool catalogues than any
+    reference account offers, each with an automated client's context: flagged on that one
+    content signal. The same context with only a capability focus is not."""
+    rng = np.random.default_rng(0)
+    n = 1000
+    # an ordinary reference: nine accounts in ten zero on each signal, the rest spread
+    tails = {
+        name: EmpiricalTail(rng.uniform(0, 1, n) * (rng.random(n) < 0.1)) for name in SIGNALS
+    }
+    threshold = permutation_null(tails, permutations=20, seed=0).threshold(0.001)
+    extreme = float(np.log(n + 1))  # above every reference account
+    context = {name: np.log(100) for name in SIGNALS if name not in CONTENT}  # p = 0.01 each
+    for name in ("elicitation", "tool_coverage"):
+        assert combine(_evidence(**context, **{name: extreme}))[0] > threshold, name
+    assert combine(_evidence(**context, concentration=extreme))[0] < threshold
+
+
 def test_a_small_share_is_no_evidence_even_when_most_accounts_score_zero():
     # 100 reference accounts, 95 never asked; the pooled rate is 1%.
     values = np.r_[np.zeros(95), np.full(5, 0.2)]

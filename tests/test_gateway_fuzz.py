@@ -55,26 +55,63 @@ schema = schemathesis.openapi.from_dict(
 
 
 def servable(body: dict) -> dict:
-    """``body`` past the refusals a fuzzer need not find again and again: the served model
-    named (any other earns a 404), a user message, one prompt, no prompt logprobs (the synthetic
-    teacher cannot score prompts), no tools."""
+    """``body`` past the refusals a fuzzer need not find again and again, keeping the drawn
+    values that are servable: the served model named (any other earns a 404), plain messages
+    with a user message last, one prompt, no prompt logprobs (the synthetic teacher cannot score
+    prompts), no tools, exposure within every keyed tier's, and the fields whose drawn value has
+    the wrong type or range dropped. The drawn bodies themselves still reach every refusal."""
     body = {**body, "model": MODEL}
-    body.pop("prompt_logprobs", None)
     # tool use has its own refusals (a choice naming no offered tool, `required` without tools,
-    # a tool message without its call's id); steered bodies leave them to the drawn ones
-    for key in ("tools", "tool_choice", "parallel_tool_calls"):
+    # a tool message without its call's id); parameters the backend cannot honour away from
+    # their neutral values earn a 400 each
+    for key in (
+        "prompt_logprobs",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "n",
+        "top_p",
+        "stop",
+        "frequency_penalty",
+        "presence_penalty",
+        "logit_bias",
+    ):
         body.pop(key, None)
-    if isinstance(body.get("messages"), list):
+    for key, ok in {
+        "stream": lambda v: isinstance(v, bool),
+        "stream_options": lambda v: (
+            isinstance(v, dict) and all(isinstance(x, bool) for x in v.values())
+        ),
+        "temperature": lambda v: (
+            isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 2
+        ),
+        "seed": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "max_tokens": lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 64,
+        "max_completion_tokens": lambda v: (
+            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 64
+        ),
+        "logprobs": lambda v: isinstance(v, bool | int) and 0 <= v <= 5,
+        "top_logprobs": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 5,
+    }.items():
+        if key in body and not ok(body[key]):
+            body.pop(key)
+    if "messages" in body or "prompt" not in body:
+        drawn = body.get("messages") if isinstance(body.get("messages"), list) else []
         plain = [
-            m
-            for m in body["messages"]
+            {"role": m["role"], "content": m["content"]}
+            for m in drawn
             if isinstance(m, dict)
             and m.get("role") in ("system", "user", "assistant")
-            and "tool_calls" not in m
+            and isinstance(m.get("content"), str)
         ]
         body["messages"] = [*plain, {"role": "user", "content": "Hi."}]
-    if isinstance(body.get("prompt"), list):
-        body["prompt"] = body["prompt"][:1] or ""
+        if body.get("top_logprobs"):
+            body["logprobs"] = True
+    else:
+        prompt = body["prompt"]
+        if isinstance(prompt, list):
+            prompt = prompt[0] if prompt else ""
+        body["prompt"] = prompt if isinstance(prompt, str) else "Hi."
     return body
 
 

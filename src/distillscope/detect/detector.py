@@ -266,8 +266,9 @@ def _self_referenced(con, features, measured, config: DetectConfig, notes: list[
     Ranked among all of a log's accounts, a campaign is its own reference: 200 accounts asking
     for reasoning in every request make asking for it look ordinary, and each of them earns
     p ~ 0.1 where it deserves 1 / n. So the ranking is repeated against a reference without the
-    accounts the previous round put in a coordinated community or flagged (a trimmed fit, as a
-    robust estimator trims its outliers) until that set stops changing (at most ``trim_rounds``).
+    accounts the previous round put in a coordinated community (or on its fringe) or flagged (a
+    trimmed fit, as a robust estimator trims its outliers) until that set stops changing (at most
+    ``trim_rounds``).
     """
     ids = features["account_id"].to_pylist()
     reference = Reference.fit(features, measured)
@@ -275,7 +276,8 @@ def _self_referenced(con, features, measured, config: DetectConfig, notes: list[
     excluded: set[str] = set()
     for _ in range(config.trim_rounds):
         scores, _, _, threshold, communities = ranked
-        trimmed = set(communities) | {a for a, v in zip(ids, scores) if v >= threshold}
+        trimmed = set(communities) | communities.fringe
+        trimmed |= {a for a, v in zip(ids, scores) if v >= threshold}
         if trimmed == excluded or len(trimmed) >= len(ids) / 2:
             break
         excluded = trimmed
@@ -653,7 +655,7 @@ def _features(con, accounts_meta, events, banned, notes) -> tuple[pa.Table, set[
 
 def _communities(
     con, suspects: list[str], reasoned: list[str], config: DetectConfig
-) -> dict[str, int]:
+) -> Communities:
     """Louvain communities of the coordination graph. What accounts share of infrastructure and
     timing ties ``suspects`` only (accounts with at least half the flag score: an office's
     address or a popular template ties ordinary people too); what they ask ties suspects and
@@ -737,10 +739,10 @@ def _communities(
     ).fetchall()
     graph = nx.Graph()
     graph.add_weighted_edges_from(pairs)
+    members = Communities()
     if graph.number_of_edges() == 0:
-        return {}
+        return members
     found = nx.community.louvain_communities(graph, weight="weight", seed=config.seed)
-    members = {}
     for index, community in enumerate(sorted(found, key=len, reverse=True)):
         # Louvain places every node somewhere: an account whose only tie is one edge into a
         # campaign lands in it. Members need ties to several others of their community.
@@ -751,7 +753,20 @@ def _communities(
         if len(core) >= config.min_community:
             for account in core:
                 members[account] = index
+            members.fringe |= community - core
     return members
+
+
+class Communities(dict):
+    """Each community member's community index; ``fringe``: the accounts Louvain placed in those
+    communities with too few ties to be members (never flagged for it, but left out of a
+    self-reference with the members: a quiet campaign's accounts that asked too little to be
+    tied firmly are still the campaign's, and kept in the reference they make it look ordinary).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fringe: set[str] = set()
 
 
 def _significant(found, ids, z, null, config) -> dict:

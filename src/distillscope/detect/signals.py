@@ -40,7 +40,11 @@ class AccountSignal:
 
     name: str
     description: str
-    #: How much the signal counts in the score (a weighted Fisher sum of -ln p).
+    #: How much the signal counts in the score (a weighted Fisher sum of -ln p). The signals
+    #: specific to a harvest (asking for the reasoning, sweeping tool catalogues) weigh 1.5: at
+    #: the reference's extreme, with context evidence behind them, each flags an account alone
+    #: (``combine`` caps context at the content's weight, so at 1.0 one content signal never
+    #: could). A focus on a training-target capability is what many users have: 0.75.
     weight: float
     #: ``content``: what the requests ask for (evidence of distillation on its own); ``context``:
     #: how they are sent (automation, shared infrastructure, templates, logprobs), which
@@ -63,7 +67,7 @@ SIGNAL_LIST = (
                   "training-target capability (coding, tool use, reasoning)", 0.75,
                   kind="content", share=True, per="tasks"),
     AccountSignal("tool_coverage", "distinct tool catalogues (sets of tools offered) in its "
-                  "requests: an agent product offers its own tools, a harvest sweeps many", 1.0,
+                  "requests: an agent product offers its own tools, a harvest sweeps many", 1.5,
                   kind="content", needs=("messages",)),
     AccountSignal("template", "share of requests in prompt-template clusters shared by several "
                   "accounts", 1.5, share=True),
