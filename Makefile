@@ -25,10 +25,13 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/distillscope audit --teacher default --preset quick --out runs/audit
 
+# Two workers, one test file each at a time (a file's module fixtures stay in one process);
+# the default teacher is converted first, so the workers never race to write its cache.
 test: install
 	bash scripts/ensure-chromium.sh
 	bash scripts/ensure-services.sh
-	$(PY) -m pytest -q
+	$(PY) -c "from distillscope.teachers.default import default_model_dir; default_model_dir()"
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check src tests

@@ -15,6 +15,7 @@ from distillscope.detect.signals import (
     Null,
     combine,
     permutation_null,
+    share_lower_bound,
     volume_strata,
 )
 
@@ -66,6 +67,23 @@ def test_a_small_share_is_no_evidence_even_when_most_accounts_score_zero():
     # Sixty in a hundred: both say rare, and the rank (1/101) is the larger, so it decides.
     p = tail.p(np.array([0.5]), np.array([60.0]), np.array([100.0]))[0]
     assert p == pytest.approx(1 / 101)
+
+
+def test_a_share_under_its_floor_is_no_evidence_however_many_requests_make_it_significant():
+    """An integration whose users' text asks for the steps in 15 of 2,245 requests: rarer than
+    most accounts (which never ask) and significant by volume, but not a harvest."""
+    hits = np.r_[np.zeros(980), np.full(20, 10.0)]
+    trials = np.full(1000, 100.0)
+    values = share_lower_bound(hits, trials)
+    bound = share_lower_bound(np.array([15.0]), np.array([2245.0]))
+    assert 0 < bound[0] < 0.02
+    without = EmpiricalTail(values, hits, trials)
+    assert without.p(bound, np.array([15.0]), np.array([2245.0]))[0] < 0.1
+    floored = EmpiricalTail(values, hits, trials, floor=0.02)
+    assert floored.p(bound, np.array([15.0]), np.array([2245.0]))[0] == 1.0
+    # a harvest's share is far above it and keeps its evidence
+    harvest = share_lower_bound(np.array([30.0]), np.array([100.0]))
+    assert floored.p(harvest, np.array([30.0]), np.array([100.0]))[0] < 0.1
 
 
 def test_the_null_keeps_the_correlation_that_volume_gives_every_share():

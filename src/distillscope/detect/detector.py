@@ -113,6 +113,9 @@ class DetectConfig:
     whole_words: int = 96
     min_template_accounts: int = 3
     min_template_variants: int = 8
+    #: Words at each end of a prompt read exactly for an account's own template (the same
+    #: instruction wrapped round at least ``min_template_variants`` of its prompts: one task).
+    edge_words: int = 8
     #: Shorter prompts ("continue", "thanks!") are everyone's: never a template.
     min_template_words: int = 6
     #: Also group reworded templates by sentence embeddings (all-MiniLM-L6-v2 on each prompt's
@@ -479,6 +482,33 @@ def _template_clusters(con, config: DetectConfig) -> None:
                GROUP BY xp.rid) t
            WHERE x.rid = t.rid"""
     )
+    # An account's own template: the same first (or last) words around many different prompts
+    # of one account (an integration wrapping its users' text in its own instruction, shared with
+    # nobody). Not a shared template, so no evidence of anything; it only makes the wrapped
+    # requests one task. Exact words, not MinHash: the slot content is most of each prompt.
+    e = config.edge_words
+    con.execute(
+        f"""ALTER TABLE x ADD COLUMN frame VARCHAR;
+           UPDATE x SET frame = t.frame FROM (
+               WITH edges AS (
+                 SELECT rid, account_id, norm, 'first ' || array_to_string(w[1:{e}], ' ') AS a,
+                        'last ' || array_to_string(w[-{e}:], ' ') AS b
+                 FROM (SELECT rid, account_id, norm,
+                              string_split(regexp_replace(norm, ' +', ' ', 'g'), ' ') AS w
+                       FROM x)
+                 WHERE len(w) >= {2 * e}),
+               own AS (
+                 SELECT account_id, edge FROM (
+                   SELECT account_id, a AS edge, norm FROM edges
+                   UNION ALL SELECT account_id, b, norm FROM edges)
+                 GROUP BY ALL HAVING count(DISTINCT norm) >= {config.min_template_variants})
+               SELECT rid, coalesce(min(o1.edge), min(o2.edge)) AS frame
+               FROM edges
+               LEFT JOIN own o1 ON o1.account_id = edges.account_id AND o1.edge = edges.a
+               LEFT JOIN own o2 ON o2.account_id = edges.account_id AND o2.edge = edges.b
+               GROUP BY rid) t
+           WHERE x.rid = t.rid"""
+    )
 
 
 def _elicitation(con, config: DetectConfig) -> None:
@@ -562,12 +592,13 @@ def _features(con, accounts_meta, events, banned, notes) -> tuple[pa.Table, set[
           SELECT *, CASE {capability} ELSE 'other' END AS capability,
                  epoch(ts - lag(ts) OVER (PARTITION BY account_id ORDER BY ts)) AS gap
           FROM x),
-        -- a task is a distinct template or a distinct untemplated prompt: an integration that
-        -- wraps its users' text in one template sends one task ten thousand times
+        -- a task is a distinct template (shared, or the account's own) or a distinct
+        -- untemplated prompt: an integration that wraps its users' text in one template sends
+        -- one task ten thousand times
         caps AS (SELECT account_id, sum(n) AS tasks,
                         coalesce(max(n) FILTER (WHERE capability <> 'other'), 0) AS top FROM (
                    SELECT account_id, capability,
-                          count(DISTINCT coalesce(template::VARCHAR, norm)) AS n
+                          count(DISTINCT coalesce(template::VARCHAR, frame, norm)) AS n
                    FROM t GROUP BY ALL) GROUP BY 1),
         hours AS (SELECT account_id, -sum(p * ln(p)) AS entropy FROM (
                    SELECT account_id, count(*) / sum(count(*)) OVER (PARTITION BY account_id) AS p
@@ -824,7 +855,7 @@ def _assemble(features, scores, z, communities, threshold) -> pa.Table:
             "account_id": accounts,
             "score": final,
             "flagged": flagged,
-            "cluster_id": cluster_ids,
+            "cluster_id": pa.array(cluster_ids, pa.string()),
             "reasons": reasons,
             "requests": features["requests"],
             "first_seen": features["first_seen"],

@@ -57,12 +57,15 @@ class AccountSignal:
     per: str = "requests"
     #: Log columns (or side inputs) it needs; without them it is not measured.
     needs: tuple[str, ...] = ()
+    #: The least value that is evidence at all (an effect size): below it p = 1 however rare
+    #: the value is among reference accounts, or however many requests make it significant.
+    floor: float = 0.0
 
 
 SIGNAL_LIST = (
     AccountSignal("elicitation", "share of prompts asking to see the reasoning or a narrated "
                   "trace (a learned classifier, detect.elicitation)", 1.5, kind="content",
-                  share=True),
+                  share=True, floor=0.02),
     AccountSignal("concentration", "share of the account's distinct tasks in its most-used "
                   "training-target capability (coding, tool use, reasoning)", 0.75,
                   kind="content", share=True, per="tasks"),
@@ -96,6 +99,11 @@ WEIGHTS = {s.name: s.weight for s in SIGNAL_LIST}
 CONTENT = tuple(s.name for s in SIGNAL_LIST if s.kind == "content")
 #: Signals that are shares of an account's requests: scored by their lower confidence bound.
 SHARES = tuple(s.name for s in SIGNAL_LIST if s.share)
+#: Each signal's effect-size floor (``AccountSignal.floor``). Elicitation's is 2% of requests (its
+#: lower bound): a harvest asks for the reasoning in a material share of what it sends (the
+#: simulator's campaigns 15-100%), while an integration whose users' text says "step by step"
+#: in 15 of 2,245 requests is significant by volume alone and is not a harvest.
+FLOORS = {s.name: s.floor for s in SIGNAL_LIST}
 
 
 def measured_signals(missing: Iterable[str]) -> frozenset[str]:
@@ -132,7 +140,8 @@ class EmpiricalTail:
     """
 
     def __init__(self, values: np.ndarray, hits: np.ndarray | None = None,
-                 trials: np.ndarray | None = None):  # fmt: skip
+                 trials: np.ndarray | None = None, floor: float = 0.0):  # fmt: skip
+        self.floor = floor
         #: The reference accounts' values, in their order (the null shuffles them).
         self.reference = _clean(values)
         self.values = np.sort(self.reference)
@@ -143,8 +152,9 @@ class EmpiricalTail:
         )
 
     def p(self, values: np.ndarray, hits=None, trials=None) -> np.ndarray:
-        """``(1 + #reference >= x) / (1 + n)``, 1 at x <= 0 (a zero is no evidence); for a
-        share, at least the binomial tail of ``hits`` in ``trials`` at the reference's rate."""
+        """``(1 + #reference >= x) / (1 + n)``, 1 at x <= 0 (a zero is no evidence) and below the
+        floor; for a share, at least the binomial tail of ``hits`` in ``trials`` at the
+        reference's rate."""
         values = _clean(values)
         n = len(self.values)
         at_least = n - np.searchsorted(self.values, values, side="left")
@@ -154,7 +164,7 @@ class EmpiricalTail:
 
             hits = np.asarray(hits, dtype=float)
             p = np.maximum(p, binom.sf(hits - 1, np.asarray(trials, dtype=float), self.rate))
-        p[values <= 0] = 1.0
+        p[(values <= 0) | (values < self.floor)] = 1.0
         return p
 
     def evidence(self, values: np.ndarray, hits=None, trials=None) -> np.ndarray:
@@ -251,6 +261,7 @@ class Reference:
                 table[name],
                 table[f"{name}_hits"].to_numpy() if share else None,
                 table[f"{name}_trials"].to_numpy() if share else None,
+                floor=FLOORS[name],
             )
             if own:
                 notes.append(f"signal {name} not measured in the reference: fitted on this log")
