@@ -339,6 +339,7 @@ def test_every_accepted_combination_trains_through_the_cli(
         (("--exposure", "full", "--signal", "on-policy", "--alpha", 0.5), ["--alpha 0"]),
         (("--exposure", "full"), ["--teacher"]),
         (("--exposure", "top5", "--heldout", 2), ["--heldout", "--teacher"]),
+        (("--exposure", "top5", "--precision", "fp8"), ["--precision", "bf16"]),
     ],
 )  # fmt: skip
 def test_options_that_cannot_hold_together_are_refused(args, words, cli, tmp_path):
@@ -397,3 +398,76 @@ def test_odd_inputs_are_one_line_and_leave_nothing(args, words, cli, tiny_record
     found = cli("distill", "--data", tiny_records.path, "--out", out, "--device", "cpu", *args)
     one_line_error(found, *words)
     assert not out.exists()
+
+
+# --- practical training: LoRA adapters, autocast, gradient checkpointing --------------------
+
+
+def _micro_run(tiny_records, tiny_teacher, out, **options):
+    tok = tiny_teacher.tokenizer
+    examples = examples_from_records(tiny_records, "top5", tok)
+    config = DistillConfig(exposure="top5", steps=6, batch_size=4, lr=3e-3, seed=1, **options)
+    student = build_student("micro", tok, seed=0)
+    before = {name: p.detach().clone() for name, p in student.named_parameters()}
+    result = distill(student, examples, out, config, tokenizer=tok, progress=False)
+    return student, before, result
+
+
+def test_a_lora_run_trains_only_the_adapters_and_saves_a_whole_student(
+    tiny_records, tiny_teacher, tmp_path
+):
+    student, before, result = _micro_run(tiny_records, tiny_teacher, tmp_path / "s", lora_rank=4)
+    assert result.steps == 6 and np.isfinite(result.final_loss)
+    after = dict(student.named_parameters())
+    assert set(after) == set(before)  # merged: no adapter left in the caller's student
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.endswith("_proj.weight") for name in changed)
+    assert not any("embed" in name or "norm" in name for name in changed)
+    saved = tmp_path / "s" / "student"
+    assert (saved / "config.json").exists() and not (saved / "adapter_config.json").exists()
+    loaded = type(student).from_pretrained(saved)
+    for name, p in loaded.named_parameters():
+        torch.testing.assert_close(p, after[name])
+
+
+def test_an_interrupted_lora_run_resumes_its_adapters(tiny_records, tiny_teacher, tmp_path):
+    tok = tiny_teacher.tokenizer
+    examples = examples_from_records(tiny_records, "top5", tok)
+    config = DistillConfig(
+        exposure="top5", steps=6, batch_size=4, lr=3e-3, seed=1, lora_rank=4, checkpoint_every=3
+    )
+    whole = dict(out=tmp_path / "a", tokenizer=tok, progress=False)
+    distill(build_student("micro", tok, seed=0), examples, config=config, **whole)
+    parts = dict(out=tmp_path / "b", tokenizer=tok, progress=False)
+    distill(build_student("micro", tok, seed=0), examples, config=config, stop_after=3, **parts)
+    resumed = distill(build_student("micro", tok, seed=0), examples, config=config, **parts)
+    assert resumed.resumed_from == 3
+    a = [m["loss"] for m in read_metrics(tmp_path / "a")]
+    b = [m["loss"] for m in read_metrics(tmp_path / "b")]
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+
+
+def test_bf16_autocast_and_checkpointing_train_to_the_fp32_curve(
+    tiny_records, tiny_teacher, tmp_path
+):
+    _, _, plain = _micro_run(tiny_records, tiny_teacher, tmp_path / "fp32")
+    _, _, ckpt = _micro_run(
+        tiny_records, tiny_teacher, tmp_path / "ckpt", gradient_checkpointing=True
+    )
+    _, _, bf16 = _micro_run(tiny_records, tiny_teacher, tmp_path / "bf16", precision="bf16")
+    fp32 = [m["loss"] for m in read_metrics(tmp_path / "fp32")]
+    # recomputing activations changes no arithmetic
+    np.testing.assert_allclose([m["loss"] for m in read_metrics(tmp_path / "ckpt")], fp32, 1e-5)
+    # bf16 matmuls: the same curve within bf16's precision, not bit for bit
+    np.testing.assert_allclose([m["loss"] for m in read_metrics(tmp_path / "bf16")], fp32, 0.05)
+    assert plain.steps == ckpt.steps == bf16.steps == 6
+
+
+def test_fp16_without_a_gpu_and_unknown_precisions_are_refused(
+    tiny_records, tiny_teacher, tmp_path
+):
+    with pytest.raises(TrainingError, match="--precision fp16 needs a CUDA device"):
+        _micro_run(tiny_records, tiny_teacher, tmp_path / "s", precision="fp16")
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(TrainingError, match="--precision 'fp8' is unknown"):
+        DistillConfig(precision="fp8").validate()

@@ -382,6 +382,20 @@ def distill(
     ),
     seed: int = typer.Option(0),
     checkpoint_every: int = typer.Option(50, min=1),
+    precision: str = typer.Option(
+        "fp32",
+        help="fp32; bf16 (autocast on CPU or CUDA); fp16 (autocast with loss scaling, CUDA "
+        "only); auto (bf16 on a GPU that supports it, else fp32). Losses stay in fp32.",
+    ),
+    lora: int = typer.Option(
+        0,
+        min=0,
+        help="Train LoRA adapters of this rank on the student's projections instead of every "
+        "weight (for a pretrained student, e.g. layers:N); merged into the saved student.",
+    ),
+    gradient_checkpointing: bool = typer.Option(
+        False, help="Recompute activations in the backward pass: less memory, more time."
+    ),
     heldout: int = typer.Option(0, min=0, help="Keep the last N records out; report fidelity."),
     device: str = typer.Option("auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -410,6 +424,9 @@ def distill(
         seed=seed,
         checkpoint_every=checkpoint_every,
         on_policy_tokens=on_policy_tokens,
+        precision=precision,
+        lora_rank=lora,
+        gradient_checkpointing=gradient_checkpointing,
     )
     try:
         run = distill_records(

@@ -38,6 +38,9 @@ SIGNAL_MODES: dict[type, tuple[str, ...]] = {
     Text: ("offline",),
 }
 DEFAULT_LOSS = {Full: "forward-kl", TopK: "sparse-kl", Text: "ce"}
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+#: The projections LoRA adapts in a Llama-family student.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class TrainingError(DistillscopeError):
@@ -70,6 +73,14 @@ class DistillConfig:
     seed: int = 0
     checkpoint_every: int = 50
     on_policy_tokens: int = 32
+    #: ``fp32``; ``bf16`` (autocast, CPU or CUDA); ``fp16`` (autocast with loss scaling, CUDA
+    #: only); ``auto`` (bf16 on a GPU that supports it, else fp32). Losses are computed in fp32.
+    precision: str = "fp32"
+    #: Train LoRA adapters of this rank on every attention and MLP projection instead of every
+    #: weight (0: full fine-tuning); merged into the student when the run ends.
+    lora_rank: int = 0
+    #: Recompute activations in the backward pass (less memory, about a third more time).
+    gradient_checkpointing: bool = False
 
     def level(self):
         return parse_exposure(self.exposure, max_k=None)
@@ -116,6 +127,12 @@ class DistillConfig:
                 f"--signal {signal} scores with the teacher's full distribution: use --exposure "
                 f"full, or --signal offline to train on the {level} records"
             )
+        if self.precision not in PRECISIONS:
+            raise TrainingError(
+                f"--precision {self.precision!r} is unknown: use one of {', '.join(PRECISIONS)}"
+            )
+        if self.lora_rank < 0:
+            raise TrainingError(f"--lora takes a rank >= 1 (0: no adapters), not {self.lora_rank}")
         if signal == "on-policy" and self.alpha:
             raise TrainingError(
                 "--alpha mixes in cross-entropy on the sampled tokens, which on-policy are the "
@@ -444,25 +461,92 @@ def distill(
     from accelerate import PartialState
 
     dist = PartialState(cpu=device.type == "cpu")
-    world, rank, main = dist.num_processes, dist.process_index, dist.is_main_process
-    if world > 1:
+    if dist.num_processes > 1:
         device = dist.device
-        if config.batch_size < world:
-            raise TrainingError(f"batch size {config.batch_size} < {world} processes")
+        if config.batch_size < dist.num_processes:
+            raise TrainingError(f"batch size {config.batch_size} < {dist.num_processes} processes")
+    dtype = autocast_dtype(config.precision, device)
     student.to(device).train()
-    forward = CompletionLogits(student)
+    trained = _with_lora(student, config.lora_rank) if config.lora_rank else student
+    if config.gradient_checkpointing:
+        student.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    try:
+        result = _train(
+            student, trained, examples, out, config, teacher, tokenizer, device, dtype, dist,
+            progress, stop_after, on_step, save,
+        )  # fmt: skip
+    finally:
+        if config.gradient_checkpointing:
+            student.gradient_checkpointing_disable()
+        if trained is not student:
+            trained.merge_and_unload()  # the adapters folded into the caller's student
+    if save and result.steps == config.steps and dist.is_main_process:
+        final = Path(out) / "student"
+        student.save_pretrained(final)  # a whole student (adapters merged), what others load
+        if tokenizer is not None:
+            tokenizer.save_pretrained(final)
+    return result
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None: fp32, no autocast)."""
+    if precision == "auto":
+        cuda = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda else None
+    if precision == "fp16" and device.type != "cuda":
+        raise TrainingError("--precision fp16 needs a CUDA device (loss scaling): use bf16 on CPU")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def _with_lora(student, rank: int):
+    """``student`` with LoRA adapters of ``rank`` injected (in place) on its projections; the
+    peft wrapper trains only them."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in student.named_modules()}
+    targets = [t for t in LORA_TARGETS if t in names]
+    if not targets:
+        raise TrainingError(
+            "--lora: the student has none of the projections LoRA adapts "
+            f"({', '.join(LORA_TARGETS)})"
+        )
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
+    return get_peft_model(student, config)
+
+
+def _train(
+    student, trained, examples, out, config, teacher, tokenizer, device, dtype, dist, progress,
+    stop_after, on_step, save,
+) -> TrainResult:  # fmt: skip
+    """``distill``'s loop: ``trained`` is the module whose parameters train and checkpoint
+    (``student``, or its LoRA wrapper); ``distill`` saves the student when it is done."""
+    import contextlib
+
+    world, rank, main = dist.num_processes, dist.process_index, dist.is_main_process
+    level = config.level()
+    forward = CompletionLogits(trained)
     if world > 1:
         forward = torch.nn.parallel.DistributedDataParallel(
             forward, device_ids=[device.index] if device.type == "cuda" else None
         )
     optimizer = torch.optim.AdamW(
-        student.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        [p for p in trained.parameters() if p.requires_grad],
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+    )
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    amp = (
+        functools.partial(torch.autocast, device.type, dtype=dtype)
+        if dtype is not None
+        else contextlib.nullcontext
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     start, resumed_from = 0, None
     latest = _latest_checkpoint(out)
     if latest is not None:
-        start = _load_checkpoint(latest, student, optimizer, scheduler)
+        start = _load_checkpoint(latest, trained, optimizer, scheduler)
         resumed_from = start
     # written once everything above has been checked: a refused run leaves nothing behind
     out.mkdir(parents=True, exist_ok=True)
@@ -507,16 +591,24 @@ def distill(
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             for batch in batches:
-                logits = student_logits(forward, batch, device)
-                loss = batch_loss(config, logits, batch, device, scorer, generator)
+                with amp():
+                    logits = student_logits(forward, batch, device)
+                loss = batch_loss(config, logits.float(), batch, device, scorer, generator)
                 # token-weighted across micro-batches and processes (DDP divides by world)
                 share = int(batch.mask.sum()) / total_tokens
-                (loss * share * world).backward()
+                weighted = loss * share * world
+                (scaler.scale(weighted) if scaler else weighted).backward()
                 step_loss += loss.item() * share
             step_loss = _all_ranks_sum(step_loss, world, device)
+            if scaler:
+                scaler.unscale_(optimizer)
             if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), config.max_grad_norm)
-            optimizer.step()
+                torch.nn.utils.clip_grad_norm_(trained.parameters(), config.max_grad_norm)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             scheduler.step()
             elapsed = time.perf_counter() - began
             tokens_seen += total_tokens
@@ -540,15 +632,10 @@ def distill(
             )
             due = (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps
             if save and main and due:
-                _save_checkpoint(out, step + 1, student, optimizer, scheduler)
+                _save_checkpoint(out, step + 1, trained, optimizer, scheduler)
             if on_step is not None and main:
                 on_step(step + 1, student)
     dist.wait_for_everyone()
-    if save and end == config.steps and main:
-        final = out / "student"
-        student.save_pretrained(final)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(final)
     if end == start and start:  # a finished run asked again: its last logged loss
         last_loss = read_metrics(out)[-1]["loss"]
     return TrainResult(
