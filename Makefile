@@ -25,13 +25,10 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/distillscope audit --teacher default --preset quick --out runs/audit
 
-# Two workers, one test file each at a time (a file's module fixtures stay in one process);
-# the default teacher is converted first, so the workers never race to write its cache.
 test: install
 	bash scripts/ensure-chromium.sh
 	bash scripts/ensure-services.sh
-	$(PY) -c "from distillscope.teachers.default import default_model_dir; default_model_dir()"
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q
 
 lint: install
 	$(VENV)/bin/ruff check src tests

@@ -6,10 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from distillscope.teachers import TransformersTeacher, load_teacher
 from distillscope.teachers.default import default_model_dir
+
+# Property tests draw the same examples on every run: CI fails on a change, not on a new draw.
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.load_profile("repeatable")
 
 # Real servers for the tests that need them, started from scripts/ (fail, never skip).
 from fixtures_redis import redis_url  # noqa: E402,F401

@@ -562,6 +562,9 @@ def _intents(con, config: DetectConfig) -> None:
             ngram_range=(1, 2), n_features=2**18, alternate_sign=False, stop_words="english"
         ).transform([p[:1500] for p in prompts])
         tfidf = TfidfTransformer(sublinear_tf=True).fit_transform(words)
+        # only the hashed n-grams that occur: the same singular vectors, and the randomized
+        # SVD's dense projections shrink from 2^18 rows to a few thousand
+        tfidf = tfidf[:, np.unique(tfidf.indices)]
         dims = min(64, tfidf.shape[0] - 1, tfidf.shape[1] - 1)
         embedded = normalize(TruncatedSVD(dims, random_state=config.seed).fit_transform(tfidf))
         k = int(np.clip(len(prompts) // 40, 8, 64))
