@@ -62,7 +62,7 @@ def test_help_explains_every_command():
 
 
 def test_issue_harvest_command_on_the_default_teacher(default_dir, tmp_path):
-    """The foundation issue's command (ShareGPT prompts, 48 tokens, top20), at 16 prompts: the
+    """The foundation issue's command (ShareGPT prompts, 48 tokens, top20), at 8 prompts: the
     issue's 64 take a minute more and exercise nothing else."""
     out = tmp_path / "h1"
     result = run(
@@ -72,7 +72,7 @@ def test_issue_harvest_command_on_the_default_teacher(default_dir, tmp_path):
         "--prompts",
         "sharegpt",
         "--n",
-        "16",
+        "8",
         "--max-new-tokens",
         "48",
         "--exposure",
@@ -84,7 +84,7 @@ def test_issue_harvest_command_on_the_default_teacher(default_dir, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads(run("data", "inspect", str(out), "--json").stdout)
-    assert summary["records"] == 16 and summary["unique_prompts"] == 16
+    assert summary["records"] == 8 and summary["unique_prompts"] == 8
     assert summary["exposure"] == "top20" and summary["has_tail_mass"] is True
     assert summary["provenance"]["k"] == 20 and summary["provenance"]["vocab_size"] == 49152
     assert 0 < summary["bytes_per_token"] < 240

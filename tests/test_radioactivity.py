@@ -125,15 +125,15 @@ def test_the_evidence_page_shows_control_keys_and_the_scored_tokens(tmp_path):
 
 @pytest.fixture(scope="module")
 def prompts():
-    pool = [p.text for p in select_prompts(load_prompts("sharegpt"), 56, seed=5)]
-    return pool[:40], pool[40:]
+    pool = [p.text for p in select_prompts(load_prompts("sharegpt"), 48, seed=5)]
+    return pool[:32], pool[32:]
 
 
 @pytest.fixture(scope="module")
 def answers(default_teacher, prompts):
     train, _ = prompts
     mark = Watermark("kgw", KEY, delta=4.0, context=1)
-    gen = dict(max_new_tokens=40, seed=0)
+    gen = dict(max_new_tokens=32, seed=0)
     clean = teacher_outputs(default_teacher, train, **gen)
     marked = teacher_outputs(default_teacher, train, processors=[mark.processor()], **gen)
     return mark, clean, marked
@@ -199,7 +199,7 @@ def test_the_clean_student_is_not_accused_by_the_real_key(students, asked, answe
 
 def test_a_student_distilled_from_watermarked_answers_is_detected(students, answers):
     """Reading our watermarked answers through the student shows the mark at once. (A student this
-    small, trained from scratch on 40 answers, does not carry it into answers to new prompts: the
+    small, trained from scratch on 32 answers, does not carry it into answers to new prompts: the
     closed-model test's power is measured at scale in benchmarks/forensics.md.)"""
     mark, _, marked = answers
     reading = [(e.prompt_ids.tolist(), e.completion_ids.tolist()) for e in marked.examples]

@@ -225,7 +225,7 @@ def test_bad_rows_are_refused_at_submit(target, change, message):
 
 
 def test_a_full_queue_makes_record_wait_not_fail(target, monkeypatch):
-    rows = [make_row(f"cmpl-{i:03d}") for i in range(200)]
+    rows = [make_row(f"cmpl-{i:03d}") for i in range(60)]
     with open_traffic_log(target, batch_size=3, max_wait_ms=1, max_queue=4) as log:
         write, in_memory = log._write, []
 
@@ -234,7 +234,7 @@ def test_a_full_queue_makes_record_wait_not_fail(target, monkeypatch):
             write(batch)
 
         monkeypatch.setattr(log, "_write", counting)
-        record_all(log, rows, tasks=50)
+        record_all(log, rows, tasks=20)
     assert max(in_memory) <= 4
     assert read_traffic(target).num_rows == len(rows)
 

@@ -246,9 +246,11 @@ def harvest(
     try:
         with bar:
             task = bar.add_task(str(level), total=len(plan), completed=len(done))
+            # once, and again only if the level served changes (hashing the tokenizer is most of
+            # a small batch's time)
+            provenance = provenance_for(teacher, sampling, exposure=level)
             for start in range(0, len(remaining), batch_size):
                 batch = remaining[start : start + batch_size]
-                provenance = provenance_for(teacher, sampling, exposure=level)
                 keys = [ExchangeCache.key(provenance, requested, p.text) for p in batch]
                 hits = {
                     i: row for i, k in enumerate(keys) if store and (row := store.get(k, level))
