@@ -100,12 +100,16 @@ def test_resuming_under_other_settings_is_refused(tiny_teacher, reference):
 
 
 def _cli(*args: str, env: dict) -> subprocess.Popen:
+    """The CLI in a child process that answers Ctrl-C as a terminal's would, even when the tests
+    themselves run in the background (``cmd &`` starts them with SIGINT ignored, and a child
+    inherits that)."""
     return subprocess.Popen(
         [sys.executable, "-m", "distillscope", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
