@@ -25,7 +25,7 @@ MINI = AuditConfig(
     device="cpu",
     preset="test",
     refusal_shares=(0.0, 0.25),
-    probes_per_template=2,
+    probes_per_template=1,
 )
 
 

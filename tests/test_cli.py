@@ -49,6 +49,21 @@ def test_bad_input_is_one_line_and_no_traceback(args, message, tmp_path, blocker
     assert len(lines) == 1 and message in lines[0], result.stderr
 
 
+def test_refusing_a_harvest_option_does_not_load_torch():
+    """Options are checked before any model library is imported: a mistake costs no start-up."""
+    probe = (
+        "import sys\n"
+        "from distillscope.cli import main\n"
+        "sys.argv = ['distillscope', 'harvest', '--exposure', 'top0', '--out', 'o']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exit:\n"
+        "    print(exit.code, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.stdout.split() == ["2", "False", "False"], result.stderr
+
+
 def test_usage_errors_come_from_typer_with_exit_2():
     result = run("harvest", "--no-such-flag")
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -1,7 +1,7 @@
 """Load on loopback against a real `distillscope serve` process: no 5xx, and the traffic log holds
 exactly one whole row per acknowledged exchange, also across a SIGKILL mid-load.
 
-32 concurrent clients send 2,048 requests (a share of them streamed) to the synthetic teacher,
+32 concurrent clients send 1,024 requests (a share of them streamed) to the synthetic teacher,
 whose answers take microseconds, so the gateway and its log are what is under load.
 """
 
@@ -18,7 +18,7 @@ from distillscope.gateway.loadtest import GatewayProcess, run_load
 from distillscope.gateway.traffic import read_traffic
 
 MODEL = "distillscope-synthetic"
-CLIENTS, REQUESTS = 32, 2048
+CLIENTS, REQUESTS = 32, 1024
 TIERS = (
     "tiers:\n  load:\n    exposure: top5\n    requests_per_minute: null\n"
     "    tokens_per_minute: null\n    concurrency: null\n"

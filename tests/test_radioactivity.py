@@ -133,7 +133,7 @@ def prompts():
 def answers(default_teacher, prompts):
     train, _ = prompts
     mark = Watermark("kgw", KEY, delta=4.0, context=1)
-    gen = dict(max_new_tokens=32, seed=0)
+    gen = dict(max_new_tokens=32, seed=0, batch_size=32)
     clean = teacher_outputs(default_teacher, train, **gen)
     marked = teacher_outputs(default_teacher, train, processors=[mark.processor()], **gen)
     return mark, clean, marked
@@ -144,8 +144,8 @@ def students(default_teacher, answers):
     _, clean, marked = answers
     tok = default_teacher.tokenizer
     return {
-        "clean": train_text_student(clean.examples, tok, student="micro", steps=120, seed=0),
-        "marked": train_text_student(marked.examples, tok, student="micro", steps=120, seed=0),
+        "clean": train_text_student(clean.examples, tok, student="micro", steps=80, seed=0),
+        "marked": train_text_student(marked.examples, tok, student="micro", steps=80, seed=0),
     }
 
 

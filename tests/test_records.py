@@ -83,6 +83,12 @@ def test_same_tokenizer_passes_and_another_fails_loudly(top5_parts, tiny_dir):
     other.add_tokens(["<|new-token|>"])
     with pytest.raises(IncompatibleDataError, match="misalign"):
         records.check_compatible(other, consumer="student tiny")
+    # the fingerprint is remembered per tokenizer, and taken again once it gains a token
+    grown = AutoTokenizer.from_pretrained(tiny_dir)
+    records.check_compatible(grown)
+    grown.add_tokens(["<|another|>"])
+    with pytest.raises(IncompatibleDataError, match="misalign"):
+        records.check_compatible(grown)
 
 
 def test_parts_with_other_settings_cannot_be_read_together(top5_parts, tiny_teacher, tmp_path):

@@ -8,11 +8,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import weakref
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Protocol
 
 import numpy as np
+
+#: fingerprints already taken, by tokenizer object, with the vocabulary size they were taken at (a
+#: tokenizer that gains tokens is hashed again); hashing serialises the whole vocabulary, 0.5 s
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -20,6 +25,21 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
     Two tokenizers with the same fingerprint map every text to the same ids.
     """
+    try:
+        size, known = _FINGERPRINTS[tokenizer]
+    except (KeyError, TypeError):
+        size, known = None, None
+    if known is not None and size == len(tokenizer):
+        return known
+    found = _fingerprint(tokenizer)
+    try:
+        _FINGERPRINTS[tokenizer] = (len(tokenizer), found)
+    except TypeError:  # not weakly referenceable: hashed every time
+        pass
+    return found
+
+
+def _fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         spec = json.loads(backend.to_str())

@@ -113,10 +113,10 @@ def load_tokenizer_for(provenance, hint: str | None = None):
     """The tokenizer records were written in: ``hint`` (``default``/``hf:PATH``) or, by default,
     the teacher's own when it is local, else the default teacher's; checked against the records'
     fingerprint by the caller."""
-    from distillscope.teachers.default import default_model_dir
+    from distillscope.teachers.default import default_tokenizer_dir
 
     spec = hint or (provenance.teacher if provenance.teacher.startswith("hf:") else "default")
-    path = default_model_dir() if spec == "default" else Path(spec.removeprefix("hf:"))
+    path = default_tokenizer_dir() if spec == "default" else Path(spec.removeprefix("hf:"))
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:

@@ -44,8 +44,10 @@ class Outputs:
 def teacher_outputs(
     teacher, prompts: Sequence[str], *, max_new_tokens: int, seed: int = 0, processors=(),
     temperature: float = 1.0, max_prompt_tokens: int = 128, distortion: bool = False,
+    batch_size: int | None = None,
 ) -> Outputs:  # fmt: skip
-    """``teacher`` (a TransformersTeacher) answering ``prompts`` with ``processors`` applied.
+    """``teacher`` (a TransformersTeacher) answering ``prompts`` with ``processors`` applied,
+    ``batch_size`` prompts at a time (default: the teacher's own).
 
     ``distortion=True`` also measures ``Outputs.distortion`` (see the module docstring) and, from
     the same scoring pass, ``Outputs.teacher_nll``; the examples carry text only either way.
@@ -63,8 +65,9 @@ def teacher_outputs(
     began = time.perf_counter()
     examples, texts, asked = [], [], []
     kl_sum, nll_sum, kl_tokens = 0.0, 0.0, 0
-    for start in range(0, len(prompts), teacher.batch_size):
-        chunk = list(prompts[start : start + teacher.batch_size])
+    step = batch_size or teacher.batch_size
+    for start in range(0, len(prompts), step):
+        chunk = list(prompts[start : start + step])
         encoded = [teacher.encode_prompt(p, max_prompt_tokens) for p in chunk]
         answers = teacher.generate_from_ids(encoded, sampling, keys=chunk, processors=processors)
         answers = [a for a in answers if len(a.signal)]

@@ -135,7 +135,7 @@ def load_suspect(spec: str | os.PathLike, *, device: str | None = "auto"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distillscope.teachers.default import default_model_dir
+    from distillscope.teachers.default import default_tokenizer_dir
     from distillscope.teachers.local import pick_device
 
     path = Path(spec).expanduser()
@@ -147,7 +147,7 @@ def load_suspect(spec: str | os.PathLike, *, device: str | None = "auto"):
             "(with student/) or openai:URL"
         )
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-    source = path if (path / "tokenizer_config.json").is_file() else default_model_dir()
+    source = path if (path / "tokenizer_config.json").is_file() else default_tokenizer_dir()
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     return model.to(pick_device(device)).eval(), tokenizer
 

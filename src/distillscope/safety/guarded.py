@@ -61,9 +61,7 @@ class GuardSpec:
 
 
 #: A guarded model small enough to build in seconds for unit tests.
-TINY_SPEC = GuardSpec(
-    base="micro", ordinary=16, eval_ordinary=4, per_template=2, epochs=6, lr=3e-3
-)
+TINY_SPEC = GuardSpec(base="micro", ordinary=16, eval_ordinary=4, per_template=2, epochs=4, lr=3e-3)
 
 
 def guarded_model_dir(

@@ -9,9 +9,13 @@ tests and simulations.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from distillscope.errors import TeacherError
 from distillscope.teachers.base import Completion, SamplingConfig, Teacher, row_seed
-from distillscope.teachers.local import TransformersTeacher, pick_device
+
+if TYPE_CHECKING:
+    from distillscope.teachers.local import TransformersTeacher, pick_device
 
 __all__ = [
     "Completion",
@@ -22,6 +26,17 @@ __all__ = [
     "pick_device",
     "row_seed",
 ]
+
+
+def __getattr__(name: str):
+    # torch and transformers load on first use of a local model, so commands that never touch
+    # one (an API teacher, reading records, a refused option) start in a fraction of a second
+    if name in ("TransformersTeacher", "pick_device"):
+        from distillscope.teachers import local
+
+        return getattr(local, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 TEACHER_SPECS = "'default', 'guarded', 'hf:PATH', 'openai:URL' or 'synthetic'"
 
@@ -43,6 +58,8 @@ def load_teacher(
     the API key (default ``$OPENAI_API_KEY``), and requests in flight at once.
     """
     spec = spec.strip()
+    if spec in ("default", "guarded") or spec.startswith("hf:"):
+        from distillscope.teachers.local import TransformersTeacher
     if spec == "default":
         from distillscope.teachers.default import DEFAULT_TEACHER_ID, default_model_dir
 
@@ -53,7 +70,9 @@ def load_teacher(
         from distillscope.safety.guarded import GUARDED_TEACHER_ID, guarded_model_dir
 
         return TransformersTeacher.from_pretrained(
-            guarded_model_dir(device=device), device=device, id=GUARDED_TEACHER_ID,
+            guarded_model_dir(device=device),
+            device=device,
+            id=GUARDED_TEACHER_ID,
             batch_size=batch_size,
         )
     if spec == "synthetic":

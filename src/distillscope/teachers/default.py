@@ -32,9 +32,32 @@ def gguf_path() -> Path:
     return path
 
 
+def _model_target() -> Path:
+    return cache_dir("models") / "smollm2-135m-instruct-q4_1"
+
+
+def default_tokenizer_dir() -> Path:
+    """A folder holding the default teacher's tokenizer: the converted model's when it exists,
+    else the tokenizer alone, read from the GGUF file (a few seconds; the model's conversion also
+    dequantizes every weight). What a client of a served default teacher needs."""
+    model = _model_target()
+    if (model / "tokenizer.json").is_file():
+        return model
+    target = cache_dir("models") / "smollm2-135m-instruct-tokenizer"
+    if (target / "tokenizer.json").is_file():
+        return target
+    from transformers import AutoTokenizer
+
+    source = gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    with atomic_path(target) as staging:
+        tokenizer.save_pretrained(staging)
+    return target
+
+
 def default_model_dir() -> Path:
     """The cached safetensors copy of the default teacher, converted on first use."""
-    target = cache_dir("models") / "smollm2-135m-instruct-q4_1"
+    target = _model_target()
     if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer

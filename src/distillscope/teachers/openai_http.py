@@ -31,9 +31,9 @@ def load_tokenizer(spec: str | None):
     from transformers import AutoTokenizer
 
     if spec == "default":
-        from distillscope.teachers.default import default_model_dir
+        from distillscope.teachers.default import default_tokenizer_dir
 
-        return AutoTokenizer.from_pretrained(default_model_dir(), local_files_only=True)
+        return AutoTokenizer.from_pretrained(default_tokenizer_dir(), local_files_only=True)
     if spec.startswith("hf:"):
         try:
             return AutoTokenizer.from_pretrained(spec[3:], local_files_only=True)

@@ -47,9 +47,9 @@ class SyntheticTeacher:
     def default(cls) -> SyntheticTeacher:
         from transformers import AutoTokenizer
 
-        from distillscope.teachers.default import default_model_dir
+        from distillscope.teachers.default import default_tokenizer_dir
 
-        return cls(AutoTokenizer.from_pretrained(default_model_dir(), local_files_only=True))
+        return cls(AutoTokenizer.from_pretrained(default_tokenizer_dir(), local_files_only=True))
 
     def encode_prompt(self, prompt: str, max_prompt_tokens: int) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, max_prompt_tokens)
