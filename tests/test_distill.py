@@ -156,7 +156,7 @@ def test_full_exposure_student_beats_text_student_on_heldout_kl(default_teacher,
         prompts,
         tmp_path / "h",
         sampling=sampling,
-        batch_size=8,
+        batch_size=40,
         cache=False,
         progress=False,
     )
