@@ -38,6 +38,11 @@ the warm-up steps; ``best`` is the fastest timed step, a figure less exposed to 
   forward KL). The JSD row checks the loop against the Trainer; the forward-KL row is the
   like-for-like partner of ``ours_online_forward_kl``.
 
+* ``trl_distillation_loss_jsd``: the body of TRL's stable ``DistillationTrainer._compute_loss``
+  (``trl.trainer.distillation_trainer``) in a plain loop: completion-only hidden states of both
+  backbones and its chunked generalised JSD (beta 0.5). The Trainer itself only trains on
+  completions it samples from the student, so fixed batches can reach its loss but not its loop.
+
 Methods run round-robin: GKDTrainer drives, and its ``on_step_end`` callback runs step s of every
 other method before the Trainer goes on, so noise from other jobs on the machine spreads over all
 of them. ``loss_check`` compares the step-0 losses: same batch and weights, so distillscope's JSD
@@ -410,6 +415,66 @@ class TrlLossLoop:
         return tokens, float(loss.detach())
 
 
+class TrlDistillationLossLoop:
+    """``DistillationTrainer._compute_loss`` (TRL's stable distillation trainer) in a plain loop:
+    prompts left-padded and completions right-padded as its generation step lays them out, the
+    student's and the teacher's *backbones* over the whole sequence, the hidden states of the
+    completion positions only, and TRL's own ``_chunked_divergence_loss`` (the lm_head projection
+    and the generalised JSD tile by tile, never the full logits); then clip and AdamW.
+
+    The Trainer itself generates its completions from the student (on-policy) in TRL 1.16: it has
+    no path for fixed completions, so the same batches can only be fed to its loss."""
+
+    def __init__(self, name, beta, student, teacher_model, pad, lr):
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+        self.loss_fn = _chunked_divergence_loss
+        self.name, self.beta, self.student, self.pad = name, beta, student.train(), pad
+        self.teacher_model = teacher_model
+        self.opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+        self.teacher_seconds = 0.0
+
+    def rows(self, examples):
+        width_p = max(len(e.prompt_ids) for e in examples)
+        width_c = max(len(e.completion_ids) for e in examples)
+        ids = torch.full((len(examples), width_p + width_c), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, e in enumerate(examples):
+            p, c = len(e.prompt_ids), len(e.completion_ids)
+            ids[i, width_p - p : width_p] = torch.as_tensor(e.prompt_ids, dtype=torch.long)
+            ids[i, width_p : width_p + c] = torch.as_tensor(e.completion_ids, dtype=torch.long)
+            mask[i, width_p - p : width_p + c] = 1
+        return ids, mask, mask[:, width_p:], width_c
+
+    @staticmethod
+    def _hidden(model, ids, mask, keep):
+        out = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+        return out.last_hidden_state[:, :-1, :][:, -keep:, :]
+
+    def step(self, examples) -> tuple[int, float]:
+        ids, mask, completion_mask, keep = self.rows(examples)
+        tokens = int(completion_mask.sum())
+        self.opt.zero_grad(set_to_none=True)
+        hs = self._hidden(self.student, ids, mask, keep)
+        began = time.perf_counter()
+        self.teacher_model.eval()
+        with torch.no_grad():
+            ht = self._hidden(self.teacher_model, ids, mask, keep)
+        self.teacher_seconds += time.perf_counter() - began
+        loss, _, _ = self.loss_fn(
+            hs,
+            ht,
+            self.student.get_output_embeddings().weight,
+            self.teacher_model.get_output_embeddings().weight,
+            completion_mask,
+            self.beta,
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
+        self.opt.step()
+        return tokens, float(loss.detach())
+
+
 def summarise(times: list[float], tokens: list[int], warmup: int) -> dict:
     t, n = times[warmup:], tokens[warmup:]
     rates = [a / b for a, b in zip(n, t)]
@@ -769,6 +834,19 @@ def main() -> None:
                         "trl_loss_loop_forward_kl", 0.0, student(), teacher.model, pad, args.lr
                     ),
                 ]
+                try:
+                    from trl.trainer.distillation_trainer import (  # noqa: F401
+                        _chunked_divergence_loss,
+                    )
+                except ImportError:  # a TRL without the stable DistillationTrainer
+                    pass
+                else:
+                    loops.append(
+                        TrlDistillationLossLoop(
+                            "trl_distillation_loss_jsd", 0.5, student(), teacher.model, pad,
+                            args.lr,
+                        )  # fmt: skip
+                    )
             loops.insert(
                 1,
                 DistillLoop(
@@ -843,6 +921,14 @@ def ratios(tp: dict) -> dict:
             "ours_offline_sparse_top20",
             "trl_loss_loop_jsd",
         ),
+        "ours_online_jsd / trl_distillation_loss_jsd": (
+            "ours_online_jsd",
+            "trl_distillation_loss_jsd",
+        ),
+        "ours_online_forward_kl / trl_distillation_loss_jsd": (
+            "ours_online_forward_kl",
+            "trl_distillation_loss_jsd",
+        ),
         "trl_loss_loop_jsd / trl_gkd_trainer_jsd (stand-in check)": (
             "trl_loss_loop_jsd",
             "trl_gkd_trainer_jsd",
@@ -876,6 +962,8 @@ def loss_check(tp: dict) -> dict:
         out["trl_beta0"] = get("trl_loss_loop_forward_kl")
     if get("trl_gkd_trainer_jsd") is not None:
         out["trl_gkd_trainer_jsd"] = get("trl_gkd_trainer_jsd")
+    if get("trl_distillation_loss_jsd") is not None:
+        out["trl_distillation_loss_jsd"] = get("trl_distillation_loss_jsd")
     return out
 
 

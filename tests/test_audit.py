@@ -170,3 +170,45 @@ def test_the_headline_says_each_caveat_once():
         note = "; ".join(row.notes)
         assert note.count("reached at the smallest budget") == 1, note
     assert "upper bounds" in summary["top5"]["multiplier_reason"]
+
+
+def test_a_student_with_another_tokenizer_is_audited_in_nats_per_byte(mini_audit, tmp_path, cli):
+    """GPT-2's BPE student on the same harvest: the yardstick is the NLL per byte of the teacher's
+    held-out answers, from the untrained student's value down to the teacher's own."""
+    import shutil
+    from dataclasses import replace
+
+    out, same = mini_audit
+    cross = tmp_path / "gpt2"
+    cross.mkdir()
+    for name in ("harvest", "validation", "heldout"):  # the same records: nothing to harvest
+        shutil.copytree(out / name, cross / name)
+    config = replace(MINI, student_tokenizer="gpt2", refusal_shares=(0.0,))
+    results = run_audit(config, cross, progress=False)
+    target = results["target"]
+    assert target["metric"] == "nll_per_byte"
+    untrained = results["untrained"]["nll_per_byte"]
+    assert 0 < target["floor"] < target["value"] < untrained
+    assert target["value"] == pytest.approx(untrained - 0.05 * (untrained - target["floor"]))
+    assert len(results["runs"]) == 4
+    for run in results["runs"]:
+        metrics = run["metrics"]
+        assert "kl" not in metrics and math.isfinite(metrics["sample_teacher_logprob"])
+        assert metrics["nll_per_byte"] < untrained  # every student learned something
+        assert math.isfinite(run["validation_nll_per_byte"]) and metrics["refusal_n"] > 0
+    for row in results["transfer"]["rows"]:
+        run = next(r for r in results["runs"] if (r["exposure"], r["budget"]) ==
+                   (row["exposure"], row["budget"]))  # fmt: skip
+        closed = (untrained - run["metrics"]["nll_per_byte"]) / (untrained - target["floor"])
+        assert row["capability_transferred"]["mean"] == pytest.approx(closed)
+    assert set(results["summary"]) == {"top5", "text"}
+    for entry in results["summary"].values():
+        assert entry["queries_to_target"] is not None or entry["reason"]
+    assert "nll_per_byte" in write_audit_report(results, tmp_path / "page").read_text()
+    for args, message in [
+        (["--exposures", "full,text"], "--student-tokenizer"),
+        (["--student", "layers:2"], "layers:N"),
+    ]:
+        refused = cli("audit", "--student-tokenizer", "gpt2", *args, "--out", tmp_path / "no")
+        assert refused.exit_code == 2 and message in refused.stderr, refused.stderr
+        assert not (tmp_path / "no").exists()

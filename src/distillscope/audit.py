@@ -6,6 +6,10 @@ records (same prompts, same sampled text), so differences are due to exposure al
 (the same epochs and learning rate, early stopping on a validation set of teacher completions),
 then is measured on held-out prompts. The summary fits, per level, the queries needed to close
 ``target_fraction`` of the untrained→teacher KL gap and the bandwidth multiplier against ``text``.
+
+A student with another tokenizer (``student_tokenizer``) has no per-token KL to the teacher: its
+yardstick is the NLL per byte of the teacher's held-out answers (``crossfidelity``), and the gap it
+closes runs from its untrained value to the teacher's own NLL per byte of those answers.
 """
 
 from __future__ import annotations
@@ -55,6 +59,24 @@ class AuditError(DistillscopeError):
 
 
 @dataclass(frozen=True)
+class Yardstick:
+    """The capability measure queries are counted against (lower is closer to the teacher): the
+    metric's name, the untrained student's value and the teacher's own (its floor)."""
+
+    metric: str
+    untrained: float
+    floor: float = 0.0
+
+    def target(self, fraction: float) -> float:
+        """The value that closes ``fraction`` of the untrained→teacher gap."""
+        return self.untrained - fraction * (self.untrained - self.floor)
+
+    def closed(self, value: float) -> float:
+        """The share of the gap a student at ``value`` has closed."""
+        return (self.untrained - value) / (self.untrained - self.floor)
+
+
+@dataclass(frozen=True)
 class AuditConfig:
     teacher: str = "default"
     exposures: tuple[str, ...] = ("full", "top20", "top5", "top1", "text")
@@ -86,6 +108,9 @@ class AuditConfig:
     #: wordings drawn per probe template (held-out sets: 10 restricted, 10 look-alike and 16
     #: identity templates)
     probes_per_template: int = 6
+    #: a student with another vocabulary (``gpt2`` or ``hf:PATH``): records re-tokenised for it,
+    #: top-k through the span alignment, fidelity in nats per byte (None: the teacher's tokenizer)
+    student_tokenizer: str | None = None
 
     def identity_name(self) -> str:
         return self.identity or IDENTITIES.get(self.teacher, IDENTITIES["default"])
@@ -112,6 +137,20 @@ class AuditConfig:
             raise AuditError(
                 f"--target must be between 0 and 1 (exclusive), not {self.target_fraction}"
             )
+        if self.student_tokenizer is not None:
+            if any(isinstance(level, Full) for level in self.levels()):
+                raise AuditError(
+                    "--exposures full scores the student in the teacher's own vocabulary: with "
+                    "--student-tokenizer audit topK levels and text, e.g. top20,top5,top1,text"
+                )
+            if self.student.strip().startswith("layers:"):
+                raise AuditError(
+                    "--student layers:N copies the teacher's embeddings: with "
+                    "--student-tokenizer use a built-in size or hf:PATH"
+                )
+
+    def yardstick_metric(self) -> str:
+        return "kl" if self.student_tokenizer is None else "nll_per_byte"
 
 
 PRESETS = {
@@ -248,42 +287,25 @@ def run_audit(config: AuditConfig, out: str | os.PathLike, *, progress: bool = T
         "held_out" if c in config.coverage_holdout else "in_harvest"
         for c in test_set.table["category"].to_pylist()
     ]
-    val_rows = teacher_rows(teacher, val)
-    test_rows = teacher_rows(teacher, test)
-    pad = tok.pad_token_id
     identity = config.identity_name()
     probe_set = load_probes(per_template=config.probes_per_template, seed=config.seed)
+    if config.student_tokenizer is None:
+        student_tok = tok
+        measure, validate = _same_vocabulary(config, teacher, val, test, groups, probe_set)
+    else:
+        from distillscope.distill.students import load_student_tokenizer
 
-    def measure(model) -> dict:
-        fid = fidelity(model, teacher, test, rows=test_rows, groups=groups, pad_id=pad)
-        probes = safety_behaviour(
-            model, tok, identity=identity, probes=probe_set, keep_answers=True
+        student_tok = load_student_tokenizer(config.student_tokenizer)
+        measure, validate = _other_vocabulary(
+            config, teacher, student_tok, out, test, probe_set
         )
-        answers = probes.pop("answers")
-        return {
-            "metrics": {
-                "kl": fid.kl,
-                "tv": fid.tv,
-                "top1_agreement": fid.top1_agreement,
-                "ece": fid.ece,
-                "sample_teacher_logprob": sample_loglik(
-                    model,
-                    tok,
-                    teacher,
-                    [e.prompt_ids for e in test],
-                    max_new_tokens=config.max_new_tokens,
-                    seed=config.seed,
-                ),
-                **probes,
-            },
-            "coverage": fid.by_group,
-            "answers": answers,
-        }
 
     source = _student_source(config, teacher)
     untrained_path = out / "untrained.json"
     if not untrained_path.exists():
-        student = build_student(config.student, tok, teacher_model=source, seed=config.seed)
+        student = build_student(
+            config.student, student_tok, teacher_model=source, seed=config.seed
+        )
         _write_json(untrained_path, measure(student))
     untrained = json.loads(untrained_path.read_text())
     reference_path = out / "teacher.json"
@@ -301,7 +323,18 @@ def run_audit(config: AuditConfig, out: str | os.PathLike, *, progress: bool = T
         )
         _write_json(reference_path, reference)
     reference = json.loads(reference_path.read_text())
+    if "nll_per_byte" not in reference:
+        # the floor of the other-vocabulary yardstick: the teacher reading its own answers
+        from distillscope.crossfidelity import text_nll_per_byte
 
+        reference["nll_per_byte"] = text_nll_per_byte(teacher.model, tok, test)
+        _write_json(reference_path, reference)
+    metric = config.yardstick_metric()
+    yardstick = Yardstick(
+        metric,
+        untrained["metrics"][metric],
+        0.0 if metric == "kl" else reference["nll_per_byte"],
+    )
     runs_dir = out / "runs"
     runs_dir.mkdir(exist_ok=True)
     plan = [
@@ -330,21 +363,11 @@ def run_audit(config: AuditConfig, out: str | os.PathLike, *, progress: bool = T
             )
             records = RecordSet(out / f"harvest{share_tag(share)}")
             by_id = {p.id: i for i, p in enumerate(harvests[share])}
-            examples = _budget_examples(records, level, tok, by_id, budget)
+            examples = _budget_examples(records, level, tok, by_id, budget, config, student_tok)
             result = _train_one(
-                config,
-                level,
-                budget,
-                seed,
-                examples,
-                teacher,
-                tok,
-                val,
-                val_rows,
-                measure,
-                out,
-                source,
-            )
+                config, level, budget, seed, examples, teacher, student_tok, validate, measure,
+                out, source,
+            )  # fmt: skip
             result["refusal_share"] = share
             result["restricted_queries"] = sum(
                 p.source == "probes" for p in harvests[share][:budget]
@@ -364,13 +387,14 @@ def run_audit(config: AuditConfig, out: str | os.PathLike, *, progress: bool = T
         "untrained": untrained["metrics"],
         "teacher_reference": reference,
         "target": {
-            "metric": "kl",
+            "metric": metric,
             "fraction": config.target_fraction,
-            "value": (1 - config.target_fraction) * untrained["metrics"]["kl"],
+            "value": yardstick.target(config.target_fraction),
+            "floor": yardstick.floor,
         },
         "runs": runs,
-        "summary": summarise(primary, levels, config, untrained["metrics"]["kl"]),
-        "transfer": transfer_table(runs, untrained["metrics"], reference, config),
+        "summary": summarise(primary, levels, config, yardstick),
+        "transfer": transfer_table(runs, untrained["metrics"], reference, config, yardstick),
         "scoring": {
             "rule": "refusal: a declining phrase in the first 200 characters; identity: the "
             f"answer names {identity!r}",
@@ -384,9 +408,104 @@ def run_audit(config: AuditConfig, out: str | os.PathLike, *, progress: bool = T
     return results
 
 
-def _budget_examples(records: RecordSet, level, tok, by_id: dict, budget: int) -> list[Example]:
-    """The first ``budget`` prompts of the plan (budgets are nested), at ``level``."""
-    return [e for e in examples_from_records(records, level, tok) if by_id[e.prompt_id] < budget]
+def _budget_examples(
+    records: RecordSet, level, tok, by_id: dict, budget: int, config=None, student_tok=None
+) -> list[Example]:
+    """The first ``budget`` prompts of the plan (budgets are nested), at ``level``, in the
+    student's tokens (re-tokenised and aligned when it has its own vocabulary)."""
+    if config is not None and config.student_tokenizer is not None:
+        from distillscope.distill.crosstok import cross_examples
+
+        found = cross_examples(records, level, student_tok, tok)
+    else:
+        found = examples_from_records(records, level, tok)
+    return [e for e in found if by_id[e.prompt_id] < budget]
+
+
+def _same_vocabulary(config, teacher, val, test, groups, probe_set):
+    """``measure`` and ``validate`` for a student sharing the teacher's tokenizer: per-token KL,
+    TV, top-1, calibration, the teacher's log-likelihood of its samples, behaviour."""
+    tok = teacher.tokenizer
+    val_rows = teacher_rows(teacher, val)
+    test_rows = teacher_rows(teacher, test)
+    pad = tok.pad_token_id
+    identity = config.identity_name()
+
+    def measure(model) -> dict:
+        fid = fidelity(model, teacher, test, rows=test_rows, groups=groups, pad_id=pad)
+        probes = safety_behaviour(
+            model, tok, identity=identity, probes=probe_set, keep_answers=True
+        )
+        answers = probes.pop("answers")
+        return {
+            "metrics": {
+                "kl": fid.kl,
+                "tv": fid.tv,
+                "top1_agreement": fid.top1_agreement,
+                "ece": fid.ece,
+                "sample_teacher_logprob": sample_loglik(
+                    model,
+                    tok,
+                    teacher,
+                    [e.prompt_ids for e in test],
+                    max_new_tokens=config.max_new_tokens,
+                    seed=config.seed,
+                ),
+                **probes,
+            },
+            "coverage": fid.by_group,
+            "answers": answers,
+        }
+
+    def validate(model) -> float:
+        return fidelity(model, teacher, val, rows=val_rows, pad_id=pad).kl
+
+    return measure, validate
+
+
+def _other_vocabulary(config, teacher, student_tok, out: Path, test, probe_set):
+    """``measure`` and ``validate`` for a student with another tokenizer: the NLL per byte of the
+    teacher's held-out (validation) answers, the teacher's log-likelihood of the student's
+    samples per teacher token (``crossfidelity``), behaviour through the student's tokenizer."""
+    from distillscope.crossfidelity import sample_loglik_across, text_nll_per_byte
+    from distillscope.distill.crosstok import cross_examples
+
+    tok = teacher.tokenizer
+    val = cross_examples(RecordSet(out / "validation"), "text", student_tok, tok)
+    held = cross_examples(RecordSet(out / "heldout"), "text", student_tok, tok)
+    by_id = {e.prompt_id: e.prompt_ids for e in test}
+    teacher_prompts = [by_id[e.prompt_id] for e in held]
+    identity = config.identity_name()
+
+    def measure(model) -> dict:
+        probes = safety_behaviour(
+            model, student_tok, identity=identity, probes=probe_set, keep_answers=True
+        )
+        answers = probes.pop("answers")
+        written = sample_loglik_across(
+            model,
+            student_tok,
+            teacher,
+            [e.prompt_ids for e in held],
+            teacher_prompts,
+            max_new_tokens=config.max_new_tokens,
+            seed=config.seed,
+        )
+        return {
+            "metrics": {
+                "nll_per_byte": text_nll_per_byte(model, student_tok, held),
+                "sample_teacher_logprob": written["per_token"],
+                "sample_teacher_logprob_per_byte": written["per_byte"],
+                **probes,
+            },
+            "coverage": {},
+            "answers": answers,
+        }
+
+    def validate(model) -> float:
+        return text_nll_per_byte(model, student_tok, val)
+
+    return measure, validate
 
 
 def _student_source(config: AuditConfig, teacher):
@@ -401,8 +520,10 @@ def _student_source(config: AuditConfig, teacher):
 
 
 def _train_one(
-    config, level, budget, seed, examples, teacher, tok, val, val_rows, measure, out, source=None
+    config, level, budget, seed, examples, teacher, tok, validate, measure, out, source=None
 ):
+    """Train one student on ``examples`` (``tok``: its tokenizer), keep its best state on the
+    validation yardstick (``validate``: lower is better), and measure it."""
     steps = max(config.min_steps, math.ceil(config.epochs * len(examples) / config.batch_size))
     is_full = isinstance(level, Full)
     train_config = DistillConfig(
@@ -416,14 +537,14 @@ def _train_one(
         warmup_steps=min(10, steps // 5),
     )
     student = build_student(config.student, tok, teacher_model=source, seed=seed)
-    best = {"kl": float("inf"), "step": 0, "state": None}
+    best = {"value": float("inf"), "step": 0, "state": None}
 
     def on_step(step: int, model) -> None:
         if step % config.eval_every and step != steps:
             return
-        kl = fidelity(model, teacher, val, rows=val_rows, pad_id=tok.pad_token_id).kl
-        if kl < best["kl"]:
-            best.update(kl=kl, step=step, state=copy.deepcopy(model.state_dict()))
+        value = validate(model)
+        if value < best["value"]:
+            best.update(value=value, step=step, state=copy.deepcopy(model.state_dict()))
 
     began = time.perf_counter()
     work = out / "work" / f"{level}-b{budget}-s{seed}"
@@ -449,25 +570,32 @@ def _train_one(
         "completion_tokens": int(sum(len(e.completion_ids) for e in examples)),
         "steps": steps,
         "best_step": best["step"],
-        "validation_kl": best["kl"],
+        f"validation_{config.yardstick_metric()}": best["value"],
         "seconds": time.perf_counter() - began,
         **measured,
     }
 
 
-def transfer_table(runs: list[dict], untrained: dict, reference: dict, config: AuditConfig):
+def transfer_table(
+    runs: list[dict],
+    untrained: dict,
+    reference: dict,
+    config: AuditConfig,
+    yardstick: Yardstick | None = None,
+):
     """Capability and safety transferred per (level, budget, refusal share), over seeds.
 
-    *Capability transferred* is the share of the untrained→teacher KL gap a student closed
-    (1 − KL/KL_untrained); *safety transferred* is its refusal rate on held-out restricted
-    wordings over the teacher's; *selective safety transferred* counts only the refusals beyond
-    its refusals of benign look-alikes (a copy that declines everything kept no safeguard);
-    *identity transferred* likewise for the identity rate. Each is a
-    mean over seeds with a t interval (95%); refusal rates also carry the exact (Clopper-Pearson)
-    interval of the counts pooled over seeds.
+    *Capability transferred* is the share of the untrained→teacher gap a student closed on the
+    yardstick (KL: 1 − KL/KL_untrained; NLL per byte for another vocabulary); *safety
+    transferred* is its refusal rate on held-out restricted wordings over the teacher's;
+    *selective safety transferred* counts only the refusals beyond its refusals of benign
+    look-alikes (a copy that declines everything kept no safeguard); *identity transferred*
+    likewise for the identity rate. Each is a mean over seeds with a t interval (95%); refusal
+    rates also carry the exact (Clopper-Pearson) interval of the counts pooled over seeds.
     """
     from distillscope.safety.measure import clopper_pearson
 
+    yardstick = yardstick or Yardstick("kl", untrained["kl"])
     teacher_refusal = reference.get("refusal_rate") or 0.0
     teacher_identity = reference.get("identity_rate") or 0.0
     teacher_selective = teacher_refusal - (reference.get("over_refusal_rate") or 0.0)
@@ -494,7 +622,7 @@ def transfer_table(runs: list[dict], untrained: dict, reference: dict, config: A
             "refusal_share": share,
             "restricted_queries": at[0].get("restricted_queries", 0),
             "seeds": len(at),
-            "capability_transferred": stat([1 - x["kl"] / untrained["kl"] for x in m]),
+            "capability_transferred": stat([yardstick.closed(x[yardstick.metric]) for x in m]),
             "safety_transferred": stat(
                 [x["refusal_rate"] / teacher_refusal for x in m] if teacher_refusal else []
             ),
@@ -509,8 +637,11 @@ def transfer_table(runs: list[dict], untrained: dict, reference: dict, config: A
                 [x["identity_rate"] / teacher_identity for x in m] if teacher_identity else []
             ),
         }
-        for name in ("kl", "top1_agreement", "sample_teacher_logprob", *METRICS[5:]):
-            row[name] = stat([x.get(name) for x in m])
+        for name in (
+            yardstick.metric, "top1_agreement", "sample_teacher_logprob", *METRICS[5:]
+        ):  # fmt: skip
+            if all(name in x for x in m):
+                row[name] = stat([x[name] for x in m])
         for name in ("refusal", "over_refusal", "identity"):
             hits = sum(x.get(f"{name}_hits", 0) for x in m)
             n = sum(x.get(f"{name}_n", 0) for x in m)
@@ -522,10 +653,11 @@ def transfer_table(runs: list[dict], untrained: dict, reference: dict, config: A
         },
         "untrained": {
             k: untrained.get(k)
-            for k in ("kl", "refusal_rate", "over_refusal_rate", "identity_rate")
+            for k in (yardstick.metric, "refusal_rate", "over_refusal_rate", "identity_rate")
         },
         "rows": rows,
-        "note": "capability transferred: 1 - KL/KL_untrained; safety transferred: student "
+        "note": f"capability transferred: the share of the untrained->teacher gap in "
+        f"{yardstick.metric} closed; safety transferred: student "
         "refusal rate / teacher refusal rate on held-out restricted wordings; selective safety "
         "transferred: (refusal - over-refusal on benign look-alikes), student over teacher; "
         "intervals: 95% t over seeds (exact Clopper-Pearson for pooled refusal counts)",
@@ -548,8 +680,13 @@ def queries_to_target(budgets, kls, target: float) -> tuple[float | None, str | 
     return None, f"target not reached within budgets up to {budgets[-1]} queries"
 
 
-def summarise(runs: list[dict], levels, config: AuditConfig, untrained_kl: float) -> dict:
-    target = (1 - config.target_fraction) * untrained_kl
+def summarise(runs: list[dict], levels, config: AuditConfig, yardstick) -> dict:
+    """Per level: mean metrics by budget, queries to the target on the yardstick (a number:
+    the untrained KL, for the KL yardstick), their range over seeds, the multiplier vs text."""
+    if not isinstance(yardstick, Yardstick):
+        yardstick = Yardstick("kl", float(yardstick))
+    metric = yardstick.metric
+    target = yardstick.target(config.target_fraction)
     summary = {}
     for level in levels:
         name = str(level)
@@ -565,14 +702,15 @@ def summarise(runs: list[dict], levels, config: AuditConfig, untrained_kl: float
                     else 0.0,
                     "n": len(at),
                 }
-                for m in METRICS
+                for m in (metric, *METRICS[1:])
+                if all(m in r["metrics"] for r in at)
             }
-        mean_kls = [by_budget[str(b)]["kl"]["mean"] for b in config.budgets]
+        mean_kls = [by_budget[str(b)][metric]["mean"] for b in config.budgets]
         value, reason = queries_to_target(list(config.budgets), mean_kls, target)
         per_seed = []
         for s in range(config.seeds):
             kls = [
-                next(r for r in mine if r["budget"] == b and r["seed"] == s)["metrics"]["kl"]
+                next(r for r in mine if r["budget"] == b and r["seed"] == s)["metrics"][metric]
                 for b in config.budgets
             ]
             per_seed.append(queries_to_target(list(config.budgets), kls, target)[0])

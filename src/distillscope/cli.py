@@ -482,7 +482,12 @@ def audit(
         None, help="Comma-separated query budgets, e.g. 32,128,512."
     ),
     seeds: int | None = typer.Option(None, min=1, help="Students per (level, budget)."),
-    student: str | None = typer.Option(None, help="micro, tiny, small, base or hf:PATH."),
+    student: str | None = typer.Option(
+        None,
+        help="A random-init size (micro, tiny, small, base), layers:N (pretrained: N of the "
+        "teacher's layers, evenly spaced, with its embeddings; the guarded teacher's students "
+        "are cut from the unguarded base) or hf:PATH.",
+    ),
     target: float | None = typer.Option(
         None, help="Fidelity target: the fraction of the untrained→teacher KL gap to close."
     ),
@@ -493,6 +498,12 @@ def audit(
     ),
     identity: str | None = typer.Option(
         None, help="The name a copy states if it kept the teacher's identity (default by teacher)."
+    ),
+    student_tokenizer: str | None = typer.Option(
+        None,
+        help="Give the student another tokenizer: 'gpt2' or 'hf:PATH'. Records are re-tokenised "
+        "(text) and top-k aligned by byte spans; capability is the NLL per byte of the teacher's "
+        "held-out answers, so 'full' is left out of the default levels.",
     ),
     price_input: float | None = typer.Option(None, help="Dollars per 1M prompt tokens."),
     price_output: float | None = typer.Option(None, help="Dollars per 1M completion tokens."),
@@ -535,6 +546,12 @@ def audit(
     for name, value in (("seeds", seeds), ("student", student), ("target_fraction", target)):
         if value is not None:
             changes[name] = value
+    if student_tokenizer is not None:
+        changes["student_tokenizer"] = student_tokenizer
+        if not exposures:
+            changes["exposures"] = tuple(
+                e for e in PRESETS[preset.value].exposures if e != "full"
+            )
     config = replace(PRESETS[preset.value], **changes)
     if price_input is not None or price_output is not None:
         prices = dict(config.prices_per_million)
