@@ -183,6 +183,7 @@ def test_a_student_with_another_tokenizer_is_audited_in_nats_per_byte(mini_audit
     cross.mkdir()
     for name in ("harvest", "validation", "heldout"):  # the same records: nothing to harvest
         shutil.copytree(out / name, cross / name)
+    shutil.copy(out / "teacher.json", cross)  # and the same teacher on the same probes
     config = replace(MINI, student_tokenizer="gpt2", refusal_shares=(0.0,))
     results = run_audit(config, cross, progress=False)
     target = results["target"]

@@ -720,3 +720,52 @@ def test_serve_builds_the_antidistillation_proxy_from_the_providers_own_prompts(
         torch.testing.assert_close(got, want)
     with pytest.raises(DistillscopeError, match="--antidistill-prompts .*missing.txt"):
         _antidistillation(tiny_teacher, "layers:1", str(tmp_path / "missing.txt"))
+
+
+def _scrape(root: str) -> dict[tuple[str, tuple], float]:
+    """``GET /metrics`` parsed: (sample name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    reply = httpx.get(f"{root}/metrics", timeout=10)
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain")
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(reply.text)
+        for s in family.samples
+    }
+
+
+def test_metrics_count_what_the_traffic_log_holds(gateway):
+    root = gateway["url"].removesuffix("/v1")
+    before = _scrape(root)
+    c = client(gateway, "top5")
+    answers = [ask(c, logprobs=True, top_logprobs=20, seed=s) for s in range(3)]
+    with pytest.raises(openai.NotFoundError):
+        ask(c, model="nope")
+    after = _scrape(root)
+
+    def grew(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    where = {"tier": "top5", "model": MODEL, "endpoint": "/v1/chat/completions"}
+    assert grew("distillscope_requests_total", **where, status="200") == 3
+    assert grew("distillscope_exposure_total", tier="top5", requested="top20", served="top5") == 3
+    completion = sum(a.usage.completion_tokens for a in answers)
+    assert grew("distillscope_tokens_total", tier="top5", model=MODEL, kind="completion") == (
+        completion
+    )
+    assert grew("distillscope_refusals_total", tier="top5", status="404",
+                code="model_not_found") == 1  # fmt: skip
+    assert grew("distillscope_request_seconds_count", tier="top5", endpoint=where["endpoint"]) == 4
+    # every exchange the log holds was counted once, refusals and other tests' traffic included
+    total = sum(v for (name, _), v in after.items() if name == "distillscope_requests_total")
+    assert total == gateway["log"].count()
+    assert not any("acct-" in label for (_, labels) in after for _, label in labels)
+
+
+def test_a_gateway_without_metrics_answers_404(synthetic):
+    app = create_app(synthetic, model_name=MODEL, metrics=False)
+    with serve_in_thread(app) as url:
+        reply = httpx.get(f"{url}/metrics", timeout=10)
+    assert reply.status_code == 404 and reply.json()["error"]["message"]

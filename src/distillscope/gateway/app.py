@@ -31,6 +31,7 @@ from distillscope.gateway.backends import Backend, TeacherBackend
 from distillscope.gateway.dependencies import Gateway, exchange_of
 from distillscope.gateway.keys import BlockListFile, KeyStore
 from distillscope.gateway.limits import Limiter, MemoryLimiter
+from distillscope.gateway.metrics import GatewayMetrics
 from distillscope.gateway.routes import router
 from distillscope.gateway.tiers import (
     BUILTIN_TIERS,
@@ -55,6 +56,7 @@ def create_app(
     block_file: str | None = None,
     antidistillation: Any | None = None,
     watermarks: Mapping[str, WatermarkFactory] | None = None,
+    metrics: bool = True,
 ) -> FastAPI:
     """An app serving ``backend`` (a ``Backend``, or a local teacher) as one model.
 
@@ -62,7 +64,8 @@ def create_app(
     defaults to no log; ``limiter`` to in-memory limits; ``tiers`` to the built-in ones.
     ``antidistillation`` (an ``AntidistillationProcessor``, from ``build_antidistillation``) is the
     penalty tiers with ``antidistill: LAMBDA`` sample under, at their own strength.
-    ``watermarks`` are those tiers may name (``forensics.gateway_watermarks``).
+    ``watermarks`` are those tiers may name (``forensics.gateway_watermarks``). ``metrics``
+    serves ``GET /metrics`` for Prometheus (``gateway.metrics``: counts by tier, never by account).
     """
     if not isinstance(backend, Backend):
         backend = TeacherBackend(backend, model_name=model_name or "distillscope-default")
@@ -87,6 +90,7 @@ def create_app(
         antidistillation=antidistillation,
         watermarks=watermarks,
         created=int(time.time()),
+        metrics=GatewayMetrics() if metrics else None,
     )
 
     @asynccontextmanager
@@ -113,7 +117,7 @@ async def _refuse(request: Request, error: APIError) -> JSONResponse:
     exchange = exchange_of(request)
     if exchange is not None:
         row = exchange.row(f"err-{uuid.uuid4().hex}", error.status, error_code=error.code)
-        await request.app.state.gateway.log.record(row)
+        await request.app.state.gateway.record(row)
     return error.response()
 
 

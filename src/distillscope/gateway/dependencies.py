@@ -21,6 +21,7 @@ from distillscope.exposure import TopK
 from distillscope.gateway.backends import Backend, Generation
 from distillscope.gateway.keys import ApiKey, BlockListFile, KeyStore
 from distillscope.gateway.limits import Limiter
+from distillscope.gateway.metrics import GatewayMetrics
 from distillscope.gateway.tiers import Tier, WatermarkFactory, tier_name
 from distillscope.gateway.traffic import TrafficLog
 from distillscope.gateway.wire import APIError
@@ -53,6 +54,14 @@ class Gateway:
     watermarks: dict[str, WatermarkFactory] = field(default_factory=dict)
     #: when the app was made (Unix seconds): ``/v1/models`` reports it as the model's ``created``
     created: int = 0
+    #: what ``GET /metrics`` reports (None: no metrics endpoint)
+    metrics: GatewayMetrics | None = None
+
+    async def record(self, row: dict) -> None:
+        """Log one exchange, then count it: return once its row is committed."""
+        await self.log.record(row)
+        if self.metrics is not None:
+            self.metrics.observe(row)
 
     def tier_of(self, key: ApiKey) -> Tier:
         tier = self.tiers.get(key.tier) or self.tiers.get(tier_name(key.tier))
@@ -180,10 +189,6 @@ def backend(gateway: Annotated[Gateway, Depends(gateway)]) -> Backend:
     return gateway.backend
 
 
-def traffic_log(gateway: Annotated[Gateway, Depends(gateway)]) -> TrafficLog:
-    return gateway.log
-
-
 def limiter(gateway: Annotated[Gateway, Depends(gateway)]) -> Limiter:
     return gateway.limiter
 
@@ -220,5 +225,4 @@ async def caller(request: Request, gateway: Annotated[Gateway, Depends(gateway)]
 GatewayDep = Annotated[Gateway, Depends(gateway)]
 CallerDep = Annotated[Caller, Depends(caller)]
 BackendDep = Annotated[Backend, Depends(backend)]
-TrafficLogDep = Annotated[TrafficLog, Depends(traffic_log)]
 LimiterDep = Annotated[Limiter, Depends(limiter)]

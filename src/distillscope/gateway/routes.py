@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from distillscope.gateway.backends import BackendError, Generation, GenerationRequest
 from distillscope.gateway.dependencies import (
@@ -25,7 +25,6 @@ from distillscope.gateway.dependencies import (
     CallerDep,
     GatewayDep,
     LimiterDep,
-    TrafficLogDep,
     TrafficRow,
 )
 from distillscope.gateway.limits import Admission, RateLimited
@@ -75,6 +74,14 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
+@router.get("/metrics")
+async def metrics(gateway: GatewayDep) -> Response:
+    """Prometheus' text format: exchanges, tokens, exposure asked vs served, refusals, latency."""
+    if gateway.metrics is None:
+        raise APIError(404, "this gateway serves no metrics")
+    return Response(gateway.metrics.render(), media_type=gateway.metrics.content_type)
+
+
 @router.get("/v1/models")
 async def models(who: CallerDep, gateway: GatewayDep) -> dict[str, Any]:
     entry = {
@@ -88,15 +95,12 @@ async def models(who: CallerDep, gateway: GatewayDep) -> dict[str, Any]:
 
 
 class Serving:
-    """What serves a completion, each part a dependency: the gateway (its tiers' processors), the
-    backend, the traffic log and the limiter."""
+    """What serves a completion, each part a dependency: the gateway (its tiers' processors, and
+    ``record``: the traffic log, then the metrics), the backend and the limiter."""
 
-    def __init__(
-        self, gateway: GatewayDep, backend: BackendDep, log: TrafficLogDep, limiter: LimiterDep
-    ):
+    def __init__(self, gateway: GatewayDep, backend: BackendDep, limiter: LimiterDep):
         self.gateway = gateway
         self.backend = backend
-        self.log = log
         self.limiter = limiter
 
     def request(
@@ -189,7 +193,7 @@ class Serving:
                 raise APIError(exc.status, str(exc), code="backend_error") from None
             used = generation.prompt_tokens + generation.completion_tokens
             reveal.apply(generation)
-            await self.log.record(exchange.row(exchange_id, 200, generation))
+            await self.gateway.record(exchange.row(exchange_id, 200, generation))
         finally:
             await self.limiter.release(admission, used)
         shape = chat_response if chat else completion_response
@@ -220,7 +224,7 @@ class Serving:
                 async for item in self.backend.stream(request):
                     if isinstance(item, Generation):
                         used = item.prompt_tokens + item.completion_tokens
-                        await self.log.record(exchange.row(exchange_id, 200, item))
+                        await self.gateway.record(exchange.row(exchange_id, 200, item))
                         if held is not None:
                             entries = held if request.top_logprobs is not None else None
                             for delta in tool_call_deltas(item) or [{"content": item.text}]:
@@ -240,7 +244,8 @@ class Serving:
                     yield sse(chunk(exchange_id, created, name, delta, entries, None))
             except BackendError as exc:
                 error = APIError(exc.status, str(exc), code="backend_error")
-                await self.log.record(exchange.row(exchange_id, exc.status, error_code=error.code))
+                row = exchange.row(exchange_id, exc.status, error_code=error.code)
+                await self.gateway.record(row)
                 yield sse(error.body)
         finally:
             await self.limiter.release(admission, used)
