@@ -769,3 +769,58 @@ def test_a_gateway_without_metrics_answers_404(synthetic):
     with serve_in_thread(app) as url:
         reply = httpx.get(f"{url}/metrics", timeout=10)
     assert reply.status_code == 404 and reply.json()["error"]["message"]
+
+
+def test_serve_with_two_workers_shares_one_log_and_one_budget(postgres_url, redis_url, tmp_path):
+    """`serve --workers 2`: two processes on one port, one PostgreSQL log, one Redis budget (a key
+    allowed 12 requests a minute gets 12, not 12 per process)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import psycopg
+
+    from distillscope.gateway.loadtest import GatewayProcess
+
+    keys = tmp_path / "keys.sqlite"
+    (tmp_path / "tiers.yaml").write_text(
+        "tiers:\n  metered:\n    exposure: text\n    requests_per_minute: 12\n"
+    )
+    secret = KeyStore(keys).create("two-workers", "metered")[1]
+    server = GatewayProcess(
+        "--workers", "2", "--db", postgres_url, "--limits", redis_url, "--keys", str(keys),
+        "--tiers", str(tmp_path / "tiers.yaml"), log_file=tmp_path / "server.log",
+    ).start()  # fmt: skip
+    c = openai.OpenAI(base_url=server.url, api_key=secret, max_retries=0)
+
+    def one(seed: int) -> str | None:
+        try:
+            return ask(c, model=MODEL, seed=seed).id
+        except openai.RateLimitError:
+            return None
+
+    try:
+        workers = subprocess.run(
+            ["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True
+        ).stdout.split()
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(one, range(24)))
+    finally:
+        server.stop()
+    assert len(workers) >= 2, (tmp_path / "server.log").read_text()
+    served = [a for a in answers if a is not None]
+    assert 12 <= len(served) <= 13  # 13: one token refilled while the burst ran
+    with psycopg.connect(postgres_url) as conn:
+        logged = conn.execute(
+            "SELECT exchange_id, status FROM exchanges WHERE account_id = 'two-workers'"
+        ).fetchall()
+    assert sorted(i for i, status in logged if status == 200) == sorted(served)
+    assert sum(status == 429 for _, status in logged) == 24 - len(served)
+
+
+def test_several_workers_need_a_shared_log_and_shared_limits(cli, tmp_path):
+    for args, message in [
+        (["--db", str(tmp_path / "t.duckdb")], "postgresql"),
+        (["--db", "off"], "redis"),
+    ]:
+        result = cli("serve", "--teacher", "synthetic", "--workers", "2", *args)
+        assert result.exit_code == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "t.duckdb").exists()

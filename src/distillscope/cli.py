@@ -731,6 +731,12 @@ def serve(
         help="Prompt pool (name or .jsonl/.json/.parquet/.txt file) whose teacher answers are "
         "the proxy's downstream set: 16 drawn from it; best, what your users ask.",
     ),
+    workers: int = typer.Option(
+        1,
+        min=1,
+        help="Server processes on the port, each loading the teacher. More than one needs "
+        "--db postgresql://... (or off) and --limits redis://..., which processes share.",
+    ),
 ) -> None:
     """Serve a model through an OpenAI-compatible API that caps exposure per key and logs traffic.
 
@@ -754,7 +760,9 @@ def serve(
         device=device,
         antidistill_proxy=antidistill_proxy,
         antidistill_prompts=antidistill_prompts,
+        workers=workers,
     )
+    config.check_workers()
     target = upstream or teacher
     loading = errors.status(f"loading {target}")  # transient: a refusal stays one line
 
@@ -762,7 +770,9 @@ def serve(
         loading.stop()
         errors.print(
             f"ready: serving {target} on http://{host}:{port}/v1 (log: {db}; keys: "
-            f"{'none, open' if open_gateway else keys}); Ctrl-C stops"
+            f"{'none, open' if open_gateway else keys}"
+            + (f"; {workers} workers" if workers > 1 else "")
+            + "); Ctrl-C stops"
         )
 
     loading.start()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import uvicorn
@@ -41,6 +42,26 @@ class GatewayConfig:
     antidistill_proxy: str = "layers:2"
     #: the prompt pool (a name or a file) whose teacher answers are the proxy's downstream set
     antidistill_prompts: str = "sharegpt"
+    #: server processes, each with its own teacher; more than one needs a log and limits that
+    #: processes share (PostgreSQL, Redis)
+    workers: int = 1
+
+    def check_workers(self) -> None:
+        """Refuse, in one line, what several processes cannot share."""
+        if self.workers < 1:
+            raise DistillscopeError(f"--workers must be at least 1, not {self.workers}")
+        if self.workers == 1:
+            return
+        if self.db and not self.db.startswith(("postgresql://", "postgres://")):
+            raise DistillscopeError(
+                f"--workers {self.workers}: a DuckDB file has one writer; give the processes a "
+                "shared log with --db postgresql://... (or --db off)"
+            )
+        if not (self.limits or "memory").startswith(("redis://", "rediss://")):
+            raise DistillscopeError(
+                f"--workers {self.workers}: in-memory rate limits would give each key "
+                f"{self.workers}x its budget; share them with --limits redis://..."
+            )
 
 
 def build_gateway(config: GatewayConfig) -> tuple[FastAPI, object]:
@@ -148,12 +169,38 @@ def _served_name(spec: str) -> str:
     return Path(spec.split(":", 1)[-1]).name or spec
 
 
+#: where ``run_gateway`` hands its config to worker processes (JSON of ``GatewayConfig``)
+_CONFIG_ENV = "DISTILLSCOPE_GATEWAY_CONFIG"
+
+
+def worker_app() -> FastAPI:
+    """One worker's app (uvicorn's factory for ``serve --workers N``): the gateway of the config
+    in ``$DISTILLSCOPE_GATEWAY_CONFIG``, its traffic log closed when the worker stops."""
+    config = GatewayConfig(**json.loads(os.environ[_CONFIG_ENV]))
+    app, log = build_gateway(config)
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(running):
+        async with inner(running):
+            yield
+        log.close()
+
+    app.router.lifespan_context = lifespan
+    return app
+
+
 def run_gateway(config: GatewayConfig, on_ready: Callable[[], None] | None = None) -> None:
     """Serve until Ctrl-C or SIGTERM; the traffic log is drained and closed on the way out.
 
-    ``on_ready()`` is called once the gateway answers: the teacher loaded and the port listening.
+    ``on_ready()`` is called once the gateway answers: the teacher loaded and the port listening
+    (with several workers: once ``/health`` answers).
     """
+    config.check_workers()
     _check_port(config.host, config.port)
+    if config.workers > 1:
+        _run_workers(config, on_ready)
+        return
     app, log = build_gateway(config)
     server = uvicorn.Server(
         uvicorn.Config(
@@ -166,6 +213,37 @@ def run_gateway(config: GatewayConfig, on_ready: Callable[[], None] | None = Non
         server.run()
     finally:
         log.close()
+
+
+def _run_workers(config: GatewayConfig, on_ready: Callable[[], None] | None) -> None:
+    """``config.workers`` uvicorn worker processes on one port, each building its own gateway."""
+    os.environ[_CONFIG_ENV] = json.dumps(asdict(config))
+    if on_ready is not None:
+        threading.Thread(target=_when_healthy, args=(config, on_ready), daemon=True).start()
+    uvicorn.run(
+        "distillscope.gateway.server:worker_app",
+        factory=True,
+        host=config.host,
+        port=config.port,
+        workers=config.workers,
+        log_level="warning",
+        access_log=False,
+    )
+
+
+def _when_healthy(config: GatewayConfig, then: Callable[[], None], timeout: float = 600) -> None:
+    import httpx
+
+    url = f"http://{config.host}:{config.port}/health"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                then()
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
 
 
 def _when_started(server: uvicorn.Server, then: Callable[[], None]) -> None:
