@@ -772,21 +772,20 @@ def test_a_gateway_without_metrics_answers_404(synthetic):
 
 
 def test_serve_with_two_workers_shares_one_log_and_one_budget(postgres_url, redis_url, tmp_path):
-    """`serve --workers 2`: two processes on one port, one PostgreSQL log, one Redis budget (a key
-    allowed 12 requests a minute gets 12, not 12 per process)."""
+    """`serve --workers 2`: two processes on one port, one PostgreSQL log and key store, one Redis
+    budget (a key allowed 12 requests a minute gets 12, not 12 per process)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import psycopg
 
     from distillscope.gateway.loadtest import GatewayProcess
 
-    keys = tmp_path / "keys.sqlite"
     (tmp_path / "tiers.yaml").write_text(
         "tiers:\n  metered:\n    exposure: text\n    requests_per_minute: 12\n"
     )
-    secret = KeyStore(keys).create("two-workers", "metered")[1]
+    secret = KeyStore(postgres_url).create("two-workers", "metered")[1]  # keys shared too
     server = GatewayProcess(
-        "--workers", "2", "--db", postgres_url, "--limits", redis_url, "--keys", str(keys),
+        "--workers", "2", "--db", postgres_url, "--limits", redis_url, "--keys", postgres_url,
         "--tiers", str(tmp_path / "tiers.yaml"), log_file=tmp_path / "server.log",
     ).start()  # fmt: skip
     c = openai.OpenAI(base_url=server.url, api_key=secret, max_retries=0)
@@ -824,3 +823,31 @@ def test_several_workers_need_a_shared_log_and_shared_limits(cli, tmp_path):
         result = cli("serve", "--teacher", "synthetic", "--workers", "2", *args)
         assert result.exit_code == 2 and message in result.stderr, result.stderr
     assert not (tmp_path / "t.duckdb").exists()
+
+
+def test_a_key_store_on_postgresql_is_shared_by_every_host(postgres_url, cli):
+    """Two stores on one database, as two gateway hosts: a key made on one works on the other,
+    and a block or a revocation reaches the other within its refresh."""
+    here = KeyStore(postgres_url, refresh=0.05)
+    there = KeyStore(postgres_url, refresh=0.05)
+    key, secret = here.create("pg-shared", "top5", name="ci")
+    assert there.authenticate(secret) == key
+    assert there.authenticate(secret[:-1] + "x") is None
+    here.block("account", "pg-shared", reason="confirmed campaign")
+    time.sleep(0.1)
+    assert ("account", "pg-shared") in there.blocked()
+    here.block("account", "pg-shared", reason="again")  # a second block replaces the first
+    assert [b.reason for b in there.blocks() if b.value == "pg-shared"] == ["again"]
+    here.unblock("account", "pg-shared")
+    time.sleep(0.1)
+    assert ("account", "pg-shared") not in there.blocked()
+    there.revoke(key.key_id)
+    time.sleep(0.1)
+    assert here.authenticate(secret) is None
+    made = cli("keys", "create", "--account", "pg-cli", "--tier", "text", "--keys", postgres_url)
+    assert made.exit_code == 0, made.stderr
+    assert [k.tier for k in here.list("pg-cli")] == ["text"]
+    listed = cli("keys", "list", "--json", "--keys", postgres_url)
+    assert "pg-cli" in listed.stdout
+    refused = cli("keys", "list", "--keys", "postgresql://nobody@127.0.0.1:1/none")
+    assert refused.exit_code == 2 and "cannot open the key store" in refused.stderr

@@ -81,7 +81,8 @@ paper_app = typer.Typer(
 )
 app.add_typer(paper_app, name="paper")
 keys_app = typer.Typer(
-    help="Accounts and API keys of a gateway (a SQLite file the running gateway reads).",
+    help="Accounts and API keys of a gateway (a SQLite file or a PostgreSQL database the running "
+    "gateway reads).",
     no_args_is_help=True,
 )
 app.add_typer(keys_app, name="keys")
@@ -688,7 +689,10 @@ def data_export(
 
 
 KEYS_OPTION = typer.Option(
-    Path("gateway-keys.sqlite"), "--keys", help="The gateway's key store (created if missing)."
+    "gateway-keys.sqlite",
+    "--keys",
+    help="The gateway's key store: a SQLite file (created if missing) or a postgresql:// URL "
+    "that gateways on several hosts share.",
 )
 
 
@@ -706,7 +710,7 @@ def serve(
         "traffic.duckdb",
         help="Traffic log: a DuckDB file, a postgresql:// URL, or 'off'.",
     ),
-    keys: Path = KEYS_OPTION,
+    keys: str = KEYS_OPTION,
     open_gateway: bool = typer.Option(
         False, "--open", help="No keys: anyone on the network gets top20, unlimited."
     ),
@@ -790,7 +794,7 @@ def keys_create(
     ),
     name: str | None = typer.Option(None, help="A label for the key."),
     tiers: Path | None = typer.Option(None, help="YAML file of tiers, to check the name against."),
-    keys: Path = KEYS_OPTION,
+    keys: str = KEYS_OPTION,
 ) -> None:
     """Create an API key; the key is printed once and stored only as a hash."""
     from distillscope.forensics.watermark import SCHEMES
@@ -811,7 +815,7 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(
     account: str | None = typer.Option(None, help="Only this account's keys."),
-    keys: Path = KEYS_OPTION,
+    keys: str = KEYS_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List keys (never their secrets) and every block, with its reason."""
@@ -848,7 +852,7 @@ def keys_list(
 
 
 @keys_app.command("revoke")
-def keys_revoke(key_id: str = typer.Argument(..., help="The key's id."), keys: Path = KEYS_OPTION):
+def keys_revoke(key_id: str = typer.Argument(..., help="The key's id."), keys: str = KEYS_OPTION):
     """Revoke a key for good (a running gateway refuses it within a second)."""
     from distillscope.gateway import KeyStore
 
@@ -862,7 +866,7 @@ def keys_block(
     key: str | None = typer.Option(None, help="Block this key id."),
     reason: str | None = typer.Option(None, help="Why (kept with the block)."),
     unblock: bool = typer.Option(False, "--unblock", help="Lift the block instead."),
-    keys: Path = KEYS_OPTION,
+    keys: str = KEYS_OPTION,
 ) -> None:
     """Block (or unblock) an account or a key: 403 from the running gateway within a second."""
     from distillscope.gateway import KeyStore
@@ -1370,7 +1374,7 @@ def simulate(
 def replay(
     sim: Path = typer.Argument(..., help="A folder written by distillscope simulate."),
     url: str = typer.Option("http://127.0.0.1:8000", help="The gateway, on this machine."),
-    keys: Path = KEYS_OPTION,
+    keys: str = KEYS_OPTION,
     max_requests: int = typer.Option(200, min=1, help="Requests to send (the log's first)."),
     speedup: float = typer.Option(3600.0, min=1e-3, help="Simulated seconds per real second."),
     max_gap_s: float = typer.Option(1.0, min=0.0, help="Longer pauses are cut to this."),

@@ -1,7 +1,8 @@
 """Accounts, API keys and the block list of a gateway.
 
 Keys live in a small SQLite file that the ``distillscope keys`` commands and a running gateway
-share (SQLite is made for several processes on one file; the traffic log is elsewhere). A key is
+share (SQLite is made for several processes on one file; the traffic log is elsewhere), or in a
+PostgreSQL database (``postgresql://...``), which gateways on several hosts share. A key is
 ``dsk-<key id>-<secret>``: the id is public (it names the key in logs and listings), the secret is
 256 random bits stored only as its SHA-256 (a slow password hash buys nothing for a random secret
 that long). Revocations and blocks made while a gateway runs reach it within ``refresh`` seconds.
@@ -50,6 +51,44 @@ class KeyStoreError(DistillscopeError):
     """A key store that cannot be used as asked."""
 
 
+def is_database_url(where: str | os.PathLike) -> bool:
+    return str(where).startswith(("postgresql://", "postgres://"))
+
+
+class _Postgres:
+    """The key store's tables in PostgreSQL: the SQLite statements, in its dialect."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def connect(self):
+        import psycopg
+
+        try:
+            return psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise KeyStoreError(f"cannot open the key store {_masked(self.url)}: {exc}") from None
+
+    @staticmethod
+    def translate(sql: str) -> str:
+        sql = sql.replace("?", "%s").replace("REAL", "DOUBLE PRECISION")
+        if sql.startswith("INSERT OR REPLACE INTO blocks"):
+            sql = sql.replace("INSERT OR REPLACE", "INSERT") + (
+                " ON CONFLICT (kind, value) DO UPDATE SET reason = EXCLUDED.reason, "
+                "created_at = EXCLUDED.created_at"
+            )
+        return sql
+
+
+def _masked(url: str) -> str:
+    """A database URL without its password, for messages."""
+    head, at, tail = url.rpartition("@")
+    if not at or ":" not in head.split("//", 1)[-1]:
+        return url
+    scheme, _, user = head.partition("//")
+    return f"{scheme}//{user.split(':', 1)[0]}:***@{tail}"
+
+
 @dataclass(frozen=True)
 class ApiKey:
     """One key as listed: never the secret."""
@@ -86,16 +125,23 @@ def split_key(token: str) -> tuple[str, str] | None:
 
 
 class KeyStore:
-    """The SQLite file of accounts, keys and blocks. Thread-safe; one connection per thread."""
+    """Accounts, keys and blocks in a SQLite file or a ``postgresql://`` database. Thread-safe;
+    one connection per thread."""
 
     def __init__(self, path: str | os.PathLike, *, refresh: float = 1.0):
-        self.path = Path(path)
-        if not self.path.parent.is_dir():
+        self._postgres = _Postgres(str(path)) if is_database_url(path) else None
+        self.path = str(path) if self._postgres else Path(path)
+        self.where = _masked(str(path)) if self._postgres else str(path)
+        if self._postgres is None and not self.path.parent.is_dir():
             raise KeyStoreError(f"cannot create a key store in {self.path.parent}: no such folder")
         self.refresh = refresh
         self._local = threading.local()
         self._cache: dict[str, tuple[float, ApiKey | None, str | None]] = {}
         self._blocks: tuple[float, frozenset[tuple[str, str]]] = (-1e18, frozenset())
+        if self._postgres is not None:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                self._execute(statement)
+            return
         try:
             with self._connect() as db:
                 db.executescript(_SCHEMA)
@@ -105,16 +151,26 @@ class KeyStore:
                 "store, or at a new file to start one"
             ) from None
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self):
         db = getattr(self._local, "db", None)
         if db is None:
-            try:
-                db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            except sqlite3.Error as exc:
-                raise KeyStoreError(f"cannot open the key store {self.path}: {exc}") from exc
-            db.execute("PRAGMA journal_mode=WAL")
+            if self._postgres is not None:
+                db = self._postgres.connect()
+            else:
+                try:
+                    db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+                except sqlite3.Error as exc:
+                    raise KeyStoreError(f"cannot open the key store {self.path}: {exc}") from exc
+                db.execute("PRAGMA journal_mode=WAL")
             self._local.db = db
         return db
+
+    def _execute(self, sql: str, args: tuple = ()):
+        """Run one statement (SQLite's dialect) on this thread's connection; its cursor."""
+        db = self._connect()
+        if self._postgres is None:
+            return db.execute(sql, args)
+        return db.execute(self._postgres.translate(sql), args)
 
     # --- management (the CLI) ---
 
@@ -125,11 +181,10 @@ class KeyStore:
         key_id = secrets.token_hex(6)
         secret = secrets.token_urlsafe(32).replace("-", "_")
         key = ApiKey(key_id, account, tier, name, time.time(), None)
-        with self._connect() as db:
-            db.execute(
-                "INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, NULL)",
-                (key_id, account, tier, _digest(secret), name, key.created_at),
-            )
+        self._execute(
+            "INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, NULL)",
+            (key_id, account, tier, _digest(secret), name, key.created_at),
+        )
         return key, f"{KEY_PREFIX}-{key_id}-{secret}"
 
     def list(self, account: str | None = None) -> list[ApiKey]:
@@ -137,17 +192,16 @@ class KeyStore:
         args: tuple = ()
         if account is not None:
             query, args = query + " WHERE account_id = ?", (account,)
-        rows = self._connect().execute(query + " ORDER BY created_at, key_id", args).fetchall()
+        rows = self._execute(query + " ORDER BY created_at, key_id", args).fetchall()
         return [ApiKey(*row) for row in rows]
 
     def revoke(self, key_id: str) -> ApiKey:
-        db = self._connect()
-        changed = db.execute(
+        changed = self._execute(
             "UPDATE keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
             (time.time(), key_id),
         ).rowcount
         if not changed:
-            known = db.execute("SELECT 1 FROM keys WHERE key_id = ?", (key_id,)).fetchone()
+            known = self._execute("SELECT 1 FROM keys WHERE key_id = ?", (key_id,)).fetchone()
             raise KeyStoreError(
                 f"key {key_id} is already revoked" if known else f"no key with id {key_id}"
             )
@@ -160,32 +214,26 @@ class KeyStore:
             raise KeyStoreError(f"can block an account or a key, not {kind!r}")
         check_block_value(kind, value)
         column = "account_id" if kind == "account" else "key_id"
-        known = (
-            self._connect()
-            .execute(f"SELECT 1 FROM keys WHERE {column} = ? LIMIT 1", (value,))
-            .fetchone()
-        )
+        known = self._execute(f"SELECT 1 FROM keys WHERE {column} = ? LIMIT 1", (value,)).fetchone()
         if not known:
             hint = "distillscope keys list shows them" if kind == "key" else "create its key first"
-            raise KeyStoreError(f"no {kind} {value!r} in {self.path} ({hint})")
-        self._connect().execute(
+            raise KeyStoreError(f"no {kind} {value!r} in {self.where} ({hint})")
+        self._execute(
             "INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?)", (kind, value, reason, time.time())
         )
         self._blocks = (-1e18, frozenset())
         return Block(kind, value, reason)
 
     def unblock(self, kind: str, value: str) -> None:
-        gone = (
-            self._connect()
-            .execute("DELETE FROM blocks WHERE kind = ? AND value = ?", (kind, value))
-            .rowcount
-        )
+        gone = self._execute(
+            "DELETE FROM blocks WHERE kind = ? AND value = ?", (kind, value)
+        ).rowcount
         if not gone:
             raise KeyStoreError(f"{kind} {value} is not blocked")
         self._blocks = (-1e18, frozenset())
 
     def blocks(self) -> list[Block]:
-        rows = self._connect().execute("SELECT kind, value, reason FROM blocks ORDER BY 1, 2")
+        rows = self._execute("SELECT kind, value, reason FROM blocks ORDER BY 1, 2")
         return [Block(*row) for row in rows.fetchall()]
 
     # --- the request path (the gateway) ---
@@ -199,15 +247,11 @@ class KeyStore:
         now = time.monotonic()
         cached = self._cache.get(key_id)
         if cached is None or now - cached[0] > self.refresh:
-            row = (
-                self._connect()
-                .execute(
-                    "SELECT key_id, account_id, tier, name, created_at, revoked_at, secret_sha256 "
-                    "FROM keys WHERE key_id = ?",
-                    (key_id,),
-                )
-                .fetchone()
-            )
+            row = self._execute(
+                "SELECT key_id, account_id, tier, name, created_at, revoked_at, secret_sha256 "
+                "FROM keys WHERE key_id = ?",
+                (key_id,),
+            ).fetchone()
             cached = (now, ApiKey(*row[:6]), row[6]) if row else (now, None, None)
             self._cache[key_id] = cached
         _, key, digest = cached
@@ -219,7 +263,7 @@ class KeyStore:
         """``{(kind, value)}`` blocked in the store, re-read at most every ``refresh`` seconds."""
         read_at, blocked = self._blocks
         if time.monotonic() - read_at > self.refresh:
-            rows = self._connect().execute("SELECT kind, value FROM blocks").fetchall()
+            rows = self._execute("SELECT kind, value FROM blocks").fetchall()
             blocked = frozenset((kind, value) for kind, value in rows)
             self._blocks = (time.monotonic(), blocked)
         return blocked
