@@ -851,3 +851,77 @@ def test_a_key_store_on_postgresql_is_shared_by_every_host(postgres_url, cli):
     assert "pg-cli" in listed.stdout
     refused = cli("keys", "list", "--keys", "postgresql://nobody@127.0.0.1:1/none")
     assert refused.exit_code == 2 and "cannot open the key store" in refused.stderr
+
+
+ADMIN = "admin-" + "k" * 30
+
+
+def test_the_admin_api_manages_keys_and_blocks_and_audits_every_call(synthetic, tmp_path):
+    store = KeyStore(tmp_path / "keys.sqlite", refresh=0.1)
+    app = create_app(synthetic, model_name=MODEL, keys=store, admin_key=ADMIN)
+    with serve_in_thread(app) as url:
+        admin = httpx.Client(base_url=f"{url}/admin", headers={"authorization": f"Bearer {ADMIN}"})
+        made = admin.post("/keys", json={"account": "acme", "tier": "top5", "name": "prod"})
+        assert made.status_code == 201, made.text
+        secret, key_id = made.json()["key"], made.json()["key_id"]
+        user = openai.OpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0)
+        assert ask(user).choices[0].message.content is not None
+        # the user's key opens nothing here, and the admin key nothing on /v1
+        assert httpx.get(f"{url}/admin/keys", headers={"authorization": f"Bearer {secret}"}
+                         ).status_code == 401  # fmt: skip
+        assert httpx.get(f"{url}/admin/keys").status_code == 401
+        as_admin = openai.OpenAI(base_url=f"{url}/v1", api_key=ADMIN, max_retries=0)
+        assert isinstance(error_of(lambda: ask(as_admin)), openai.AuthenticationError)
+        assert [k["account_id"] for k in admin.get("/keys").json()["data"]] == ["acme"]
+        assert "secret" not in admin.get("/keys").text and secret not in admin.get("/keys").text
+        blocked = admin.post("/blocks", json={"kind": "account", "value": "acme",
+                                              "reason": "confirmed campaign"})  # fmt: skip
+        assert blocked.status_code == 201
+        time.sleep(0.15)
+        assert isinstance(error_of(lambda: ask(user)), openai.PermissionDeniedError)
+        assert admin.delete("/blocks/account/acme").status_code == 200
+        time.sleep(0.15)
+        ask(user)
+        assert admin.delete(f"/keys/{key_id}").json()["revoked_at"] is not None
+        time.sleep(0.15)
+        assert isinstance(error_of(lambda: ask(user)), openai.AuthenticationError)
+        # mistakes are one clear error each, in OpenAI's shape
+        for call, status, words in [
+            (lambda: admin.post("/keys", json={"account": "x", "tier": "gold"}), 400,
+             "unknown tier"),
+            (lambda: admin.post("/keys", json={"tier": "top5"}), 400, "account"),
+            (lambda: admin.post("/blocks", json={"kind": "account", "value": "ghost"}), 404,
+             "no account"),
+            (lambda: admin.delete("/blocks/account/acme"), 400, "not blocked"),
+            (lambda: admin.delete("/keys/nope"), 404, "no key"),
+        ]:  # fmt: skip
+            reply = call()
+            assert reply.status_code == status and words in reply.json()["error"]["message"]
+        assert {t["name"] for t in admin.get("/tiers").json()["data"]} >= {"text", "top5"}
+        trail = admin.get("/audit", params={"limit": 1000}).json()["data"]
+    statuses = [(e["method"], e["path"], e["status"]) for e in reversed(trail)]
+    assert statuses[:2] == [("POST", "/admin/keys", 201), ("GET", "/admin/keys", 401)]
+    assert ("POST", "/admin/blocks", 201) in statuses
+    assert ("DELETE", "/admin/keys/nope", 404) in statuses
+    assert statuses.count(("GET", "/admin/keys", 401)) == 2
+    assert statuses.count(("POST", "/admin/keys", 400)) == 2  # a bad tier, a body without account
+    changed = [json.loads(e["detail"]) for e in trail if e["status"] in (200, 201) and e["detail"]]
+    assert {"blocked": "account:acme", "reason": "confirmed campaign"} in changed
+    assert {"revoked": key_id} in changed
+    assert all(secret not in (e["detail"] or "") for e in trail)
+    # the listing itself is on the trail, after it
+    newest, *rest = store.audit_trail(1000)
+    assert (newest["path"], newest["status"]) == ("/admin/audit", 200) and rest == trail
+
+
+def test_an_admin_api_needs_a_key_store_and_a_strong_key(synthetic, tmp_path):
+    from distillscope.gateway.keys import KeyStoreError
+
+    with pytest.raises(KeyStoreError, match="at least 24"):
+        create_app(synthetic, keys=KeyStore(tmp_path / "k.sqlite"), admin_key="short")
+    with pytest.raises(TierError, match="key store"):
+        create_app(synthetic, admin_key=ADMIN)
+    app = create_app(synthetic, keys=KeyStore(tmp_path / "k.sqlite"))  # no admin key: no API
+    with serve_in_thread(app) as url:
+        reply = httpx.get(f"{url}/admin/keys", headers={"authorization": f"Bearer {ADMIN}"})
+    assert reply.status_code == 404

@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from distillscope.gateway.admin import admin_digest, admin_router, audit_admin_calls
 from distillscope.gateway.backends import Backend, TeacherBackend
 from distillscope.gateway.dependencies import Gateway, exchange_of
 from distillscope.gateway.keys import BlockListFile, KeyStore
@@ -57,6 +58,7 @@ def create_app(
     antidistillation: Any | None = None,
     watermarks: Mapping[str, WatermarkFactory] | None = None,
     metrics: bool = True,
+    admin_key: str | None = None,
 ) -> FastAPI:
     """An app serving ``backend`` (a ``Backend``, or a local teacher) as one model.
 
@@ -66,7 +68,11 @@ def create_app(
     penalty tiers with ``antidistill: LAMBDA`` sample under, at their own strength.
     ``watermarks`` are those tiers may name (``forensics.gateway_watermarks``). ``metrics``
     serves ``GET /metrics`` for Prometheus (``gateway.metrics``: counts by tier, never by account).
+    ``admin_key`` (with ``keys``) opens the admin API under ``/admin`` (``gateway.admin``).
     """
+    if admin_key is not None and keys is None:
+        raise TierError("an admin key needs a key store: the admin API manages its keys")
+    digest = admin_digest(admin_key) if admin_key is not None else None
     if not isinstance(backend, Backend):
         backend = TeacherBackend(backend, model_name=model_name or "distillscope-default")
     elif model_name:
@@ -91,6 +97,7 @@ def create_app(
         watermarks=watermarks,
         created=int(time.time()),
         metrics=GatewayMetrics() if metrics else None,
+        admin_digest=digest,
     )
 
     @asynccontextmanager
@@ -105,6 +112,9 @@ def create_app(
     )
     app.state.gateway = gateway
     app.include_router(router)
+    app.include_router(admin_router)
+    if digest is not None:
+        app.middleware("http")(audit_admin_calls)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(HTTPException, _http_error)

@@ -56,6 +56,8 @@ class Gateway:
     created: int = 0
     #: what ``GET /metrics`` reports (None: no metrics endpoint)
     metrics: GatewayMetrics | None = None
+    #: the admin key's SHA-256 (None: no admin API; ``gateway.admin``)
+    admin_digest: str | None = None
 
     async def record(self, row: dict) -> None:
         """Log one exchange, then count it: return once its row is committed."""

@@ -44,6 +44,14 @@ CREATE TABLE IF NOT EXISTS blocks (
     created_at REAL NOT NULL,
     PRIMARY KEY (kind, value)
 );
+CREATE TABLE IF NOT EXISTS admin_audit (
+    ts REAL NOT NULL,
+    actor TEXT,
+    method TEXT NOT NULL,
+    path TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    detail TEXT
+);
 """
 
 
@@ -235,6 +243,27 @@ class KeyStore:
     def blocks(self) -> list[Block]:
         rows = self._execute("SELECT kind, value, reason FROM blocks ORDER BY 1, 2")
         return [Block(*row) for row in rows.fetchall()]
+
+    # --- the admin API's trail ---
+
+    def audit(
+        self, actor: str | None, method: str, path: str, status: int, detail: str | None = None
+    ) -> None:
+        """Record one admin call (refused ones too)."""
+        self._execute(
+            "INSERT INTO admin_audit VALUES (?, ?, ?, ?, ?, ?)",
+            (time.time(), actor, method, path, status, detail),
+        )
+
+    def audit_trail(self, limit: int = 100) -> list[dict]:
+        """The latest ``limit`` admin calls, newest first."""
+        rows = self._execute(
+            "SELECT ts, actor, method, path, status, detail FROM admin_audit "
+            "ORDER BY ts DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        names = ("ts", "actor", "method", "path", "status", "detail")
+        return [dict(zip(names, row)) for row in rows]
 
     # --- the request path (the gateway) ---
 

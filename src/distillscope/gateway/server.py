@@ -74,6 +74,17 @@ def build_gateway(config: GatewayConfig) -> tuple[FastAPI, object]:
     from distillscope.gateway.traffic import open_traffic_log
     from distillscope.teachers import load_teacher
 
+    # the admin API's key comes from the environment, never from an argument others can read
+    admin_key = os.environ.get("DISTILLSCOPE_ADMIN_KEY") or None
+    if admin_key is not None:
+        from distillscope.gateway.admin import admin_digest
+
+        if not config.keys:
+            raise DistillscopeError(
+                "DISTILLSCOPE_ADMIN_KEY is set but the gateway is open (--open): the admin API "
+                "manages a key store"
+            )
+        admin_digest(admin_key)  # a weak admin key is refused before anything starts
     watermarks = {}
     if os.environ.get("DISTILLSCOPE_WATERMARK_SECRET"):
         # per-account keys derive from the provider's master secret; tiers may then name
@@ -111,7 +122,7 @@ def build_gateway(config: GatewayConfig) -> tuple[FastAPI, object]:
     log.start()
     app = create_app(
         backend, keys=keys, log=log, limiter=limiter, tiers=tiers, block_file=config.block_file,
-        antidistillation=antidistillation, watermarks=watermarks,
+        antidistillation=antidistillation, watermarks=watermarks, admin_key=admin_key,
     )  # fmt: skip
     return app, log
 
