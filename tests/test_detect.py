@@ -9,6 +9,7 @@ import subprocess
 import sys
 from datetime import timedelta
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -214,3 +215,47 @@ def test_paraphrase_templates_from_embeddings_join_the_detector(sim, tmp_path):
     assert any("paraphrase templates" in note for note in summary.notes)
     figures = evaluate_alerts(tmp_path, sim / "truth.parquet", sim / "traffic.parquet")
     assert figures["recall_at_fpr_0.01"] >= 0.9
+
+
+def test_detect_reads_a_postgresql_log_while_it_is_written_and_a_folder_of_segments(
+    sim, alerts, postgres_url, tmp_path, cli
+):
+    """The same accounts, scores and flags from the gateway's DuckDB file, its PostgreSQL log
+    (read while the log is still open for writing) and a folder of day-partitioned Parquet."""
+    import psycopg
+
+    from distillscope.gateway.traffic import open_traffic_log
+
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS detect_source")
+        conn.execute("CREATE DATABASE detect_source")
+    url = postgres_url.rsplit("/", 1)[0] + "/detect_source"
+    traffic = pq.read_table(sim / "traffic.parquet")
+    log = open_traffic_log(url)
+    log.start()
+    try:
+        for future in [log.submit(row) for row in traffic.to_pylist()]:
+            future.result(timeout=120)
+        side = {"accounts": sim / "accounts.parquet", "events": sim / "events.parquet"}
+        from_pg = detect(url, tmp_path / "pg", **side)  # the writer still holds the log
+    finally:
+        log.close()
+    segments = tmp_path / "segments"
+    days = pc.strftime(traffic["ts"], format="%Y-%m-%d")
+    for day in sorted(set(days.to_pylist())):
+        folder = segments / f"day={day}"
+        folder.mkdir(parents=True)
+        pq.write_table(traffic.filter(pc.equal(days, day)), folder / "part-0.parquet")
+    from_folder = detect(segments, tmp_path / "seg", **side)
+    expected = pq.read_table(alerts[0] / "accounts.parquet").sort_by("account_id")
+    for summary in (from_pg, from_folder):
+        assert summary.exchanges == alerts[1].exchanges
+        got = pq.read_table(f"{summary.out}/accounts.parquet").sort_by("account_id")
+        assert got["account_id"].to_pylist() == expected["account_id"].to_pylist()
+        assert got["flagged"].to_pylist() == expected["flagged"].to_pylist()
+        np.testing.assert_allclose(got["score"].to_numpy(), expected["score"].to_numpy(), atol=1e-6)
+    with pytest.raises(DetectError, match="cannot read the traffic log"):
+        detect("postgresql://nobody@127.0.0.1:1/none", tmp_path / "no")
+    ran = cli("detect", "--log", url, "--out", tmp_path / "cli")  # the URL survives the CLI
+    assert ran.exit_code == 0, ran.stderr
+    assert pq.read_table(tmp_path / "cli" / "accounts.parquet").num_rows == expected.num_rows

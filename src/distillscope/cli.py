@@ -916,8 +916,19 @@ def _magic(path: Path) -> str | None:
     return "duckdb" if head[8:12] == b"DUCK" else None
 
 
-def _traffic_log(option: str, log: Path) -> Path:
-    """A traffic log the detector can read: a gateway DuckDB file (``.duckdb``) or Parquet."""
+def _traffic_log(option: str, given: str) -> Path | str:
+    """A traffic log the detector can read: a gateway DuckDB file (``.duckdb``), Parquet (a file
+    or a folder of them), or a ``postgresql://`` URL (kept as it is)."""
+    from distillscope.paths import is_database_url
+
+    if is_database_url(given):
+        return given
+    log = Path(given)
+    if log.is_dir():
+        _sql_safe(option, log)
+        if not any(log.rglob("*.parquet")):
+            raise DistillscopeError(f"{option} {log}: a folder without Parquet files in it")
+        return log
     if not log.is_file():
         raise DistillscopeError(
             f"{option} {log}: no traffic log there; give the gateway's traffic.duckdb or a "
@@ -969,12 +980,15 @@ def _side_table(option: str, path: Path | None, *, beside: bool) -> Path | None:
     return path
 
 
-def _beside(log: Path, given: Path | None, name: str) -> Path | None:
-    """A side input of a traffic log: the one given, else ``NAME.parquet`` beside the log;
-    checked for the columns the detector reads."""
-    found = log.parent / f"{name}.parquet"
+def _beside(log: Path | str, given: Path | None, name: str) -> Path | None:
+    """A side input of a traffic log: the one given, else ``NAME.parquet`` beside the log (beside
+    a folder of segments, not in it; none beside a database); checked for the columns the
+    detector reads."""
     if given is not None:
         return _side_table(f"--{name}", given, beside=False)
+    if isinstance(log, str):
+        return None
+    found = log.parent / f"{name}.parquet"
     return _side_table(f"--{name}", found, beside=True) if found.exists() else None
 
 
@@ -1003,7 +1017,12 @@ def _moment(option: str, text: str | None):
 
 @app.command()
 def detect(
-    log: Path = typer.Option(..., "--log", help="Traffic log: a gateway DuckDB file or Parquet."),
+    log: str = typer.Option(
+        ...,
+        "--log",
+        help="Traffic log: a gateway DuckDB file, Parquet (a file, or a folder of them), or the "
+        "gateway's postgresql:// log (read while it serves).",
+    ),
     out: Path = typer.Option(Path("alerts"), "--out", help="Folder for accounts.parquet etc."),
     accounts: Path | None = typer.Option(
         None,
@@ -1115,7 +1134,11 @@ def detect(
 
 @app.command("detect-fit")
 def detect_fit(
-    log: Path = typer.Option(..., "--log", help="Reference traffic: a gateway DuckDB or Parquet."),
+    log: str = typer.Option(
+        ...,
+        "--log",
+        help="Reference traffic: a gateway DuckDB file, Parquet (file or folder) or postgresql://.",
+    ),
     out: Path = typer.Option(
         Path("reference.parquet"), "--out", help="Where the fitted reference goes (Parquet)."
     ),

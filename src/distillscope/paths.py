@@ -58,3 +58,17 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def is_database_url(where: str | os.PathLike) -> bool:
+    """Whether ``where`` names a PostgreSQL database rather than a file."""
+    return str(where).startswith(("postgresql://", "postgres://"))
+
+
+def masked_url(url: str) -> str:
+    """A database URL without its password, for messages."""
+    head, at, tail = url.rpartition("@")
+    if not at or ":" not in head.split("//", 1)[-1]:
+        return url
+    scheme, _, user = head.partition("//")
+    return f"{scheme}//{user.split(':', 1)[0]}:***@{tail}"

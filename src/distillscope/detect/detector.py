@@ -60,6 +60,7 @@ from distillscope.detect.signals import (
     share_lower_bound,
 )
 from distillscope.errors import DistillscopeError
+from distillscope.paths import is_database_url, masked_url
 
 
 class DetectError(DistillscopeError):
@@ -198,7 +199,7 @@ def detect(
     out.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect()
     features, measured, skipped, notes, n = _prepare(
-        con, Path(log), accounts, events, banned, until, config
+        con, log_target(log), accounts, events, banned, until, config
     )
     if reference is None:
         ranked = _self_referenced(con, features, measured, config, notes)
@@ -314,7 +315,9 @@ def fit_reference(
     """
     config = config or DetectConfig()
     con = duckdb.connect()
-    features, measured, _, _, n = _prepare(con, Path(log), accounts, events, banned, until, config)
+    features, measured, _, _, n = _prepare(
+        con, log_target(log), accounts, events, banned, until, config
+    )
     reference = Reference.fit(features, measured, exclude=exclude, exchanges=n, source=str(log))
     if out is not None:
         reference.save(out)
@@ -398,10 +401,31 @@ def _load(con, log: Path, until: datetime | None) -> tuple[dict[str, int], set[s
     return skipped, absent, notes
 
 
-def _source(con, log: Path) -> str:
-    """The SQL name of a log's exchanges: a gateway DuckDB file (attached read-only) or Parquet."""
+def log_target(log: str | os.PathLike) -> str | Path:
+    """A traffic log as ``_source`` takes it: a ``postgresql://`` URL stays a string."""
+    return str(log) if is_database_url(log) else Path(log)
+
+
+def _source(con, log: str | Path) -> str:
+    """The SQL name of a log's exchanges: a gateway DuckDB file (attached read-only), Parquet (a
+    file, or a folder whose every Parquet file, at any depth, is traffic: exported segments,
+    partitioned by day or not), or a gateway's PostgreSQL log (read once, while the gateway goes
+    on writing)."""
+    if isinstance(log, str):
+        from distillscope.gateway.traffic import TrafficLogError, read_traffic
+
+        try:
+            table = read_traffic(log)
+        except TrafficLogError as exc:
+            raise DetectError(f"cannot read the traffic log {masked_url(log)}: {exc}") from None
+        con.register("pg_exchanges", table)
+        return "pg_exchanges"
     if not log.exists():
         raise DetectError(f"no traffic log at {log}")
+    if log.is_dir():
+        if not any(log.rglob("*.parquet")):
+            raise DetectError(f"{log} holds no Parquet files")
+        return f"read_parquet('{log}/**/*.parquet', union_by_name = true)"
     if log.suffix != ".duckdb":
         return f"read_parquet('{log}')"
     try:
@@ -947,7 +971,7 @@ def daily_first_flags(
     out = Path(out)
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
-    source = _source(con, Path(log))
+    source = _source(con, log_target(log))
     first_ts, last_ts = con.execute(
         f"SELECT min(ts)::VARCHAR, max(ts)::VARCHAR FROM {source}"
     ).fetchall()[0]

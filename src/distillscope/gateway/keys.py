@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distillscope.errors import DistillscopeError
-from distillscope.paths import write_text_atomically
+from distillscope.paths import is_database_url, masked_url, write_text_atomically
 
 KEY_PREFIX = "dsk"
 _SCHEMA = """
@@ -59,10 +59,6 @@ class KeyStoreError(DistillscopeError):
     """A key store that cannot be used as asked."""
 
 
-def is_database_url(where: str | os.PathLike) -> bool:
-    return str(where).startswith(("postgresql://", "postgres://"))
-
-
 class _Postgres:
     """The key store's tables in PostgreSQL: the SQLite statements, in its dialect."""
 
@@ -75,7 +71,9 @@ class _Postgres:
         try:
             return psycopg.connect(self.url, autocommit=True, connect_timeout=10)
         except psycopg.Error as exc:
-            raise KeyStoreError(f"cannot open the key store {_masked(self.url)}: {exc}") from None
+            raise KeyStoreError(
+                f"cannot open the key store {masked_url(self.url)}: {exc}"
+            ) from None
 
     @staticmethod
     def translate(sql: str) -> str:
@@ -86,15 +84,6 @@ class _Postgres:
                 "created_at = EXCLUDED.created_at"
             )
         return sql
-
-
-def _masked(url: str) -> str:
-    """A database URL without its password, for messages."""
-    head, at, tail = url.rpartition("@")
-    if not at or ":" not in head.split("//", 1)[-1]:
-        return url
-    scheme, _, user = head.partition("//")
-    return f"{scheme}//{user.split(':', 1)[0]}:***@{tail}"
 
 
 @dataclass(frozen=True)
@@ -139,7 +128,7 @@ class KeyStore:
     def __init__(self, path: str | os.PathLike, *, refresh: float = 1.0):
         self._postgres = _Postgres(str(path)) if is_database_url(path) else None
         self.path = str(path) if self._postgres else Path(path)
-        self.where = _masked(str(path)) if self._postgres else str(path)
+        self.where = masked_url(str(path)) if self._postgres else str(path)
         if self._postgres is None and not self.path.parent.is_dir():
             raise KeyStoreError(f"cannot create a key store in {self.path.parent}: no such folder")
         self.refresh = refresh
