@@ -7,7 +7,9 @@ import json
 import re
 import subprocess
 import sys
+import time
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -259,3 +261,90 @@ def test_detect_reads_a_postgresql_log_while_it_is_written_and_a_folder_of_segme
     ran = cli("detect", "--log", url, "--out", tmp_path / "cli")  # the URL survives the CLI
     assert ran.exit_code == 0, ran.stderr
     assert pq.read_table(tmp_path / "cli" / "accounts.parquet").num_rows == expected.num_rows
+    # a watch over a PostgreSQL log keeps its alerts beside the traffic, in the same database
+    from distillscope.detect.watch import watch_once
+
+    watched = watch_once(url, tmp_path / "watch")
+    with psycopg.connect(url) as conn:
+        kept = conn.execute("SELECT account_id, status FROM alerts").fetchall()
+    assert len(kept) == watched.flagged == sum(expected["flagged"].to_pylist())
+    assert not (tmp_path / "watch" / "alerts.duckdb").exists()
+
+
+def test_watch_keeps_alerts_blocks_the_clearest_and_acts_on_reviews(sim, tmp_path, cli):
+    """Two cycles over the same log, reviews in between: the block list follows the decisions,
+    a dismissed account is never blocked again, and the gateway refuses a confirmed one."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    import openai
+
+    from distillscope.detect.watch import labels, watch_once
+    from distillscope.gateway import KeyStore, create_app, serve_in_thread
+    from distillscope.teachers import load_teacher
+
+    posted: list[dict] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            posted.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    hook = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    blocks = tmp_path / "blocked.txt"
+    blocks.write_text("account:someone-else  # blocked by hand\n")
+    state, log = tmp_path / "watch", sim / "traffic.parquet"
+    first = watch_once(log, state, block_file=blocks, block_above=2.5,
+                       webhook=f"http://127.0.0.1:{hook.server_port}/alerts")  # fmt: skip
+    hook.shutdown()
+    assert first.flagged > 0 and sorted(first.new) == sorted(
+        a["account_id"] for a in posted[0]["alerts"]
+    )
+    threshold = json.loads((Path(first.run) / "summary.json").read_text())["threshold"]
+    table = pq.read_table(Path(first.run) / "accounts.parquet").to_pylist()
+    flagged = {r["account_id"]: r["score"] for r in table if r["flagged"]}
+    assert set(first.new) == set(flagged)
+    clear = {a for a, s in flagged.items() if s >= 2.5 * threshold}
+    assert set(first.blocked) == clear and first.queued == len(flagged) - len(clear)
+    listed = parse_block_list(blocks.read_text())
+    assert listed == {("account", a) for a in clear} | {("account", "someone-else")}
+    queued = sorted(set(flagged) - clear)
+    assert clear and queued, "the smoke world should give both kinds of alert"
+    # reviews: dismiss one blocked account, confirm one queued account
+    dismissed, confirmed = sorted(clear)[0], queued[0]
+    assert cli("alerts", "dismiss", dismissed, "--log", log, "--state", state,
+               "--block-file", blocks, "--reviewer", "ana").exit_code == 0  # fmt: skip
+    keys = KeyStore(tmp_path / "keys.sqlite", refresh=0.1)
+    secret = keys.create(confirmed, "text")[1]
+    app = create_app(load_teacher("synthetic"), model_name="m", keys=keys, block_file=str(blocks))
+    with serve_in_thread(app) as url:
+        user = openai.OpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0)
+        asked = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        user.chat.completions.create(**asked)
+        done = cli("alerts", "confirm", confirmed, "--log", log, "--state", state,
+                   "--block-file", blocks, "--note", "same template as c0")  # fmt: skip
+        assert done.exit_code == 0, done.stderr
+        time.sleep(1.2)  # the gateway re-reads its block list within a second
+        with pytest.raises(openai.PermissionDeniedError):
+            user.chat.completions.create(**asked)
+    second = watch_once(log, state, block_file=blocks)
+    assert second.new == [] and dismissed not in second.blocked and confirmed in second.blocked
+    listed = parse_block_list(blocks.read_text())
+    assert ("account", dismissed) not in listed and ("account", confirmed) in listed
+    assert ("account", "someone-else") in listed
+    assert sorted((x["account_id"], x["label"]) for x in labels(log, state)) == sorted(
+        [(dismissed, 0), (confirmed, 1)]
+    )
+    shown = json.loads(cli("alerts", "list", "--log", log, "--state", state, "--json").stdout)
+    by_id = {a["account_id"]: a for a in shown}
+    assert by_id[dismissed]["reviewer"] == "ana"
+    assert by_id[confirmed]["note"] == "same template as c0"
+    missing = cli("alerts", "confirm", "nobody", "--log", log, "--state", state)
+    assert missing.exit_code == 2 and "no alert" in missing.stderr
+    ran = cli("watch", "--once", "--log", log, "--state", state, "--json")
+    assert ran.exit_code == 0 and json.loads(ran.stdout)["new"] == []

@@ -1132,6 +1132,164 @@ def detect(
     )
 
 
+STATE_OPTION = typer.Option(
+    Path("watch"),
+    "--state",
+    help="The watch's folder: each run's detection output, and the alerts table unless the log "
+    "is PostgreSQL (then the table lives beside the traffic).",
+)
+
+
+@app.command()
+def watch(
+    log: str = typer.Option(
+        ...,
+        "--log",
+        help="The serving gateway's log: postgresql:// (read while it writes), a folder of "
+        "Parquet segments, or a DuckDB file the gateway does not hold.",
+    ),
+    state: Path = STATE_OPTION,
+    once: bool = typer.Option(False, "--once", help="One cycle, then exit (for cron)."),
+    every: str = typer.Option("6h", help="Time between cycles: 30m, 6h, 1d."),
+    block_file: Path | None = typer.Option(
+        None,
+        help="The block list file the gateway re-reads (serve --block-file): rewritten from the "
+        "blocked and confirmed alerts; lines of other sources are kept.",
+    ),
+    block_above: float = typer.Option(
+        2.5,
+        min=1.0,
+        help="Auto-block a new alert whose score is at least this multiple of the flag "
+        "threshold; the rest are queued for review.",
+    ),
+    webhook: str | None = typer.Option(None, help="POST new alerts as JSON to this URL."),
+    reference: Path | None = typer.Option(
+        None, help="Score against clean earlier traffic (distillscope detect-fit)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print each cycle's figures as JSON."),
+) -> None:
+    """Run detection on a schedule over a serving gateway's traffic: alerts kept for review, the
+    clearest blocked through the gateway's block list.
+
+    Example: distillscope watch --log postgresql://gw@db/traffic --state watch/ --block-file
+    blocked.txt --every 6h ; distillscope alerts list --log postgresql://gw@db/traffic
+    """
+    import time
+    from dataclasses import asdict
+    from datetime import UTC, datetime
+
+    from distillscope.detect.watch import parse_every, watch_once
+
+    log = _traffic_log("--log", log)
+    period = parse_every(every)
+    while True:
+        with errors.status(f"watching {log}"):
+            done = watch_once(
+                log, state, block_file=block_file, block_above=block_above, webhook=webhook,
+                reference=reference,
+            )  # fmt: skip
+        if as_json:
+            _print_json(asdict(done))
+        else:
+            console.print(
+                f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC: {done.flagged} flagged, "
+                f"{len(done.new)} new, {done.queued} queued for review, {len(done.blocked)} "
+                f"blocked" + (f" (block list {done.block_file})" if done.block_file else "")
+                + (f"; webhook {done.webhook}" if done.webhook else "")
+            )
+        if once:
+            return
+        time.sleep(period)
+
+
+alerts_app = typer.Typer(
+    help="The watch's alerts: list them, and confirm (block) or dismiss (allow-list) each.",
+    no_args_is_help=True,
+)
+app.add_typer(alerts_app, name="alerts")
+ALERTS_LOG = typer.Option(..., "--log", help="The log the watch runs on (where alerts live).")
+
+
+@alerts_app.command("list")
+def alerts_list(
+    log: str = ALERTS_LOG,
+    state: Path = STATE_OPTION,
+    status: str | None = typer.Option(None, help="Only queued, blocked, confirmed or dismissed."),
+    as_json: bool = typer.Option(False, "--json", help="Print them as JSON."),
+) -> None:
+    """The alerts, highest score first."""
+    from distillscope.detect.watch import STATUSES, AlertStore, dumps
+
+    if status is not None and status not in STATUSES:
+        raise DistillscopeError(f"--status {status!r}: one of {', '.join(STATUSES)}")
+    store = AlertStore(_traffic_log("--log", log), state)
+    try:
+        found = [a for a in store.all() if status is None or a["status"] == status]
+    finally:
+        store.close()
+    if as_json:
+        typer.echo(dumps(found))
+        return
+    table = Table("account", "status", "score", "cluster", "first flagged", "reasons")
+    for a in found:
+        first = f"{a['first_flagged']:%Y-%m-%d %H:%M}"
+        reasons = (a["reasons"] or "")[:80]
+        table.add_row(
+            a["account_id"], a["status"], f"{a['score']:.1f}", a["cluster_id"] or "", first, reasons
+        )
+    console.print(table)
+
+
+def _review(decision: str, account: str, log: str, state: Path, block_file, reviewer, note):
+    from distillscope.detect.watch import AlertStore, write_blocks
+
+    store = AlertStore(_traffic_log("--log", log), state)
+    try:
+        alert = store.review(account, decision, reviewer=reviewer, note=note)
+        alerts = store.all()
+    finally:
+        store.close()
+    if block_file is not None:
+        write_blocks(block_file, alerts)
+    console.print(
+        f"{account}: {alert['status']}"
+        + (f"; block list {block_file} rewritten" if block_file is not None else "")
+    )
+
+
+REVIEW_BLOCK_FILE = typer.Option(None, help="The gateway's block list file, rewritten at once.")
+REVIEWER = typer.Option(None, help="Who decided (recorded with the decision).")
+NOTE = typer.Option(None, help="Why (recorded with the decision).")
+
+
+def _review_command(decision: str, what: str):
+    def command(
+        account: str = typer.Argument(..., help="The alert's account id."),
+        log: str = ALERTS_LOG,
+        state: Path = STATE_OPTION,
+        block_file: Path | None = REVIEW_BLOCK_FILE,
+        reviewer: str | None = REVIEWER,
+        note: str | None = NOTE,
+    ) -> None:
+        _review(decision, account, log, state, block_file, reviewer, note)
+
+    command.__doc__ = what
+    return command
+
+
+alerts_app.command("confirm")(
+    _review_command(
+        "confirm", "Confirm an alert: the account is blocked (a label for detect-eval: a campaign)."
+    )
+)
+alerts_app.command("dismiss")(
+    _review_command(
+        "dismiss",
+        "Dismiss an alert: the account is allow-listed, unblocked, and never queued again.",
+    )
+)
+
+
 @app.command("detect-fit")
 def detect_fit(
     log: str = typer.Option(

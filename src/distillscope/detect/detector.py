@@ -160,6 +160,8 @@ class DetectionSummary:
     skipped: dict[str, int]
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    #: the score an account is flagged at (the null's point at ``DetectConfig.flag_fpr``)
+    threshold: float = float("nan")
 
 
 def detect(
@@ -238,6 +240,7 @@ def detect(
         skipped=skipped,
         notes=notes,
         seconds=time.perf_counter() - began,
+        threshold=float(threshold),
     )
     (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
     _report(out, table, summary, con, threshold)
