@@ -348,3 +348,57 @@ def test_watch_keeps_alerts_blocks_the_clearest_and_acts_on_reviews(sim, tmp_pat
     assert missing.exit_code == 2 and "no alert" in missing.stderr
     ran = cli("watch", "--once", "--log", log, "--state", state, "--json")
     assert ran.exit_code == 0 and json.loads(ran.stdout)["new"] == []
+
+
+UNLIMITED = "".join(
+    f"  {name}:\n    exposure: {name}\n    requests_per_minute: null\n"
+    "    tokens_per_minute: null\n    concurrency: null\n"
+    for name in ("text", "top1", "top5", "top20")
+)
+
+
+def test_the_loop_end_to_end_replay_watch_block(sim, postgres_url, redis_url, tmp_path):
+    """Two gateway workers on a PostgreSQL log and key store and Redis limits; the simulated world
+    replayed through them on loopback; `watch` flags the campaign, which then gets 403 while
+    legitimate accounts keep getting 200; the log holds every answer."""
+    import psycopg
+
+    from distillscope.detect.watch import watch_once
+    from distillscope.gateway import KeyStore
+    from distillscope.gateway.loadtest import GatewayProcess
+    from distillscope.traffic import keystore_keys, replay
+
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS loop_e2e")
+        conn.execute("CREATE DATABASE loop_e2e")
+    url = postgres_url.rsplit("/", 1)[0] + "/loop_e2e"
+    (tmp_path / "tiers.yaml").write_text("tiers:\n" + UNLIMITED)
+    blocks = tmp_path / "blocked.txt"
+    server = GatewayProcess(
+        "--workers", "2", "--db", url, "--keys", url, "--limits", redis_url,
+        "--tiers", str(tmp_path / "tiers.yaml"), "--block-file", str(blocks),
+        log_file=tmp_path / "server.log",
+    ).start()  # fmt: skip
+    try:
+        keys = keystore_keys(KeyStore(url), sim)
+        first = replay(sim, server.url, keys, max_requests=100_000, speedup=1e9, max_gap_s=0,
+                       concurrency=16, max_tokens=4)  # fmt: skip
+        assert set(first.statuses) == {200}, (first.statuses, (tmp_path / "server.log").read_text())
+        watched = watch_once(url, tmp_path / "watch", block_file=blocks, block_above=1.0)
+        time.sleep(1.5)  # every worker re-reads the block list within a second
+        truth = pq.read_table(sim / "truth.parquet").to_pylist()
+        campaign = {t["account_id"] for t in truth if t["campaign_id"]}
+        legit = {t["account_id"] for t in truth if not t["campaign_id"]}
+        caught = campaign & set(watched.blocked)
+        assert len(caught) >= 0.9 * len(campaign) and not legit & set(watched.blocked)
+        second = replay(sim, server.url, keys, max_requests=400, speedup=1e9, max_gap_s=0,
+                        concurrency=8, max_tokens=4)  # fmt: skip
+    finally:
+        server.stop()
+    answered = {(account, status) for _, account, status, _ in second.results}
+    assert {s for a, s in answered if a in caught} == {403}
+    assert {s for a, s in answered if a in legit} == {200}
+    with psycopg.connect(url) as conn:
+        logged = dict(conn.execute("SELECT status, count(*) FROM exchanges GROUP BY 1").fetchall())
+    assert logged[200] == first.sent + second.statuses.get(200, 0)
+    assert logged[403] == second.statuses[403]
