@@ -741,6 +741,11 @@ def serve(
         help="Server processes on the port, each loading the teacher. More than one needs "
         "--db postgresql://... (or off) and --limits redis://..., which processes share.",
     ),
+    watch_state: Path = typer.Option(
+        Path("watch"),
+        help="The state folder of the `distillscope watch` over this gateway's log: the console "
+        "(/console, with $DISTILLSCOPE_ADMIN_KEY set) shows its alerts.",
+    ),
 ) -> None:
     """Serve a model through an OpenAI-compatible API that caps exposure per key and logs traffic.
 
@@ -765,6 +770,7 @@ def serve(
         antidistill_proxy=antidistill_proxy,
         antidistill_prompts=antidistill_prompts,
         workers=workers,
+        watch_state=str(watch_state),
     )
     config.check_workers()
     target = upstream or teacher

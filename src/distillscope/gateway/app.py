@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException
 
 from distillscope.gateway.admin import admin_digest, admin_router, audit_admin_calls
 from distillscope.gateway.backends import Backend, TeacherBackend
+from distillscope.gateway.console import ConsoleConfig, console_router
 from distillscope.gateway.dependencies import Gateway, exchange_of
 from distillscope.gateway.keys import BlockListFile, KeyStore
 from distillscope.gateway.limits import Limiter, MemoryLimiter
@@ -59,6 +60,7 @@ def create_app(
     watermarks: Mapping[str, WatermarkFactory] | None = None,
     metrics: bool = True,
     admin_key: str | None = None,
+    console: ConsoleConfig | None = None,
 ) -> FastAPI:
     """An app serving ``backend`` (a ``Backend``, or a local teacher) as one model.
 
@@ -68,7 +70,9 @@ def create_app(
     penalty tiers with ``antidistill: LAMBDA`` sample under, at their own strength.
     ``watermarks`` are those tiers may name (``forensics.gateway_watermarks``). ``metrics``
     serves ``GET /metrics`` for Prometheus (``gateway.metrics``: counts by tier, never by account).
-    ``admin_key`` (with ``keys``) opens the admin API under ``/admin`` (``gateway.admin``).
+    ``admin_key`` (with ``keys``) opens the admin API under ``/admin`` (``gateway.admin``) and
+    the console under ``/console`` (``gateway.console``; ``console`` says where the watch keeps
+    its alerts).
     """
     if admin_key is not None and keys is None:
         raise TierError("an admin key needs a key store: the admin API manages its keys")
@@ -113,6 +117,8 @@ def create_app(
     app.state.gateway = gateway
     app.include_router(router)
     app.include_router(admin_router)
+    app.include_router(console_router)
+    app.state.console = console or ConsoleConfig()
     if digest is not None:
         app.middleware("http")(audit_admin_calls)
     app.add_exception_handler(APIError, _api_error)

@@ -45,6 +45,8 @@ class GatewayConfig:
     #: server processes, each with its own teacher; more than one needs a log and limits that
     #: processes share (PostgreSQL, Redis)
     workers: int = 1
+    #: the watch's state folder the console reads alerts from (its log: ``db``)
+    watch_state: str | None = "watch"
 
     def check_workers(self) -> None:
         """Refuse, in one line, what several processes cannot share."""
@@ -120,9 +122,15 @@ def build_gateway(config: GatewayConfig) -> tuple[FastAPI, object]:
     limiter = open_limiter(config.limits)
     log = open_traffic_log(config.db, batch_size=config.log_batch, max_wait_ms=config.log_wait_ms)
     log.start()
+    from distillscope.gateway.console import ConsoleConfig
+
+    console = ConsoleConfig(
+        watch_log=config.db, watch_state=config.watch_state, block_file=config.block_file
+    )
     app = create_app(
         backend, keys=keys, log=log, limiter=limiter, tiers=tiers, block_file=config.block_file,
         antidistillation=antidistillation, watermarks=watermarks, admin_key=admin_key,
+        console=console,
     )  # fmt: skip
     return app, log
 

@@ -1,0 +1,310 @@
+"""The console: where a trust & safety analyst works the loop, on the gateway under ``/console``.
+
+Server-rendered pages (Jinja2, the report layer's stylesheet and inline-SVG charts, no script):
+
+- **overview**: requests per hour by tier, tokens, exposure asked vs served, refusals and
+  rate-limit hits, from the gateway's own traffic log;
+- **alerts**: the watch's queue (``detect.watch``) with scores and reasons, grouped by cluster,
+  each with *confirm* (blocks the account in the key store at once, and in the block list file
+  when one is configured) and *dismiss* (allow-lists it, lifts a block); each decision is recorded
+  with the alert and becomes a label (``watch.labels``);
+- **account**: its requests per hour, its keys and tiers, its detector signals beside the
+  population's (percentile in the latest watch run), block and unblock.
+
+Behind the admin key: ``/console/login`` takes it once and sets an HttpOnly, SameSite=Strict cookie
+derived from it (never the key itself). Actions are POSTed forms; every one is written to the key
+store's admin audit trail like the admin API's calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from urllib.parse import parse_qs, quote
+
+import pyarrow.parquet as pq
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+
+from distillscope.gateway.keys import KeyStoreError
+
+COOKIE = "distillscope_console"
+console_router = APIRouter(prefix="/console")
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    """Where the console finds the watch's alerts: the log the watch runs on and its state
+    folder (``distillscope watch --log LOG --state STATE``); ``block_file``: the block list a
+    review also rewrites (``serve --block-file``)."""
+
+    watch_log: str | None = None
+    watch_state: str | None = "watch"
+    block_file: str | None = None
+
+
+def _session(gateway) -> str:
+    return hmac.new(gateway.admin_digest.encode(), b"console-session", hashlib.sha256).hexdigest()
+
+
+def _signed_in(request: Request) -> bool:
+    gateway = request.app.state.gateway
+    given = request.cookies.get(COOKIE, "")
+    return gateway.admin_digest is not None and hmac.compare_digest(given, _session(gateway))
+
+
+def _page(template: str, **context) -> HTMLResponse:
+    from distillscope.report.pages import render
+
+    return HTMLResponse(render(template, **context))
+
+
+def _audit(request: Request, status: int, detail: str | None = None) -> None:
+    gateway = request.app.state.gateway
+    actor = request.client.host if request.client else None
+    gateway.keys.audit(actor, request.method, request.url.path, status, detail)
+
+
+def _login_page(message: str | None = None, status: int = 200) -> HTMLResponse:
+    page = _page("console_login.html.j2", title="distillscope console", message=message)
+    page.status_code = status
+    return page
+
+
+@console_router.get("/login")
+async def login_form(request: Request):
+    if request.app.state.gateway.admin_digest is None:
+        return _login_page("this gateway has no admin key: the console is off", 404)
+    return _login_page()
+
+
+@console_router.post("/login")
+async def login(request: Request):
+    gateway = request.app.state.gateway
+    if gateway.admin_digest is None:
+        return _login_page("this gateway has no admin key: the console is off", 404)
+    form = parse_qs((await request.body()).decode("utf-8", "replace"))
+    given = hashlib.sha256(form.get("admin_key", [""])[0].strip().encode()).hexdigest()
+    if not hmac.compare_digest(given, gateway.admin_digest):
+        _audit(request, 401, "console sign-in refused")
+        return _login_page("that is not this gateway's admin key", 401)
+    _audit(request, 303, "console sign-in")
+    done = RedirectResponse("/console", status_code=303)
+    done.set_cookie(COOKIE, _session(gateway), httponly=True, samesite="strict", path="/console")
+    return done
+
+
+def _guard(request: Request):
+    return None if _signed_in(request) else RedirectResponse("/console/login", status_code=303)
+
+
+@console_router.get("")
+async def overview(request: Request):
+    if (away := _guard(request)) is not None:
+        return away
+    rows = request.app.state.gateway.log.read().to_pylist()
+    return _page("console_overview.html.j2", title="overview", **_overview(rows))
+
+
+def _buckets(rows: list[dict]) -> tuple[list[datetime], timedelta]:
+    """Time buckets over ``rows``' span: hours up to a week, days beyond."""
+    if not rows:
+        return [], timedelta(hours=1)
+    first, last = min(r["ts"] for r in rows), max(r["ts"] for r in rows)
+    step = timedelta(hours=1) if last - first <= timedelta(days=7) else timedelta(days=1)
+    at = first.replace(minute=0, second=0, microsecond=0)
+    if step == timedelta(days=1):
+        at = at.replace(hour=0)
+    starts = []
+    while at <= last:
+        starts.append(at)
+        at += step
+    return starts, step
+
+
+def _counts(rows: list[dict], starts: list[datetime], step: timedelta) -> list[int]:
+    if not starts:
+        return []
+    counts = Counter(int((r["ts"] - starts[0]) / step) for r in rows)
+    return [counts.get(i, 0) for i in range(len(starts))]
+
+
+def _labels(starts: list[datetime], step: timedelta) -> list[str]:
+    form = "%Y-%m-%d %H:00" if step < timedelta(days=1) else "%Y-%m-%d"
+    return [f"{t:{form}}" for t in starts]
+
+
+def _overview(rows: list[dict]) -> dict:
+    starts, step = _buckets(rows)
+    labels = _labels(starts, step)
+    tiers = sorted({r["tier"] or "(no key)" for r in rows})
+    by_tier = []
+    for tier in tiers:
+        mine = [r for r in rows if (r["tier"] or "(no key)") == tier]
+        served = [r for r in mine if r["status"] == 200]
+        by_tier.append({
+            "tier": tier,
+            "requests": len(mine),
+            "served": len(served),
+            "prompt_tokens": sum(r["prompt_tokens"] or 0 for r in served),
+            "completion_tokens": sum(r["completion_tokens"] or 0 for r in served),
+            "refused": sum(r["status"] >= 400 and r["status"] != 429 for r in mine),
+            "limited": sum(r["status"] == 429 for r in mine),
+            "per_hour": _counts(mine, starts, step),
+            "models": ", ".join(sorted({r["model"] or "" for r in mine} - {""})),
+        })  # fmt: skip
+    exposure = Counter(
+        (r["exposure_requested"] or "-", r["exposure_served"] or "-")
+        for r in rows
+        if r["status"] == 200
+    )
+    return {
+        "total": len(rows),
+        "accounts": len({r["account_id"] for r in rows if r["account_id"]}),
+        "span": f"{labels[0]} to {labels[-1]} UTC" if labels else "no traffic yet",
+        "by_tier": by_tier,
+        "labels": labels,
+        "unit": "hour" if step < timedelta(days=1) else "day",
+        "exposure": sorted(exposure.items(), key=lambda kv: -kv[1]),
+        "statuses": sorted(Counter(r["status"] for r in rows).items()),
+    }
+
+
+def _alerts(request: Request) -> list[dict]:
+    from distillscope.detect.watch import AlertStore
+
+    config: ConsoleConfig = request.app.state.console
+    if config.watch_log is None:
+        return []
+    store = AlertStore(config.watch_log, config.watch_state or "watch")
+    try:
+        return store.all()
+    finally:
+        store.close()
+
+
+@console_router.get("/alerts")
+async def alerts(request: Request):
+    if (away := _guard(request)) is not None:
+        return away
+    found = _alerts(request)
+    clusters: dict[str, list[dict]] = defaultdict(list)
+    for alert in found:
+        if alert["cluster_id"]:
+            clusters[alert["cluster_id"]].append(alert)
+    spokes = [
+        (cid, [(m, *_on_circle(i, len(members))) for i, m in enumerate(members)])
+        for cid, members in sorted(clusters.items(), key=lambda kv: -len(kv[1]))
+    ]
+    return _page(
+        "console_alerts.html.j2", title="alerts", alerts=found, quote=quote, clusters=spokes,
+        counts=Counter(a["status"] for a in found),
+        configured=request.app.state.console.watch_log is not None,
+    )  # fmt: skip
+
+
+def _on_circle(i: int, n: int, radius: float = 100.0) -> tuple[float, float]:
+    angle = 2 * math.pi * i / max(n, 1)
+    return radius * math.cos(angle), radius * math.sin(angle)
+
+
+@console_router.post("/alerts/{account}/{decision}")
+async def review(account: str, decision: str, request: Request):
+    if (away := _guard(request)) is not None:
+        return away
+    from distillscope.detect.watch import AlertStore, WatchError, write_blocks
+
+    config: ConsoleConfig = request.app.state.console
+    keys = request.app.state.gateway.keys
+    if config.watch_log is None or decision not in ("confirm", "dismiss"):
+        _audit(request, 404)
+        return HTMLResponse("no such review", status_code=404)
+    store = AlertStore(config.watch_log, config.watch_state or "watch")
+    try:
+        alert = store.review(account, decision, reviewer="console", note=None)
+        every = store.all()
+    except WatchError as exc:
+        _audit(request, 404, str(exc))
+        return HTMLResponse(str(exc), status_code=404)
+    finally:
+        store.close()
+    _set_block(keys, account, decision == "confirm", "console: confirmed alert")
+    if config.block_file:
+        write_blocks(config.block_file, every)
+    _audit(request, 303, json.dumps({decision: account, "status": alert["status"]}))
+    return RedirectResponse("/console/alerts", status_code=303)
+
+
+def _set_block(keys, account: str, blocked: bool, reason: str) -> None:
+    """Block or lift a block on ``account`` in the key store; an account without keys has
+    nothing to block there (the block list file covers it)."""
+    try:
+        if blocked:
+            keys.block("account", account, reason=reason)
+        else:
+            keys.unblock("account", account)
+    except KeyStoreError:
+        pass
+
+
+@console_router.post("/accounts/{account}/{action}")
+async def block_account(account: str, action: str, request: Request):
+    if (away := _guard(request)) is not None:
+        return away
+    if action not in ("block", "unblock"):
+        _audit(request, 404)
+        return HTMLResponse("no such action", status_code=404)
+    _set_block(request.app.state.gateway.keys, account, action == "block", "console")
+    _audit(request, 303, json.dumps({action: account}))
+    return RedirectResponse(f"/console/accounts/{quote(account, safe='')}", status_code=303)
+
+
+@console_router.get("/accounts/{account}")
+async def account_page(account: str, request: Request):
+    if (away := _guard(request)) is not None:
+        return away
+    gateway = request.app.state.gateway
+    literal = "'" + account.replace("'", "''") + "'"
+    rows = gateway.log.read(f"account_id = {literal}").to_pylist()
+    starts, step = _buckets(rows)
+    keys = gateway.keys.list(account)
+    blocked = ("account", account) in {(b.kind, b.value) for b in gateway.keys.blocks()}
+    alert = next((a for a in _alerts(request) if a["account_id"] == account), None)
+    return _page(
+        "console_account.html.j2", title=f"account {account}", account=account, rows=rows[-50:],
+        requests=len(rows), per_hour=_counts(rows, starts, step), labels=_labels(starts, step),
+        unit="hour" if step < timedelta(days=1) else "day", keys=keys, blocked=blocked,
+        alert=alert, signals=_signals(request, account), quote=quote,
+        tiers=Counter(r["tier"] for r in rows), statuses=Counter(r["status"] for r in rows),
+    )  # fmt: skip
+
+
+def _signals(request: Request, account: str) -> list[dict]:
+    """The account's detector signals in the latest watch run, each with its percentile among
+    that run's accounts (mid-rank: a value every account shares is the 50th)."""
+    config: ConsoleConfig = request.app.state.console
+    runs = sorted((Path(config.watch_state or "watch") / "runs").glob("*/accounts.parquet"))
+    if not runs:
+        return []
+    table = pq.read_table(runs[-1])
+    ids = table["account_id"].to_pylist()
+    if account not in ids:
+        return []
+    at = ids.index(account)
+    out = []
+    for name in table.column_names:
+        if not name.startswith("signal_"):
+            continue
+        values = [v for v in table[name].to_pylist() if v is not None]
+        mine = table[name][at].as_py()
+        if mine is None or not values:
+            continue
+        share = (sum(v < mine for v in values) + 0.5 * sum(v == mine for v in values)) / len(values)
+        out.append({"name": name.removeprefix("signal_"), "value": mine, "percentile": share})
+    return out
