@@ -184,14 +184,14 @@ def test_a_student_with_another_tokenizer_is_audited_in_nats_per_byte(mini_audit
     for name in ("harvest", "validation", "heldout"):  # the same records: nothing to harvest
         shutil.copytree(out / name, cross / name)
     shutil.copy(out / "teacher.json", cross)  # and the same teacher on the same probes
-    config = replace(MINI, student_tokenizer="gpt2", refusal_shares=(0.0,))
+    config = replace(MINI, student_tokenizer="gpt2", refusal_shares=(0.0,), budgets=(16,))
     results = run_audit(config, cross, progress=False)
     target = results["target"]
     assert target["metric"] == "nll_per_byte"
     untrained = results["untrained"]["nll_per_byte"]
     assert 0 < target["floor"] < target["value"] < untrained
     assert target["value"] == pytest.approx(untrained - 0.05 * (untrained - target["floor"]))
-    assert len(results["runs"]) == 4
+    assert len(results["runs"]) == 2
     for run in results["runs"]:
         metrics = run["metrics"]
         assert "kl" not in metrics and math.isfinite(metrics["sample_teacher_logprob"])
