@@ -35,7 +35,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from distillscope.gateway.keys import KeyStoreError
 
 COOKIE = "distillscope_console"
-console_router = APIRouter(prefix="/console")
+# HTML pages, not API: left out of the OpenAPI schema
+console_router = APIRouter(prefix="/console", include_in_schema=False)
 
 
 @dataclass(frozen=True)
