@@ -117,9 +117,21 @@ def test_the_console_shows_the_loop_and_a_review_blocks_within_seconds(world, br
         page.click("button.unblock")
         assert "Not blocked." in page.inner_text("p.sub")
         page.close()
+        # the same queue through the admin API
+        import httpx
+
+        admin = httpx.Client(base_url=f"{url}/admin", headers={"authorization": f"Bearer {ADMIN}"})
+        listed = {a["account_id"]: a for a in admin.get("/alerts").json()["data"]}
+        assert listed[target]["status"] == "confirmed" and listed[target]["reviewer"] == "console"
+        other = queued[1]
+        done = admin.post(f"/alerts/{other}", json={"decision": "dismiss", "note": "a known lab"})
+        assert done.status_code == 200 and done.json()["status"] == "dismissed"
+        assert admin.post("/alerts/nobody", json={"decision": "confirm"}).status_code == 404
+        assert admin.post(f"/alerts/{other}", json={"decision": "ban"}).status_code == 400
     trail = keys.audit_trail(100)
     assert any(e["path"].endswith(f"/{target}/confirm") and e["status"] == 303 for e in trail)
     assert any(e["detail"] == "console sign-in refused" for e in trail)
+    assert any(e["path"] == f"/admin/alerts/{queued[1]}" and e["status"] == 200 for e in trail)
     world["log"].close()
 
 

@@ -17,7 +17,11 @@ revocations reach it within the key store's refresh (a second by default).
 | ``POST /admin/blocks`` ``{"kind": "account"|"key", "value", "reason"?}`` | block (201) |
 | ``DELETE /admin/blocks/{kind}/{value}`` | lift a block |
 | ``GET /admin/tiers`` | the tiers this gateway offers |
+| ``GET /admin/alerts`` | the watch's alerts (``console.ConsoleConfig`` says where) |
+| ``POST /admin/alerts/{account}`` ``{"decision", "reviewer"?, "note"?}`` | review one |
 | ``GET /admin/audit[?limit=N]`` | the latest admin calls, newest first |
+
+A review's ``decision`` is ``confirm`` (the account is blocked) or ``dismiss`` (allow-listed).
 """
 
 from __future__ import annotations
@@ -164,6 +168,39 @@ async def unblock(kind: str, value: str, request: Request, store: AdminDep) -> d
 @admin_router.get("/tiers")
 async def tiers(store: AdminDep, gateway: GatewayDep) -> dict:
     return {"data": [_tier(t) for t in gateway.tiers.values()]}
+
+
+class Review(BaseModel):
+    decision: Literal["confirm", "dismiss"]
+    reviewer: str | None = Field(default=None, max_length=200)
+    note: str | None = Field(default=None, max_length=2000)
+
+
+@admin_router.get("/alerts")
+async def alerts(store: AdminDep, request: Request) -> dict:
+    from distillscope.gateway.console import alerts_of
+
+    return {"data": [_plain(a) for a in alerts_of(request.app)]}
+
+
+@admin_router.post("/alerts/{account}")
+async def review_alert(account: str, body: Review, request: Request, store: AdminDep) -> dict:
+    from distillscope.detect.watch import WatchError
+    from distillscope.gateway.console import apply_review
+
+    try:
+        alert = apply_review(
+            request.app, account, body.decision, reviewer=body.reviewer or "admin api",
+            note=body.note,
+        )  # fmt: skip
+    except WatchError as exc:
+        raise APIError(404, str(exc), code="admin_error") from None
+    _changed(request, reviewed=account, decision=body.decision, status=alert["status"])
+    return _plain(alert)
+
+
+def _plain(alert: dict) -> dict:
+    return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in alert.items()}
 
 
 @admin_router.get("/audit")

@@ -178,16 +178,7 @@ def _overview(rows: list[dict]) -> dict:
 
 
 def _alerts(request: Request) -> list[dict]:
-    from distillscope.detect.watch import AlertStore
-
-    config: ConsoleConfig = request.app.state.console
-    if config.watch_log is None:
-        return []
-    store = AlertStore(config.watch_log, config.watch_state or "watch")
-    try:
-        return store.all()
-    finally:
-        store.close()
+    return alerts_of(request.app)
 
 
 @console_router.get("/alerts")
@@ -215,29 +206,56 @@ def _on_circle(i: int, n: int, radius: float = 100.0) -> tuple[float, float]:
     return radius * math.cos(angle), radius * math.sin(angle)
 
 
+def apply_review(app, account: str, decision: str, *, reviewer: str | None,
+                 note: str | None = None) -> dict:  # fmt: skip
+    """Record a review of ``account``'s alert and act on it: ``confirm`` blocks the account in
+    the key store (and the block list file), ``dismiss`` allow-lists it and lifts a block. The
+    alert as it is now; ``WatchError`` when there is no such alert or review."""
+    from distillscope.detect.watch import AlertStore, WatchError, write_blocks
+
+    config: ConsoleConfig = app.state.console
+    if config.watch_log is None:
+        raise WatchError("no watch is configured for this gateway: there are no alerts")
+    store = AlertStore(config.watch_log, config.watch_state or "watch")
+    try:
+        alert = store.review(account, decision, reviewer=reviewer, note=note)
+        every = store.all()
+    finally:
+        store.close()
+    _set_block(app.state.gateway.keys, account, decision == "confirm", "confirmed alert")
+    if config.block_file:
+        write_blocks(config.block_file, every)
+    return alert
+
+
+def alerts_of(app) -> list[dict]:
+    """The watch's alerts this gateway's console shows (none without a watch)."""
+    from distillscope.detect.watch import AlertStore
+
+    config: ConsoleConfig = app.state.console
+    if config.watch_log is None:
+        return []
+    store = AlertStore(config.watch_log, config.watch_state or "watch")
+    try:
+        return store.all()
+    finally:
+        store.close()
+
+
 @console_router.post("/alerts/{account}/{decision}")
 async def review(account: str, decision: str, request: Request):
     if (away := _guard(request)) is not None:
         return away
-    from distillscope.detect.watch import AlertStore, WatchError, write_blocks
+    from distillscope.detect.watch import WatchError
 
-    config: ConsoleConfig = request.app.state.console
-    keys = request.app.state.gateway.keys
-    if config.watch_log is None or decision not in ("confirm", "dismiss"):
+    if decision not in ("confirm", "dismiss"):
         _audit(request, 404)
         return HTMLResponse("no such review", status_code=404)
-    store = AlertStore(config.watch_log, config.watch_state or "watch")
     try:
-        alert = store.review(account, decision, reviewer="console", note=None)
-        every = store.all()
+        alert = apply_review(request.app, account, decision, reviewer="console")
     except WatchError as exc:
         _audit(request, 404, str(exc))
         return HTMLResponse(str(exc), status_code=404)
-    finally:
-        store.close()
-    _set_block(keys, account, decision == "confirm", "console: confirmed alert")
-    if config.block_file:
-        write_blocks(config.block_file, every)
     _audit(request, 303, json.dumps({decision: account, "status": alert["status"]}))
     return RedirectResponse("/console/alerts", status_code=303)
 
