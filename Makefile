@@ -28,7 +28,7 @@ demo: install
 test: install
 	bash scripts/ensure-chromium.sh
 	bash scripts/ensure-services.sh
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check src tests

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,13 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from distillscope.teachers import TransformersTeacher, load_teacher
 from distillscope.teachers.default import default_model_dir
+
+# `make test` runs two pytest workers (xdist), one per core: each worker's torch, and every process
+# a test starts, keeps to one thread, or four threads fight over two cores and every OpenMP barrier
+# stalls (a two-worker run with torch's default threads took 4x longer than one process).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 # Property tests draw the same examples on every run: CI fails on a change, not on a new draw.
 settings.register_profile("repeatable", derandomize=True, database=None)
