@@ -23,9 +23,12 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
     """The URL of a throwaway redis-server; tests that use it fail if it cannot start."""
     directory = tmp_path_factory.mktemp("redis")
     try:
-        started = subprocess.run(
-            [REDIS_SH, "start", directory, str(_free_port())], capture_output=True, text=True
-        )
+        for _ in range(3):  # a free port can be taken (another worker's server) before it binds
+            started = subprocess.run(
+                [REDIS_SH, "start", directory, str(_free_port())], capture_output=True, text=True
+            )
+            if started.returncode == 0:
+                break
         if started.returncode != 0:
             pytest.fail(f"cannot start Redis: {started.stderr.strip()}", pytrace=False)
         yield started.stdout.strip()
