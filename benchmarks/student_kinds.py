@@ -33,8 +33,9 @@ def _range(value, ci, reason) -> str:
 
 def student_row(results: dict, level: str) -> dict:
     entry = results["summary"][level]
+    metric = results["target"].get("metric", "kl")
     return {
-        "kl_by_budget": {b: v["kl"]["mean"] for b, v in entry["by_budget"].items()},
+        "by_budget": {b: v[metric]["mean"] for b, v in entry["by_budget"].items()},
         "queries_to_target": entry["queries_to_target"],
         "queries_to_target_ci": entry["queries_to_target_ci"],
         "queries_reason": entry["reason"],
@@ -53,9 +54,14 @@ def main() -> None:
     for folder in args.audits:
         results = json.loads((folder / "results.json").read_text())
         config = results["config"]
-        audits[config["student"]] = {
+        metric = results["target"].get("metric", "kl")
+        name = config["student"] + (
+            f" ({config['student_tokenizer']} tokens)" if config.get("student_tokenizer") else ""
+        )
+        audits[name] = {
             "folder": str(folder),
-            "untrained_kl": results["untrained"]["kl"],
+            "metric": metric,
+            "untrained": results["untrained"][metric],
             "target_kl": results["target"]["value"],
             "seeds": config["seeds"],
             "budgets": config["budgets"],
@@ -65,7 +71,8 @@ def main() -> None:
         }
     students = list(audits)
     print("| level | " + " | ".join(
-        f"{s}: KL @{'/'.join(map(str, audits[s]['budgets']))} | {s}: queries to target | "
+        f"{s}: {audits[s]['metric']} @{'/'.join(map(str, audits[s]['budgets']))} | "
+        f"{s}: queries to target | "
         f"{s}: multiplier vs text" for s in students) + " |")  # fmt: skip
     print("|---|" + "---|---|---|" * len(students))
     for level in audits[students[0]]["levels"]:
@@ -75,7 +82,7 @@ def main() -> None:
             if row is None:
                 cells += ["n/a"] * 3
                 continue
-            cells.append(" / ".join(f"{v:.2f}" for v in row["kl_by_budget"].values()))
+            cells.append(" / ".join(f"{v:.2f}" for v in row["by_budget"].values()))
             cells.append(_range(row["queries_to_target"], row["queries_to_target_ci"],
                                 row["queries_reason"]))  # fmt: skip
             cells.append(_range(row["multiplier_vs_text"], row["multiplier_vs_text_ci"],
@@ -83,8 +90,8 @@ def main() -> None:
         print(f"| {level} | " + " | ".join(cells) + " |")
     for s in students:
         a = audits[s]
-        print(f"{s}: untrained KL {a['untrained_kl']:.2f}, seeds {a['seeds']}, {a['folder']}, "
-              f"{a['minutes']} min")  # fmt: skip
+        print(f"{s}: untrained {a['metric']} {a['untrained']:.2f}, seeds {a['seeds']}, "
+              f"{a['folder']}, {a['minutes']} min")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(audits, indent=2) + "\n")
 
