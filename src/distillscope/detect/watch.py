@@ -165,9 +165,8 @@ def watch_once(
     run = state / "runs" / now.strftime("%Y%m%dT%H%M%SZ")
     summary = detect(log, run, accounts=accounts, events=events, reference=reference,
                      config=config)  # fmt: skip
-    flagged = pq.read_table(run / "accounts.parquet").filter(
-        pq.read_table(run / "accounts.parquet")["flagged"]
-    )
+    scored = pq.read_table(run / "accounts.parquet")
+    flagged = scored.filter(scored["flagged"])
     store = AlertStore(log, state)
     result = WatchRun(run=str(run), flagged=flagged.num_rows)
     try:
