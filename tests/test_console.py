@@ -67,15 +67,35 @@ def _shot(page, name: str, folder: Path) -> None:
         shutil.copy(path, target / path.name)
 
 
-def test_the_console_shows_the_loop_and_a_review_blocks_within_seconds(world, browser, tmp_path):
+def test_the_console_shows_the_loop_and_a_review_blocks_within_seconds(
+    world, browser, tmp_path, monkeypatch
+):
+    from distillscope.forensics.radioactivity import RadioactivityResult
+    from distillscope.forensics.watermark import derive_key, gateway_watermarks, key_fingerprint
+    from distillscope.gateway.tiers import BUILTIN_TIERS, Tier
+    from distillscope.report.evidence import write_evidence
+
+    secret_master = "console-test-master-secret"
+    monkeypatch.setenv("DISTILLSCOPE_WATERMARK_SECRET", secret_master)
     keys = KeyStore(world["url"], refresh=0.1)
     queued = [a["account_id"] for a in _store_alerts(world) if a["status"] == "queued"]
     assert world["watched"].new and queued, "the smoke world gives queued alerts"
     target = queued[0]
     secret = keys.create(target, "text", name="console test")[1]
+    keys.create("lab-marked", "marked", name="watermarked")
+    tiers = {**BUILTIN_TIERS, "marked": Tier("marked", BUILTIN_TIERS["top5"].exposure,
+                                            watermark="kgw")}  # fmt: skip
+    evidence = tmp_path / "evidence"
+    found = RadioactivityResult(
+        mode="closed", suspect="runs/suspect", scheme="kgw", texts=64, tokens_scored=2900,
+        statistic=1010.0, log10_p=-12.4, z=7.3,
+    )  # fmt: skip
+    write_evidence(evidence / "suspect-1", [found], account="lab-marked")
     app = create_app(
         load_teacher("synthetic"), model_name="m", keys=keys, log=world["log"], admin_key=ADMIN,
-        console=ConsoleConfig(watch_log=world["url"], watch_state=str(world["root"] / "watch")),
+        tiers=tiers, watermarks=gateway_watermarks(secret_master),
+        console=ConsoleConfig(watch_log=world["url"], watch_state=str(world["root"] / "watch"),
+                              evidence=str(evidence)),
     )  # fmt: skip
     with serve_in_thread(app) as url:
         user = openai.OpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0)
@@ -97,7 +117,9 @@ def test_the_console_shows_the_loop_and_a_review_blocks_within_seconds(world, br
         rows = page.locator("tr.alert")
         assert rows.count() == len(_store_alerts(world))
         assert page.locator("svg.cluster").count() >= 1
+        assert page.locator("svg.cluster line.edge").count() >= 1  # the graph's own edges
         _shot(page, "alerts", tmp_path)
+        _shot(page.locator("svg.cluster").first, "cluster", tmp_path)
         page.locator(f'tr[data-account="{target}"] button.confirm').click()
         page.wait_for_url(f"{url}/console/alerts")
         assert "confirmed" in page.locator(f'tr[data-account="{target}"] td.status').inner_text()
@@ -116,6 +138,16 @@ def test_the_console_shows_the_loop_and_a_review_blocks_within_seconds(world, br
         _shot(page, "account", tmp_path)
         page.click("button.unblock")
         assert "Not blocked." in page.inner_text("p.sub")
+        page.goto(f"{url}/console/forensics")
+        fingerprint = key_fingerprint(derive_key(secret_master, "lab-marked"))
+        assert fingerprint in page.locator("tr.mark").inner_text()
+        assert "strong evidence" in page.locator("tr.report").inner_text()
+        _shot(page, "forensics", tmp_path)
+        page.click("tr.report a >> nth=0")
+        assert "Radioactivity evidence for account lab-marked" in page.content()
+        page.goto(f"{url}/console/accounts/lab-marked")
+        assert fingerprint in page.locator("table.marks").inner_text()
+        assert page.locator("table.reports tr").count() == 2
         page.close()
         # the same queue through the admin API
         import httpx

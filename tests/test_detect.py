@@ -70,6 +70,13 @@ def test_outputs_explain_every_flag_and_feed_the_gateway(sim, alerts):
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", page)  # self-contained
     assert set(pq.read_table(out / "clusters.parquet").column_names) >= {"cluster_id", "accounts"}
     assert pq.read_table(out / "baseline.parquet").num_rows == len(table)
+    # the coordination graph's edges inside each cluster, with what ties each pair
+    cluster = {row["account_id"]: row["cluster_id"] for row in table if row["cluster_id"]}
+    edges = pq.read_table(out / "edges.parquet").to_pylist()
+    assert edges and all(cluster[e["u"]] == cluster[e["v"]] == e["cluster_id"] for e in edges)
+    assert all(e["weight"] >= 1 and e["ties"] for e in edges)
+    tied = {e["cluster_id"] for e in edges}
+    assert tied == {c for c in cluster.values() if list(cluster.values()).count(c) > 1}
 
 
 def test_a_daily_cut_scores_only_what_came_before(sim, tmp_path):
@@ -217,6 +224,35 @@ def test_paraphrase_templates_from_embeddings_join_the_detector(sim, tmp_path):
     assert any("paraphrase templates" in note for note in summary.notes)
     figures = evaluate_alerts(tmp_path, sim / "truth.parquet", sim / "traffic.parquet")
     assert figures["recall_at_fpr_0.01"] >= 0.9
+
+
+def test_detect_reads_a_duckdb_log_its_gateway_holds_from_the_hourly_segments(
+    sim, alerts, tmp_path
+):
+    """While a gateway holds its DuckDB file, detect reads the closed hours it writes beside it
+    as Parquet, and finds the same accounts, scores and flags."""
+    from distillscope.gateway.traffic import open_traffic_log, read_traffic, segments_folder
+
+    path = tmp_path / "traffic.duckdb"
+    log = open_traffic_log(path)
+    log.start()
+    try:
+        traffic = pq.read_table(sim / "traffic.parquet")
+        for future in [log.submit(row) for row in traffic.to_pylist()]:
+            future.result(timeout=120)
+        assert log.count() == traffic.num_rows  # loaded, and the closed hours written
+        side = {"accounts": sim / "accounts.parquet", "events": sim / "events.parquet"}
+        held = detect(path, tmp_path / "held", **side)  # the log is still open for writing
+        assert read_traffic(path).num_rows == traffic.num_rows
+    finally:
+        log.close()
+    assert any("held by a running gateway" in note for note in held.notes)
+    assert len(list(segments_folder(path).rglob("*.parquet"))) > 24
+    expected = pq.read_table(alerts[0] / "accounts.parquet").sort_by("account_id")
+    got = pq.read_table(f"{held.out}/accounts.parquet").sort_by("account_id")
+    assert held.exchanges == alerts[1].exchanges
+    assert got["flagged"].to_pylist() == expected["flagged"].to_pylist()
+    np.testing.assert_allclose(got["score"].to_numpy(), expected["score"].to_numpy(), atol=1e-6)
 
 
 def test_detect_reads_a_postgresql_log_while_it_is_written_and_a_folder_of_segments(

@@ -379,3 +379,27 @@ def test_a_log_from_before_the_tool_columns_gains_them(tmp_path):
     assert table.schema.equals(EXCHANGE_SCHEMA)
     by_id = {r["exchange_id"]: r for r in table.to_pylist()}
     assert by_id["chatcmpl-old"]["tools"] is None and by_id["chatcmpl-new"]["tools"]
+
+
+def test_the_open_hour_is_written_when_the_gateway_stops_and_rewritten_after_a_restart(tmp_path):
+    """Closed hours are final (recorded in the mark); the hour still open is written as it
+    stands when the log closes, and again, whole, when a later run closes."""
+    import pyarrow.parquet as pq
+
+    from distillscope.gateway.traffic import COMPLETE_MARK, segments_folder
+
+    path = tmp_path / "traffic.duckdb"
+    now = datetime.now(UTC)
+    old = now - timedelta(hours=3)
+    for run, moments in enumerate([[old, now], [now]]):
+        log = open_traffic_log(path)
+        log.start()
+        for i, moment in enumerate(moments):
+            log.submit({**make_row(f"run{run}-{i}"), "ts": moment}).result(timeout=30)
+        log.close()
+    folder = segments_folder(path)
+    hour = lambda t: folder / f"day={t:%Y-%m-%d}" / f"{t:%H}.parquet"  # noqa: E731
+    assert pq.read_table(hour(old))["exchange_id"].to_pylist() == ["run0-0"]
+    assert sorted(pq.read_table(hour(now))["exchange_id"].to_pylist()) == ["run0-1", "run1-0"]
+    complete = int((folder / COMPLETE_MARK).read_text())
+    assert int(old.timestamp() // 3600) < complete <= int(now.timestamp() // 3600)

@@ -550,9 +550,7 @@ def audit(
     if student_tokenizer is not None:
         changes["student_tokenizer"] = student_tokenizer
         if not exposures:
-            changes["exposures"] = tuple(
-                e for e in PRESETS[preset.value].exposures if e != "full"
-            )
+            changes["exposures"] = tuple(e for e in PRESETS[preset.value].exposures if e != "full")
     config = replace(PRESETS[preset.value], **changes)
     if price_input is not None or price_output is not None:
         prices = dict(config.prices_per_million)
@@ -746,6 +744,17 @@ def serve(
         help="The state folder of the `distillscope watch` over this gateway's log: the console "
         "(/console, with $DISTILLSCOPE_ADMIN_KEY set) shows its alerts.",
     ),
+    evidence: Path = typer.Option(
+        Path("evidence"),
+        help="Where the console's forensics page looks for radioactivity evidence reports "
+        "(`distillscope radioactivity --out` folders, at any depth).",
+    ),
+    max_batch: int = typer.Option(
+        16,
+        min=1,
+        help="A local teacher answers up to this many requests that arrive together in one "
+        "batch (shared forward passes, each its own sampling and stream); 1: one at a time.",
+    ),
 ) -> None:
     """Serve a model through an OpenAI-compatible API that caps exposure per key and logs traffic.
 
@@ -771,6 +780,8 @@ def serve(
         antidistill_prompts=antidistill_prompts,
         workers=workers,
         watch_state=str(watch_state),
+        evidence=str(evidence),
+        max_batch=max_batch,
     )
     config.check_workers()
     target = upstream or teacher
@@ -1200,7 +1211,8 @@ def watch(
             console.print(
                 f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC: {done.flagged} flagged, "
                 f"{len(done.new)} new, {done.queued} queued for review, {len(done.blocked)} "
-                f"blocked" + (f" (block list {done.block_file})" if done.block_file else "")
+                f"blocked"
+                + (f" (block list {done.block_file})" if done.block_file else "")
                 + (f"; webhook {done.webhook}" if done.webhook else "")
             )
         if once:
@@ -1499,7 +1511,9 @@ def simulate(
     days: float | None = typer.Option(None, min=0.01, help="Overrides the simulated days."),
     scale: float | None = typer.Option(None, min=0.001, help="Multiplies every account count."),
     random_shapes: int | None = typer.Option(
-        None, min=1, help="Instead of --scenario: N random worlds of mixed shapes (seed: --seed) "
+        None,
+        min=1,
+        help="Instead of --scenario: N random worlds of mixed shapes (seed: --seed) "
         "into OUT/world-000, OUT/world-001, ...",
     ),  # fmt: skip
 ) -> None:

@@ -230,7 +230,7 @@ def detect(
         since = since if since.tzinfo else since.replace(tzinfo=UTC)
         table = table.filter(pc.greater_equal(features["last_seen"], pa.scalar(since)))
         notes.append(f"reporting the {table.num_rows:,} accounts active since {since.isoformat()}")
-    _write(out, table, con, communities, config)
+    _write(out, table, con, communities, config, edges=found.edges)
     summary = DetectionSummary(
         out=str(out),
         accounts=table.num_rows,
@@ -355,7 +355,8 @@ def _describe(skipped: dict[str, int]) -> str:
 def _load(con, log: Path, until: datetime | None) -> tuple[dict[str, int], set[str], list[str]]:
     """The clean exchanges as table ``x``; rows that cannot be used are counted, not fatal.
     Returns the skipped-row counts, the optional columns the log lacks, and notes."""
-    source = _source(con, log)
+    held: list[str] = []
+    source = _source(con, log, held)
     try:
         columns = {
             row[0]: row[1] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()
@@ -365,7 +366,7 @@ def _load(con, log: Path, until: datetime | None) -> tuple[dict[str, int], set[s
     missing = [c for c in _REQUIRED if c not in columns]
     if missing:
         raise DetectError(f"{log} has no {', '.join(missing)} column: nothing to score by")
-    notes, absent = [], set()
+    notes, absent = held, set()
 
     def col(name: str, default: str) -> str:
         if name in columns:
@@ -409,11 +410,12 @@ def log_target(log: str | os.PathLike) -> str | Path:
     return str(log) if is_database_url(log) else Path(log)
 
 
-def _source(con, log: str | Path) -> str:
-    """The SQL name of a log's exchanges: a gateway DuckDB file (attached read-only), Parquet (a
-    file, or a folder whose every Parquet file, at any depth, is traffic: exported segments,
-    partitioned by day or not), or a gateway's PostgreSQL log (read once, while the gateway goes
-    on writing)."""
+def _source(con, log: str | Path, notes: list[str] | None = None) -> str:
+    """The SQL name of a log's exchanges: a gateway DuckDB file (attached read-only; while a
+    running gateway holds it, the hourly Parquet segments it writes beside it, with a note),
+    Parquet (a file, or a folder whose every Parquet file, at any depth, is traffic: exported
+    segments, partitioned by day or not), or a gateway's PostgreSQL log (read once, while the
+    gateway goes on writing)."""
     if isinstance(log, str):
         from distillscope.gateway.traffic import TrafficLogError, read_traffic
 
@@ -433,8 +435,19 @@ def _source(con, log: str | Path) -> str:
         return f"read_parquet('{log}')"
     try:
         con.execute(f"ATTACH '{log}' AS src (READ_ONLY)")
-    except duckdb.Error as exc:
-        raise DetectError(f"cannot open {log}: {str(exc).splitlines()[0]}") from None
+    except duckdb.Error as exc:  # held by a gateway (its lock, or in this process its handle)
+        from distillscope.gateway.traffic import held_log_segments
+
+        found = held_log_segments(log)
+        if found is None:
+            raise DetectError(
+                f"cannot open {log}: {str(exc).splitlines()[0]} (a running gateway holds its "
+                "DuckDB file; it writes hourly segments beside it, and none is there yet)"
+            ) from None
+        folder, note = found
+        if notes is not None:
+            notes.append(note)
+        return f"read_parquet('{folder}/**/*.parquet', union_by_name = true)"
     return "src.exchanges"
 
 
@@ -739,7 +752,8 @@ def _communities(
     con.register("suspects", pa.table({"account_id": pa.array(suspects, pa.string())}))
     con.register("reasoned", pa.table({"account_id": pa.array(reasoned, pa.string())}))
     fingerprints = (
-        """UNION ALL SELECT a.account_id, b.account_id, false, 2 FROM meta a JOIN meta b
+        """UNION ALL SELECT a.account_id, b.account_id, false, 2, 'payment fingerprint'
+           FROM meta a JOIN meta b
              USING (payment_fingerprint)
            WHERE a.account_id < b.account_id
              AND a.account_id IN (SELECT account_id FROM suspects)
@@ -775,34 +789,39 @@ def _communities(
                              PARTITION BY intent ORDER BY hash(account_id, {config.seed})) AS r
                            FROM intents),
         edges AS (
-          SELECT a.account_id AS u, b.account_id AS v, daily, 1 AS w
+          SELECT a.account_id AS u, b.account_id AS v, daily, 1 AS w,
+                 CASE WHEN daily THEN 'template, same day' ELSE 'template, same hour' END AS tie
           FROM hits a JOIN hits b USING (template, slot, daily)
           WHERE a.account_id < b.account_id
             AND (template, slot, daily) IN (SELECT * FROM crowded)
           UNION ALL
-          SELECT a.account_id, b.account_id, false, 1 FROM ips a JOIN ips b USING (client_ip)
+          SELECT a.account_id, b.account_id, false, 1, 'IP address'
+          FROM ips a JOIN ips b USING (client_ip)
           WHERE a.account_id < b.account_id AND client_ip IN (SELECT * FROM shared_ips)
           UNION ALL
-          SELECT a.account_id, b.account_id, false, 1
+          SELECT a.account_id, b.account_id, false, 1, 'tool catalogue'
           FROM catalogues a JOIN catalogues b USING (catalogue)
           WHERE a.account_id < b.account_id AND catalogue IN (
                 SELECT catalogue FROM catalogues GROUP BY 1 HAVING count(*) <= 400)
           UNION ALL
           SELECT least(a.account_id, b.account_id), greatest(a.account_id, b.account_id),
-                 false, 1
+                 false, 1, 'intent'
           FROM ranked_intents a JOIN ranked_intents b USING (intent)
           WHERE b.r > a.r AND b.r <= a.r + {config.intent_degree}
           {fingerprints})
         -- same-day co-hits strengthen a pair already tied in lockstep or by infrastructure;
         -- alone they are what two busy users of one popular prompt share by chance
-        SELECT u, v, sum(w) AS weight FROM edges GROUP BY ALL
+        SELECT u, v, sum(w) AS weight, string_agg(DISTINCT tie, '; ' ORDER BY tie) AS ties
+        FROM edges GROUP BY u, v
         HAVING count(*) FILTER (WHERE NOT daily) > 0 AND sum(w) >= {config.min_edge_weight}"""
     ).fetchall()
     graph = nx.Graph()
-    graph.add_weighted_edges_from(pairs)
+    for u, v, weight, ties in pairs:
+        graph.add_edge(u, v, weight=weight, ties=ties)
     members = Communities()
     if graph.number_of_edges() == 0:
         return members
+    members.edges = [(u, v, d["weight"], d["ties"]) for u, v, d in graph.edges(data=True)]
     found = nx.community.louvain_communities(graph, weight="weight", seed=config.seed)
     for index, community in enumerate(sorted(found, key=len, reverse=True)):
         # Louvain places every node somewhere: an account whose only tie is one edge into a
@@ -828,6 +847,8 @@ class Communities(dict):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fringe: set[str] = set()
+        #: the coordination graph's edges: ``(u, v, weight, what ties them)``
+        self.edges: list[tuple[str, str, int, str]] = []
 
 
 def _significant(found, ids, z, null, config) -> dict:
@@ -898,11 +919,27 @@ def _assemble(features, scores, z, communities, threshold) -> pa.Table:
     )
 
 
-def _write(out: Path, table: pa.Table, con, communities, config) -> None:
+def _write(out: Path, table: pa.Table, con, communities, config, edges=()) -> None:
     from distillscope.gateway.keys import Block, write_block_list
 
     pq.write_table(table, out / "accounts.parquet")
     rows = table.to_pylist()
+    cluster_of = {row["account_id"]: row["cluster_id"] for row in rows if row["cluster_id"]}
+    inside = [
+        e for e in edges if cluster_of.get(e[0]) and cluster_of.get(e[0]) == cluster_of.get(e[1])
+    ]
+    pq.write_table(
+        pa.table(
+            {
+                "cluster_id": pa.array([cluster_of[e[0]] for e in inside], pa.string()),
+                "u": pa.array([e[0] for e in inside], pa.string()),
+                "v": pa.array([e[1] for e in inside], pa.string()),
+                "weight": pa.array([int(e[2]) for e in inside], pa.int64()),
+                "ties": pa.array([e[3] for e in inside], pa.string()),
+            }
+        ),
+        out / "edges.parquet",
+    )
     clusters: dict[str, list[dict]] = {}
     for row in rows:
         if row["cluster_id"]:

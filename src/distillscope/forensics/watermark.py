@@ -74,6 +74,12 @@ def derive_key(master: bytes | str, account_id: str) -> int:
     return int.from_bytes(keyed_digest(master, "watermark", account_id), "big")
 
 
+def key_fingerprint(key: int) -> str:
+    """A watermark key's public name: the first 16 hex digits of SHA-256 of its 32 bytes. It
+    tells keys apart (in a console, beside an evidence report) and reveals nothing of the key."""
+    return hashlib.sha256(key.to_bytes(32, "big")).hexdigest()[:16]
+
+
 # --- the pseudo-random function ---------------------------------------------------------------
 
 

@@ -9,7 +9,14 @@ Server-rendered pages (Jinja2, the report layer's stylesheet and inline-SVG char
   when one is configured) and *dismiss* (allow-lists it, lifts a block); each decision is recorded
   with the alert and becomes a label (``watch.labels``);
 - **account**: its requests per hour, its keys and tiers, its detector signals beside the
-  population's (percentile in the latest watch run), block and unblock.
+  population's (percentile in the latest watch run), its watermark and evidence, block and
+  unblock;
+- **forensics**: the radioactivity evidence reports in the evidence folder (``distillscope
+  radioactivity --out``), and each account served under a watermarked tier with its key's
+  fingerprint and the command that tests a suspect for it.
+
+Clusters are drawn with the coordination graph's own edges (the latest watch run's
+``edges.parquet``: what ties each pair, weighted).
 
 Behind the admin key: ``/console/login`` takes it once and sets an HttpOnly, SameSite=Strict cookie
 derived from it (never the key itself). Actions are POSTed forms; every one is written to the key
@@ -22,6 +29,7 @@ import hashlib
 import hmac
 import json
 import math
+import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -48,6 +56,8 @@ class ConsoleConfig:
     watch_log: str | None = None
     watch_state: str | None = "watch"
     block_file: str | None = None
+    #: where radioactivity evidence reports are looked for (``evidence.json``, at any depth)
+    evidence: str | None = "evidence"
 
 
 def _session(gateway) -> str:
@@ -190,15 +200,37 @@ async def alerts(request: Request):
     for alert in found:
         if alert["cluster_id"]:
             clusters[alert["cluster_id"]].append(alert)
-    spokes = [
-        (cid, [(m, *_on_circle(i, len(members))) for i, m in enumerate(members)])
-        for cid, members in sorted(clusters.items(), key=lambda kv: -len(kv[1]))
-    ]
+    tied = _edges(request)
+    spokes = []
+    for cid, members in sorted(clusters.items(), key=lambda kv: -len(kv[1])):
+        placed = [(m, *_on_circle(i, len(members))) for i, m in enumerate(members)]
+        at = {m["account_id"]: (x, y) for m, x, y in placed}
+        lines = [
+            (*at[u], *at[v], weight, ties)
+            for (u, v), (weight, ties) in tied.items()
+            if u in at and v in at
+        ]
+        spokes.append((cid, placed, lines))
     return _page(
         "console_alerts.html.j2", title="alerts", alerts=found, quote=quote, clusters=spokes,
         counts=Counter(a["status"] for a in found),
         configured=request.app.state.console.watch_log is not None,
     )  # fmt: skip
+
+
+def _latest_run(request: Request) -> Path | None:
+    config: ConsoleConfig = request.app.state.console
+    runs = sorted((Path(config.watch_state or "watch") / "runs").glob("*/accounts.parquet"))
+    return runs[-1].parent if runs else None
+
+
+def _edges(request: Request) -> dict[tuple[str, str], tuple[int, str]]:
+    """The coordination graph's edges inside clusters, from the latest watch run."""
+    run = _latest_run(request)
+    if run is None or not (run / "edges.parquet").is_file():
+        return {}
+    table = pq.read_table(run / "edges.parquet").to_pylist()
+    return {(e["u"], e["v"]): (e["weight"], e["ties"]) for e in table}
 
 
 def _on_circle(i: int, n: int, radius: float = 100.0) -> tuple[float, float]:
@@ -300,6 +332,8 @@ async def account_page(account: str, request: Request):
         requests=len(rows), per_hour=_counts(rows, starts, step), labels=_labels(starts, step),
         unit="hour" if step < timedelta(days=1) else "day", keys=keys, blocked=blocked,
         alert=alert, signals=_signals(request, account), quote=quote,
+        marks=[m for m in _watermarked(request) if m["account_id"] == account],
+        reports=[r for r in _reports(request) if r["account"] == account],
         tiers=Counter(r["tier"] for r in rows), statuses=Counter(r["status"] for r in rows),
     )  # fmt: skip
 
@@ -307,11 +341,10 @@ async def account_page(account: str, request: Request):
 def _signals(request: Request, account: str) -> list[dict]:
     """The account's detector signals in the latest watch run, each with its percentile among
     that run's accounts (mid-rank: a value every account shares is the 50th)."""
-    config: ConsoleConfig = request.app.state.console
-    runs = sorted((Path(config.watch_state or "watch") / "runs").glob("*/accounts.parquet"))
-    if not runs:
+    run = _latest_run(request)
+    if run is None:
         return []
-    table = pq.read_table(runs[-1])
+    table = pq.read_table(run / "accounts.parquet")
     ids = table["account_id"].to_pylist()
     if account not in ids:
         return []
@@ -327,3 +360,83 @@ def _signals(request: Request, account: str) -> list[dict]:
         share = (sum(v < mine for v in values) + 0.5 * sum(v == mine for v in values)) / len(values)
         out.append({"name": name.removeprefix("signal_"), "value": mine, "percentile": share})
     return out
+
+
+@console_router.get("/forensics")
+async def forensics(request: Request):
+    if (away := _guard(request)) is not None:
+        return away
+    config: ConsoleConfig = request.app.state.console
+    return _page(
+        "console_forensics.html.j2", title="forensics", reports=_reports(request),
+        marks=_watermarked(request), folder=config.evidence, quote=quote,
+        secret=bool(os.environ.get("DISTILLSCOPE_WATERMARK_SECRET")),
+    )  # fmt: skip
+
+
+@console_router.get("/forensics/reports/{index}")
+async def forensics_report(index: int, request: Request):
+    if (away := _guard(request)) is not None:
+        return away
+    reports = _reports(request)
+    if not 0 <= index < len(reports) or not reports[index]["html"].is_file():
+        return HTMLResponse("no such report", status_code=404)
+    return HTMLResponse(reports[index]["html"].read_text())
+
+
+#: Evidence reports listed at most (newest first).
+MAX_REPORTS = 200
+
+
+def _reports(request: Request) -> list[dict]:
+    """The radioactivity evidence reports under the evidence folder, newest first."""
+    from distillscope.report.evidence import p_text, verdict
+
+    config: ConsoleConfig = request.app.state.console
+    folder = Path(config.evidence) if config.evidence else None
+    if folder is None or not folder.is_dir():
+        return []
+    found = sorted(folder.rglob("evidence.json"), key=lambda p: -p.stat().st_mtime)
+    reports = []
+    for path in found[:MAX_REPORTS]:
+        try:
+            payload = json.loads(path.read_text())
+            tests = [
+                {**t, "p_text": p_text(t["log10_p"]), "verdict": verdict(t["log10_p"])}
+                for t in payload["tests"]
+            ]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not one of ours, or half written
+        reports.append({
+            "index": len(reports), "account": payload.get("account"), "tests": tests,
+            "where": str(path.parent.relative_to(folder)) or ".", "html": path.with_suffix(".html"),
+            "written": datetime.fromtimestamp(path.stat().st_mtime),
+        })  # fmt: skip
+    return reports
+
+
+def _watermarked(request: Request) -> list[dict]:
+    """Each account holding a key of a watermarked tier: the scheme, its key's fingerprint
+    (with the master secret in ``$DISTILLSCOPE_WATERMARK_SECRET``, as the gateway has it) and the
+    command that tests a suspect model for that account's mark."""
+    gateway = request.app.state.gateway
+    schemes = {name: tier.watermark for name, tier in gateway.tiers.items() if tier.watermark}
+    if not schemes or gateway.keys is None:
+        return []
+    master = os.environ.get("DISTILLSCOPE_WATERMARK_SECRET")
+    context = os.environ.get("DISTILLSCOPE_WATERMARK_CONTEXT", "4")
+    from distillscope.forensics.watermark import derive_key, key_fingerprint
+    from distillscope.gateway.tiers import tier_name
+
+    seen: dict[tuple[str, str], dict] = {}
+    for key in gateway.keys.list():
+        scheme = schemes.get(key.tier) or schemes.get(tier_name(key.tier))
+        if scheme is None or (key.account_id, scheme) in seen:
+            continue
+        seen[key.account_id, scheme] = {
+            "account_id": key.account_id, "tier": key.tier, "scheme": scheme,
+            "fingerprint": key_fingerprint(derive_key(master, key.account_id)) if master else None,
+            "command": f"distillscope radioactivity --suspect MODEL --account {key.account_id} "
+            f"--scheme {scheme}" + (f" --context {context}" if context != "4" else ""),
+        }  # fmt: skip
+    return sorted(seen.values(), key=lambda m: (m["account_id"], m["scheme"]))

@@ -56,7 +56,6 @@ _NEUTRAL: dict[str, tuple] = {
     "stop": (None, [], ""),
     "frequency_penalty": (None, 0),
     "presence_penalty": (None, 0),
-    "logit_bias": (None, {}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "parallel_tool_calls": (None, True),
@@ -139,6 +138,7 @@ class Serving:
         if isinstance(body, ChatCompletionRequest):
             request.tools, request.tool_choice = body.tool_list(), body.choice()
             exchange.tools = request.tools
+        request.logit_bias = _logit_bias(extra.get("logit_bias"))
         exchange.prompt = request.last_user_text
         caller = exchange.caller
         served, prompt_n = apply_policy(caller.tier, asked, body.prompt_logprobs, exchange)
@@ -146,6 +146,10 @@ class Serving:
             raise APIError(400, "this model cannot report prompt_logprobs", param="prompt_logprobs")
         request.top_logprobs, request.prompt_logprobs = served, prompt_n
         request.processors = self.gateway.processors(caller.tier, caller.account_id)
+        try:
+            self.backend.check(request)
+        except BackendError as exc:
+            raise APIError(exc.status, str(exc), param="logit_bias") from None
         return request
 
     async def serve(
@@ -283,6 +287,38 @@ async def completions(
         prompt = prompt[0]
     generation = serving.request(exchange, body, None, prompt, body.logprobs)
     return await serving.serve(exchange, body, generation, chat=False)
+
+
+#: At most this many tokens in one ``logit_bias`` (OpenAI's own limit).
+MAX_BIASED_TOKENS = 300
+
+
+def _logit_bias(value: Any) -> dict[int, float] | None:
+    """OpenAI's ``logit_bias``: token ids (as JSON keys) to biases in [-100, 100]."""
+    if value is None or value == {}:
+        return None
+    if not isinstance(value, dict):
+        raise APIError(400, "logit_bias must map token ids to numbers", param="logit_bias")
+    if len(value) > MAX_BIASED_TOKENS:
+        raise APIError(
+            400, f"logit_bias may name at most {MAX_BIASED_TOKENS} tokens", param="logit_bias"
+        )
+    bias: dict[int, float] = {}
+    for token, amount in value.items():
+        try:
+            token_id = int(token)
+        except (TypeError, ValueError):
+            token_id = -1
+        if token_id < 0 or str(token_id) != str(token).strip():
+            raise APIError(400, f"logit_bias key {token!r} is not a token id", param="logit_bias")
+        if isinstance(amount, bool) or not isinstance(amount, int | float):
+            raise APIError(400, f"logit_bias[{token}] must be a number", param="logit_bias")
+        if not -100 <= amount <= 100:
+            raise APIError(
+                400, f"logit_bias[{token}]={amount} is outside [-100, 100]", param="logit_bias"
+            )
+        bias[token_id] = float(amount)
+    return bias
 
 
 def _seconds(retry_after: float) -> str:

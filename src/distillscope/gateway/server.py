@@ -47,6 +47,10 @@ class GatewayConfig:
     workers: int = 1
     #: the watch's state folder the console reads alerts from (its log: ``db``)
     watch_state: str | None = "watch"
+    #: where the console looks for radioactivity evidence reports (``radioactivity --out``)
+    evidence: str | None = "evidence"
+    #: requests a local teacher answers together in one batch (1: one at a time)
+    max_batch: int = 16
 
     def check_workers(self) -> None:
         """Refuse, in one line, what several processes cannot share."""
@@ -113,7 +117,9 @@ def build_gateway(config: GatewayConfig) -> tuple[FastAPI, object]:
     else:
         teacher = load_teacher(config.teacher, device=config.device, batch_size=1)
         backend = TeacherBackend(
-            teacher, model_name=config.model_name or _served_name(config.teacher)
+            teacher,
+            model_name=config.model_name or _served_name(config.teacher),
+            max_batch=config.max_batch,
         )
         if defended:
             antidistillation = _antidistillation(
@@ -125,7 +131,10 @@ def build_gateway(config: GatewayConfig) -> tuple[FastAPI, object]:
     from distillscope.gateway.console import ConsoleConfig
 
     console = ConsoleConfig(
-        watch_log=config.db, watch_state=config.watch_state, block_file=config.block_file
+        watch_log=config.db,
+        watch_state=config.watch_state,
+        block_file=config.block_file,
+        evidence=config.evidence,
     )
     app = create_app(
         backend, keys=keys, log=log, limiter=limiter, tiers=tiers, block_file=config.block_file,

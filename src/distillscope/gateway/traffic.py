@@ -10,11 +10,15 @@ a full queue makes ``record()`` wait instead of growing without bound.
 
 Two backends hold the same table, ``exchanges`` (columns in ``EXCHANGE_SCHEMA``):
 
-- a DuckDB file (one writing process; read it once the gateway stopped). A DuckDB commit costs
+- a DuckDB file (one writing process). A DuckDB commit costs
   milliseconds of CPU whatever its size, so rows are made durable in a journal beside the file
   (``traffic.duckdb.journal/``, fsynced JSON lines, about 0.3 ms a batch) and loaded into DuckDB
   in large transactions every ``load_every_s`` seconds; a journal left by a crash is loaded at the
-  next start. ``read()`` and ``count()`` first load everything acknowledged.
+  next start. ``read()`` and ``count()`` first load everything acknowledged. Other processes
+  cannot open the file while the gateway holds it, so the gateway also writes each closed hour
+  as a Parquet segment beside it (``traffic.duckdb.segments/day=YYYY-MM-DD/HH.parquet``, five
+  minutes after the hour, and the open hour when it stops): ``detect`` and ``watch`` read those
+  while it serves.
 - PostgreSQL (live reads from anywhere, several gateways), where each group is one transaction.
 
 See docs/traffic-log.md.
@@ -34,7 +38,7 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -415,6 +419,7 @@ class TrafficLog:
                     self._write_retrying([values for values, _ in batch])
                     self._acknowledge(batch)
                     self._slots.release(len(batch))
+                    self._after_write()
                 continue
             if batch:
                 self._journal.append([values for values, _ in batch])
@@ -434,6 +439,7 @@ class TrafficLog:
             if rows:
                 self._write_retrying(rows)
                 self._slots.release(len(rows))
+                self._after_write()
             if segment is not None:
                 segment.unlink()
             for done in flushes:
@@ -499,6 +505,9 @@ class TrafficLog:
     def _query(self, sql: str, schema: pa.Schema) -> pa.Table:
         raise NotImplementedError
 
+    def _after_write(self) -> None:
+        """Called by the writing thread after each batch is in the database."""
+
     def _release(self) -> None:
         raise NotImplementedError
 
@@ -540,11 +549,59 @@ class DuckDBTrafficLog(TrafficLog):
     which would cost 40% more on every batch.
     """
 
-    def __init__(self, path: Path, **options) -> None:
+    def __init__(self, path: Path, *, segments: bool = True, **options) -> None:
         super().__init__(str(path), journal=path.with_name(f"{path.name}.journal"), **options)
         self.path = path
         self._con: duckdb.DuckDBPyConnection | None = None
         self._reader_lock = threading.Lock()
+        #: where closed hours go as Parquet (``segments_folder``), or None for none
+        self.segments = segments_folder(path) if segments else None
+        self._next_export = 0.0
+
+    def _after_write(self) -> None:
+        """Once a minute: write every hour closed for ``SEGMENT_GRACE`` and not yet written."""
+        if self.segments is None or time.monotonic() < self._next_export:
+            return
+        self._next_export = time.monotonic() + 60
+        closed = _hour_index(datetime.now(UTC) - SEGMENT_GRACE)
+        try:
+            self._export_hours(self._complete_until(), closed, final=True)
+        except (duckdb.Error, OSError) as error:  # a derived copy: the rows are safe in the file
+            logger.warning("cannot write traffic segments to %s: %s", self.segments, error)
+
+    def _complete_until(self) -> int | None:
+        mark = self.segments / COMPLETE_MARK
+        try:
+            return int(mark.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _export_hours(self, start: int | None, end: int, *, final: bool) -> None:
+        """Write the hours in [start, end) that hold rows (from the first row when ``start`` is
+        None), each replacing its file atomically; ``final`` records them as complete."""
+        where = "" if start is None else f"WHERE ts >= to_timestamp({start * 3600})"
+        hours = [
+            int(h)
+            for (h,) in self._con.execute(
+                f"SELECT DISTINCT floor(epoch(ts) / 3600)::BIGINT AS h FROM exchanges {where} "
+                "ORDER BY h"
+            ).fetchall()
+            if h < end
+        ]
+        for hour in hours:
+            begin = datetime.fromtimestamp(hour * 3600, UTC)
+            target = self.segments / f"day={begin:%Y-%m-%d}" / f"{begin:%H}.parquet"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = target.with_name(f".{target.name}.tmp")
+            self._con.execute(
+                f"COPY (SELECT * FROM exchanges WHERE ts >= to_timestamp({hour * 3600}) AND "
+                f"ts < to_timestamp({(hour + 1) * 3600}) ORDER BY ts, exchange_id) "
+                f"TO '{staging}' (FORMAT parquet)"
+            )
+            os.replace(staging, target)
+        if final and (start is None or end > start):
+            self.segments.mkdir(parents=True, exist_ok=True)
+            (self.segments / COMPLETE_MARK).write_text(f"{end}\n")
 
     def _open(self) -> None:
         try:
@@ -588,9 +645,48 @@ class DuckDBTrafficLog(TrafficLog):
     def _release(self) -> None:
         with self._reader_lock:
             if self._con is not None:
+                if self.segments is not None:  # the open hours too, as they stand
+                    try:
+                        now = _hour_index(datetime.now(UTC)) + 1
+                        self._export_hours(self._complete_until(), now, final=False)
+                    except (duckdb.Error, OSError) as error:
+                        logger.warning("cannot write traffic segments: %s", error)
                 self._reader.close()
                 self._con.close()
                 self._con = None
+
+
+#: An hour's segment is written this long after the hour ends (a row's ``ts`` is when its
+#: request arrived; a long generation is logged when it ends).
+SEGMENT_GRACE = timedelta(minutes=5)
+#: The file in the segments folder that records up to which hour (hours since 1970, exclusive)
+#: the segments are complete.
+COMPLETE_MARK = "_complete_until"
+
+
+def segments_folder(path: str | os.PathLike) -> Path:
+    """Where the gateway writes the hourly Parquet segments of the DuckDB log at ``path``."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.segments")
+
+
+def held_log_segments(path: str | os.PathLike) -> tuple[Path, str] | None:
+    """For a DuckDB log another process holds: its segments folder and a note saying up to
+    when it is complete, or None when it has no segment yet."""
+    folder = segments_folder(path)
+    if not folder.is_dir() or not any(folder.rglob("*.parquet")):
+        return None
+    try:
+        until = int((folder / COMPLETE_MARK).read_text().strip())
+        upto = f"complete up to {datetime.fromtimestamp(until * 3600, UTC):%Y-%m-%d %H:00} UTC"
+    except (OSError, ValueError):
+        upto = "as a stopped gateway left them"
+    note = f"{path} is held by a running gateway: read its hourly segments in {folder} ({upto})"
+    return folder, note
+
+
+def _hour_index(moment: datetime) -> int:
+    return int(moment.timestamp() // 3600)
 
 
 class PostgresTrafficLog(TrafficLog):
@@ -702,7 +798,16 @@ def read_traffic(target: str | os.PathLike) -> pa.Table:
     log = open_traffic_log(target)
     if isinstance(log, NullTrafficLog):
         raise TrafficLogError("traffic logging is off: there is no log to read")
-    table = log.read()  # a gateway still running holds the file: this says so
+    try:
+        table = log.read()  # a gateway still running holds the file: this says so
+    except TrafficLogError:
+        found = held_log_segments(target) if isinstance(log, DuckDBTrafficLog) else None
+        if found is None:
+            raise
+        logger.info(found[1])
+        with duckdb.connect() as con:
+            query = f"SELECT * FROM read_parquet('{found[0]}/**/*.parquet', union_by_name = true)"
+            return con.sql(f"{query} ORDER BY ts, exchange_id").to_arrow_table()
     if log._journal is None or not log._journal.leftovers():
         return table
     with log:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -56,6 +56,36 @@ def row_seed(seed: int, prompt: str) -> int:
     """
     digest = hashlib.sha256(f"{seed}\x00{prompt}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+#: Called after each generated token of a row: ``(token_id, logprob, top_ids, top_logprobs)``, the
+#: top-k arrays ``None`` below ``topK`` exposure. Streaming servers pass one; raising ``StopRow``
+#: ends that row's generation (its client went away) without disturbing the rest of its batch.
+OnStep = Callable[[int, float, Any, Any], None]
+
+
+class StopRow(Exception):  # noqa: N818 (a signal, not an error)
+    """Raised by an ``on_step`` callback to stop its own row."""
+
+
+@dataclass
+class BatchRow:
+    """One generation among those that share a batch: exact prompt ids (already templated), the
+    ``key`` that seeds its draw, and its own sampling (temperature, length, exposure, seed).
+
+    ``processors`` transform this row's logits before the draw (a tier's per-account watermark),
+    ``prefixes`` are token sequences its answer must begin with one of (``toolcalls``), and
+    ``logit_bias`` (token id -> bias, OpenAI's ``logit_bias``) shifts what is *sampled* only: the
+    logprobs recorded are those before the bias.
+    """
+
+    ids: Sequence[int]
+    key: str
+    sampling: SamplingConfig
+    processors: Sequence[Any] = ()
+    on_step: OnStep | None = None
+    prefixes: Sequence[Sequence[int]] | None = None
+    logit_bias: Mapping[int, float] | None = None
 
 
 @dataclass

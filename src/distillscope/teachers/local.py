@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +14,21 @@ from transformers import (
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
 )
 
 from distillscope import toolcalls
 from distillscope.errors import TeacherError
 from distillscope.exposure import Full, Signal, Text, TopK, tail_mass
-from distillscope.teachers.base import Completion, SamplingConfig, row_seed
+from distillscope.teachers.base import (
+    BatchRow,
+    Completion,
+    OnStep,
+    SamplingConfig,
+    StopRow,
+    row_seed,
+)
 from distillscope.tokens import encode_prompt
 
 
@@ -36,11 +45,6 @@ def pick_device(device: str | None = "auto") -> torch.device:
     return chosen
 
 
-#: Called after each generated token of row 0: ``(token_id, logprob, top_ids, top_logprobs)``, the
-#: top-k arrays ``None`` below ``topK`` exposure. Streaming servers pass one; raising aborts.
-OnStep = Callable[[int, float, "np.ndarray | None", "np.ndarray | None"], None]
-
-
 class _SampleAndRecord(LogitsProcessor):
     """Draws each row's next token from its own seeded generator and records the raw logprobs.
 
@@ -48,25 +52,42 @@ class _SampleAndRecord(LogitsProcessor):
     picks the token by the Gumbel-max trick (argmax of logp/T + Gumbel noise is an exact sample
     from softmax(logits/T)), and returns a one-hot mask so greedy decoding keeps that choice. The
     noise comes from per-row generators seeded by the prompt, so the draw does not depend on which
-    other prompts share the batch.
+    other prompts share the batch. Each row has its own temperature, length limit, processors,
+    ``logit_bias`` and ``on_step``; ``done`` says which rows have finished (``_RowsDone`` hands
+    it to ``generate``, so a batch stops when its last row does).
     """
 
     def __init__(
         self,
         seeds: Sequence[int],
-        temperature: float,
+        temperature: float | Sequence[float],
         k: int,
         keep_full: bool,
         processors: Sequence[LogitsProcessor] = (),
         on_step: OnStep | None = None,
         prefixes: Sequence[Sequence[Sequence[int]] | None] | None = None,
+        *,
+        row_processors: Sequence[Sequence[LogitsProcessor]] | None = None,
+        on_steps: Sequence[OnStep | None] | None = None,
+        biases: Sequence[Mapping[int, float] | None] | None = None,
+        limits: Sequence[int] | None = None,
+        stop_ids: Sequence[int] = (),
     ):
+        rows = len(seeds)
         self.processors = list(processors)
+        self.groups = _processor_groups(row_processors or [()] * rows)
         #: per row, token sequences the answer must begin with one of (constrained decoding)
         self.prefixes = prefixes
-        self.on_step = on_step
+        self.on_steps = list(on_steps) if on_steps is not None else [on_step] + [None] * (rows - 1)
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
-        self.temperature = temperature
+        if isinstance(temperature, int | float):
+            temperature = [temperature] * rows
+        self.temperatures = torch.tensor(list(temperature), dtype=torch.float32)
+        self.biases = biases if biases is not None and any(biases) else None
+        self._bias: torch.Tensor | None = None
+        self.limits = list(limits) if limits is not None else [1 << 62] * rows
+        self.stop_ids = {int(i) for i in stop_ids}
+        self.done = torch.zeros(rows, dtype=torch.bool)
         self.k = k
         self.keep_full = keep_full
         self.chosen: list[torch.Tensor] = []
@@ -78,14 +99,24 @@ class _SampleAndRecord(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for processor in self.processors:
             scores = processor(input_ids, scores)
+        scores = self._per_row(input_ids, scores)
         logprobs = torch.log_softmax(scores.float(), dim=-1)
-        if self.temperature == 0:
-            draw = logprobs
-        else:
+        target = logprobs if self.biases is None else logprobs + self._bias_for(logprobs)
+        draw = target
+        hot = (self.temperatures > 0).tolist()
+        if any(hot):
             vocab = logprobs.shape[-1]
-            uniform = torch.stack([torch.rand(vocab, generator=g) for g in self.generators])
+            rows = [r for r, is_hot in enumerate(hot) if is_hot]
+            uniform = torch.stack([torch.rand(vocab, generator=self.generators[r]) for r in rows])
             gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-30))).to(logprobs.device)
-            draw = logprobs / self.temperature + gumbel
+            scaled = target[rows] / self.temperatures[rows, None].to(logprobs.device) + gumbel
+            draw = (
+                scaled
+                if len(rows) == len(hot)
+                else target.clone().index_copy_(
+                    0, torch.tensor(rows, device=logprobs.device), scaled
+                )
+            )
         choice = draw.argmax(dim=-1)
         if self.prefixes is not None:
             choice = self._constrain(choice, draw)
@@ -97,16 +128,60 @@ class _SampleAndRecord(LogitsProcessor):
             self.topk_logprobs.append(values.cpu())
         if self.keep_full:
             self.full.append(logprobs.cpu())
-        if self.on_step is not None:
-            self.on_step(
-                int(choice[0]),
-                float(self.chosen_logprobs[-1][0]),
-                self.topk_ids[-1][0].numpy() if self.k else None,
-                self.topk_logprobs[-1][0].numpy() if self.k else None,
-            )
+        self._advance()
         forced = torch.full_like(scores, float("-inf"))
         forced.scatter_(-1, choice[:, None], 0.0)
         return forced
+
+    def _per_row(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Each row's own processors (a per-account watermark), one call per group of rows that
+        share the same ones; on all rows at once when every row shares them."""
+        if len(self.groups) == 1 and len(self.groups[0][1]) == len(scores):
+            for processor in self.groups[0][0]:
+                scores = processor(input_ids, scores)
+            return scores
+        if self.groups:
+            scores = scores.clone()
+        for processors, rows in self.groups:
+            index = torch.tensor(rows, device=scores.device)
+            part_ids, part = input_ids[index], scores[index]
+            for processor in processors:
+                part = processor(part_ids, part)
+            scores[index] = part
+        return scores
+
+    def _bias_for(self, logprobs: torch.Tensor) -> torch.Tensor:
+        if self._bias is None:
+            bias = torch.zeros(logprobs.shape, dtype=logprobs.dtype)
+            for row, mapping in enumerate(self.biases):
+                for token, value in (mapping or {}).items():
+                    bias[row, int(token)] = float(value)
+            self._bias = bias.to(logprobs.device)
+        return self._bias
+
+    def _advance(self) -> None:
+        """Hand each unfinished row's token to its ``on_step``; mark rows that stop, reach their
+        limit, or whose callback raised ``StopRow``."""
+        step = len(self.chosen) - 1
+        chosen, logprob = self.chosen[-1], self.chosen_logprobs[-1]
+        for row, callback in enumerate(self.on_steps):
+            if self.done[row]:
+                continue
+            token = int(chosen[row])
+            if callback is not None:
+                try:
+                    callback(
+                        token,
+                        float(logprob[row]),
+                        self.topk_ids[-1][row].numpy() if self.k else None,
+                        self.topk_logprobs[-1][row].numpy() if self.k else None,
+                    )
+                except StopRow:
+                    self.done[row] = True
+                    self.on_steps[row] = None
+                    continue
+            if token in self.stop_ids or step + 1 >= self.limits[row]:
+                self.done[row] = True
 
     def _constrain(self, choice: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:
         """Rows still inside a forced prefix take the likeliest of the tokens that continue one
@@ -124,6 +199,27 @@ class _SampleAndRecord(LogitsProcessor):
             if int(choice[row]) not in allowed:
                 choice[row] = allowed[int(draw[row, allowed].argmax())]
         return choice
+
+
+def _processor_groups(
+    row_processors: Sequence[Sequence[LogitsProcessor]],
+) -> list[tuple[Sequence[LogitsProcessor], list[int]]]:
+    groups: dict[tuple[int, ...], tuple[Sequence[LogitsProcessor], list[int]]] = {}
+    for row, processors in enumerate(row_processors):
+        if processors:
+            key = tuple(id(p) for p in processors)
+            groups.setdefault(key, (processors, []))[1].append(row)
+    return list(groups.values())
+
+
+class _RowsDone(StoppingCriteria):
+    """Tells ``generate`` which rows the recorder has finished (per-row lengths, ``StopRow``)."""
+
+    def __init__(self, recorder: _SampleAndRecord):
+        self.recorder = recorder
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return self.recorder.done.to(input_ids.device).clone()
 
 
 class TransformersTeacher:
@@ -193,7 +289,6 @@ class TransformersTeacher:
         encoded = [self.encode_prompt(p, sampling.max_prompt_tokens) for p in prompts]
         return self.generate_from_ids(encoded, sampling, keys=prompts)
 
-    @torch.inference_mode()
     def generate_from_ids(
         self,
         encoded: Sequence[Sequence[int]],
@@ -211,26 +306,53 @@ class TransformersTeacher:
         token of the first row as it is drawn; ``prefixes`` gives each row token sequences its
         answer must begin with one of (``toolcalls.forced_prefixes``), or ``None``.
         """
-        prompts = keys
-        exposure = sampling.exposure
-        encoded = [list(e) for e in encoded]
+        rows = [
+            BatchRow(
+                ids,
+                key,
+                sampling,
+                processors=processors,
+                on_step=on_step if row == 0 else None,
+                prefixes=None if prefixes is None else prefixes[row],
+            )
+            for row, (ids, key) in enumerate(zip(encoded, keys, strict=True))
+        ]
+        return self.generate_rows(rows)
+
+    @torch.inference_mode()
+    def generate_rows(self, rows: Sequence[BatchRow]) -> list[Completion]:
+        """One batch of generations, each with its own sampling, processors, prefixes,
+        ``logit_bias`` and ``on_step``: the forward passes are shared, the draws are not (each
+        row's equals what it draws alone, up to float rounding of the padded batch)."""
+        encoded = [list(row.ids) for row in rows]
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        for row in rows:
+            bad = [t for t in (row.logit_bias or {}) if not 0 <= int(t) < vocab]
+            if bad:
+                raise TeacherError(f"logit_bias names token {bad[0]}, outside the vocabulary")
         width = max(len(ids) for ids in encoded)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
         attention = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-        k = exposure.k if isinstance(exposure, TopK) else 0
+        exposures = [row.sampling.exposure for row in rows]
+        ks = [e.k if isinstance(e, TopK) else 0 for e in exposures]
+        limits = [row.sampling.max_new_tokens for row in rows]
         recorder = _SampleAndRecord(
-            [row_seed(sampling.seed, p) for p in prompts],
-            sampling.temperature,
-            k,
-            keep_full=isinstance(exposure, Full),
-            processors=[*self.processors, *processors],
-            on_step=on_step,
-            prefixes=prefixes,
+            [row_seed(row.sampling.seed, row.key) for row in rows],
+            [row.sampling.temperature for row in rows],
+            max(ks),
+            keep_full=any(isinstance(e, Full) for e in exposures),
+            processors=self.processors,
+            prefixes=[row.prefixes for row in rows] if any(r.prefixes for r in rows) else None,
+            row_processors=[row.processors for row in rows],
+            on_steps=[row.on_step for row in rows],
+            biases=[row.logit_bias for row in rows],
+            limits=limits,
+            stop_ids=self._stop_ids,
         )
         config = GenerationConfig(
             do_sample=False,
-            max_new_tokens=sampling.max_new_tokens,
+            max_new_tokens=max(limits),
             eos_token_id=self._stop_ids,
             pad_token_id=pad,
         )
@@ -239,32 +361,35 @@ class TransformersTeacher:
             attention_mask=attention.to(self.device),
             generation_config=config,
             logits_processor=LogitsProcessorList([recorder]),
+            stopping_criteria=StoppingCriteriaList([_RowsDone(recorder)]),
         )
         chosen = torch.stack(recorder.chosen, dim=1).numpy()
         chosen_lp = torch.stack(recorder.chosen_logprobs, dim=1).numpy()
         completions = []
-        for row, prompt in enumerate(prompts):
-            length, finish = self._completion_length(chosen[row])
-            ids = chosen[row, :length].astype(np.int64)
+        for i, row in enumerate(rows):
+            exposure, k = exposures[i], ks[i]
+            length, finish = self._completion_length(chosen[i, : limits[i]])
+            ids = chosen[i, :length].astype(np.int64)
             signal = Signal(exposure, ids)
             if not isinstance(exposure, Text):
-                signal.token_logprobs = chosen_lp[row, :length].astype(np.float32)
+                signal.token_logprobs = chosen_lp[i, :length].astype(np.float32)
             if isinstance(exposure, TopK):
-                signal.topk_ids = torch.stack([t[row] for t in recorder.topk_ids[:length]]).numpy()
+                steps = recorder.topk_ids[:length]
+                signal.topk_ids = torch.stack([t[i, :k] for t in steps]).numpy()
                 signal.topk_logprobs = torch.stack(
-                    [t[row] for t in recorder.topk_logprobs[:length]]
+                    [t[i, :k] for t in recorder.topk_logprobs[:length]]
                 ).numpy()
                 signal.tail_mass = tail_mass(signal.topk_logprobs)
             if isinstance(exposure, Full):
-                signal.full_logprobs = torch.stack([t[row] for t in recorder.full[:length]]).numpy()
+                signal.full_logprobs = torch.stack([t[i] for t in recorder.full[:length]]).numpy()
             completions.append(
                 Completion(
-                    prompt=prompt,
+                    prompt=row.key,
                     text=self.tokenizer.decode(ids, skip_special_tokens=True),
                     signal=signal,
                     finish_reason=finish,
-                    prompt_ids=np.asarray(encoded[row], dtype=np.int64),
-                    prompt_tokens=len(encoded[row]),
+                    prompt_ids=np.asarray(encoded[i], dtype=np.int64),
+                    prompt_tokens=len(encoded[i]),
                 )
             )
         return completions

@@ -17,8 +17,14 @@ import numpy as np
 
 from distillscope.errors import TeacherError
 from distillscope.exposure import Full, Signal, Text, TopK, tail_mass
-from distillscope.teachers.base import Completion, SamplingConfig, row_seed
-from distillscope.teachers.local import OnStep
+from distillscope.teachers.base import (
+    BatchRow,
+    Completion,
+    OnStep,
+    SamplingConfig,
+    StopRow,
+    row_seed,
+)
 from distillscope.tokens import encode_prompt
 
 SYNTHETIC_TEACHER_ID = "synthetic"
@@ -67,15 +73,24 @@ class SyntheticTeacher:
         processors: Sequence = (),
         on_step: OnStep | None = None,
     ) -> list[Completion]:
-        if processors:
+        rows = [
+            BatchRow(ids, key, sampling, processors=processors, on_step=on_step if i == 0 else None)
+            for i, (ids, key) in enumerate(zip(encoded, keys, strict=True))
+        ]
+        return self.generate_rows(rows)
+
+    def generate_rows(self, rows: Sequence[BatchRow]) -> list[Completion]:
+        """Each row on its own (there is no forward pass to share)."""
+        if any(row.processors for row in rows):
             raise TeacherError(
                 "the synthetic teacher cannot apply logits processors (a tier's watermark): "
                 "serve a model teacher for watermarked tiers"
             )
-        return [
-            self._one(ids, key, sampling, on_step if row == 0 else None)
-            for row, (ids, key) in enumerate(zip(encoded, keys, strict=True))
-        ]
+        if any(row.logit_bias for row in rows):
+            raise TeacherError(
+                "the synthetic teacher cannot apply logit_bias: serve a model teacher"
+            )
+        return [self._one(row.ids, row.key, row.sampling, row.on_step) for row in rows]
 
     def _step(self, seed: int, step: int, previous: int) -> tuple[np.ndarray, np.ndarray, float]:
         """Candidate ids, their logprobs, and the logprob of each non-candidate token."""
@@ -113,7 +128,10 @@ class SyntheticTeacher:
                 row[ids] = logprobs
                 full.append(row)
             if on_step is not None:
-                on_step(choice, logprob, top_ids[-1] if k else None, top_lps[-1] if k else None)
+                try:
+                    on_step(choice, logprob, top_ids[-1] if k else None, top_lps[-1] if k else None)
+                except StopRow:
+                    break
             previous = choice
             if choice == self.eos:
                 finish = "stop"
