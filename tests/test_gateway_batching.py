@@ -252,3 +252,25 @@ def test_sampling_config_is_per_row_in_one_batch(tiny_teacher):
     short, long = tiny_teacher.generate_rows(rows)
     assert len(short.signal) == 2 and short.signal.token_logprobs is None
     assert len(long.signal) == 6 and long.signal.topk_ids.shape == (6, 3)
+
+
+def test_prompts_of_different_lengths_are_prefilled_apart_and_draw_what_they_draw_alone(
+    tiny_teacher,
+):
+    """A batch prefills each prompt on its own (no padding computed) and decodes together: the
+    answers and logprobs are those each prompt gets alone."""
+    from distillscope.teachers.base import BatchRow
+
+    texts = ["Hi.", "A longer prompt, with a few more words in it than the first.", "x " * 40]
+    rows = [
+        BatchRow(tiny_teacher.encode_prompt(t, 512), t, SamplingConfig("top3", max_new_tokens=8))
+        for t in texts
+    ]
+    assert tiny_teacher._prefilled([list(r.ids) for r in rows], max(len(r.ids) for r in rows))
+    together = tiny_teacher.generate_rows(rows)
+    for row, answer in zip(rows, together, strict=True):
+        [alone] = tiny_teacher.generate_rows([row])
+        assert answer.text == alone.text
+        np.testing.assert_allclose(
+            answer.signal.topk_logprobs, alone.signal.topk_logprobs, atol=1e-4
+        )

@@ -356,12 +356,14 @@ class TransformersTeacher:
             eos_token_id=self._stop_ids,
             pad_token_id=pad,
         )
+        prefilled = self._prefilled(encoded, width)
         self.model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=attention.to(self.device),
             generation_config=config,
             logits_processor=LogitsProcessorList([recorder]),
             stopping_criteria=StoppingCriteriaList([_RowsDone(recorder)]),
+            **({} if prefilled is None else {"cache": prefilled}),
         )
         chosen = torch.stack(recorder.chosen, dim=1).numpy()
         chosen_lp = torch.stack(recorder.chosen_logprobs, dim=1).numpy()
@@ -393,6 +395,35 @@ class TransformersTeacher:
                 )
             )
         return completions
+
+    def _prefilled(self, encoded: list[list[int]], width: int):
+        """A cache of every prompt but its last token, each prefilled on its own and left-padded
+        into one batch: a padded prefill computes its padding like any token (compute-bound on a
+        CPU), one row at a time computes only real tokens. ``None`` (prefill the padded batch)
+        for a single row, prompts of equal length, or a model whose cache cannot be built so."""
+        lengths = [len(ids) for ids in encoded]
+        if len(encoded) < 2 or min(lengths) == max(lengths) or min(lengths) < 2:
+            return None
+        try:
+            from transformers import DynamicCache
+
+            layers = []
+            for ids in encoded:
+                out = self.model(input_ids=torch.tensor([ids[:-1]], device=self.device))
+                cache = out.cache if getattr(out, "cache", None) is not None else out[1]
+                layers.append([(layer.keys, layer.values) for layer in cache.layers])
+            data = []
+            for index in range(len(layers[0])):
+                keys, values = [], []
+                for ids, row in zip(encoded, layers, strict=True):
+                    key, value = row[index]
+                    pad = (0, 0, width - len(ids), 0)
+                    keys.append(torch.nn.functional.pad(key, pad))
+                    values.append(torch.nn.functional.pad(value, pad))
+                data.append((torch.cat(keys), torch.cat(values)))
+            return DynamicCache(data, config=self.model.config)
+        except (AttributeError, TypeError, ValueError, RuntimeError):
+            return None  # not a plain decoder cache: the padded prefill is always right
 
     def chat(
         self,
