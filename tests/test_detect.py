@@ -438,3 +438,37 @@ def test_the_loop_end_to_end_replay_watch_block(sim, postgres_url, redis_url, tm
         logged = dict(conn.execute("SELECT status, count(*) FROM exchanges GROUP BY 1").fetchall())
     assert logged[200] == first.sent + second.statuses.get(200, 0)
     assert logged[403] == second.statuses[403]
+
+
+def test_minhashes_in_numpy_equal_the_sql_cross_join_they_replace():
+    """The MinHash of each (prompt, view) under each permutation: numpy's per-permutation
+    reduceat gives exactly what ``min((a * h + b) % p) FROM sh, perms GROUP BY`` gives."""
+    import duckdb
+
+    from distillscope.detect.detector import _PRIME, DetectConfig, _minhashes
+
+    config = DetectConfig()
+    rng = np.random.default_rng(3)
+    n = 5000
+    con = duckdb.connect()
+    con.register(
+        "raw",
+        pa.table({"pid": rng.integers(1, 400, n), "view": rng.integers(0, 3, n),
+                  "h": rng.integers(0, _PRIME, n).astype(np.uint64)}),
+    )  # fmt: skip
+    con.execute("CREATE TABLE sh AS SELECT pid, view, h FROM raw")
+    seeds = np.random.default_rng(config.seed)
+    con.register(
+        "perms",
+        pa.table({"i": np.arange(config.permutations),
+                  "a": seeds.integers(1, _PRIME, config.permutations),
+                  "b": seeds.integers(0, _PRIME, config.permutations)}),
+    )  # fmt: skip
+    expected = con.execute(
+        f"SELECT pid, view, i, min((a * h + b) % {_PRIME}) AS m FROM sh, perms "
+        "GROUP BY ALL ORDER BY pid, view, i"
+    ).fetchnumpy()
+    got = _minhashes(con, config).sort_by([("pid", "ascending"), ("view", "ascending"),
+                                           ("i", "ascending")])  # fmt: skip
+    for column in ("pid", "view", "i", "m"):
+        np.testing.assert_array_equal(got[column].to_numpy(), expected[column].astype(np.int64))

@@ -481,22 +481,13 @@ def _template_clusters(con, config: DetectConfig) -> None:
         SELECT pid, view, hash(array_to_string(w[i:i + {k - 1}], ' ')) % 2147483647 AS h
         FROM views, range(1, len(w) - {k} + 2) AS r(i)"""
     )
-    rng = np.random.default_rng(config.seed)
-    perms = pa.table(
-        {
-            "i": np.arange(config.permutations),
-            "a": rng.integers(1, 2**31 - 1, config.permutations),
-            "b": rng.integers(0, 2**31 - 1, config.permutations),
-        }
-    )
-    con.register("perms", perms)
+    con.register("mh", _minhashes(con, config))
     con.execute(
         f"""CREATE TABLE buckets AS
-        WITH mh AS (SELECT pid, view, i, min((a * h + b) % 2147483647) AS m
-                    FROM sh, perms GROUP BY pid, view, i)
         SELECT pid, view * 1000 + i // {rows} AS band, hash(list(m ORDER BY i)) AS key
         FROM mh GROUP BY pid, view, i // {rows}"""
     )
+    con.unregister("mh")
     # A template is one LSH bucket (no transitive chaining: near-duplicates of near-duplicates
     # are not merged into one giant component) holding several variants from several accounts.
     con.execute(
@@ -548,6 +539,42 @@ def _template_clusters(con, config: DetectConfig) -> None:
                LEFT JOIN own o2 ON o2.account_id = edges.account_id AND o2.edge = edges.b
                GROUP BY rid) t
            WHERE x.rid = t.rid"""
+    )
+
+
+#: The Mersenne prime the MinHash permutations ``(a * h + b) % p`` work modulo.
+_PRIME = 2147483647
+
+
+def _minhashes(con, config: DetectConfig) -> pa.Table:
+    """``(pid, view, i, m)``: each view's minimum over its shingle hashes ``h`` of the i-th
+    permutation ``(a_i * h + b_i) % p``. Computed in numpy, one vectorised pass per permutation
+    over the shingles sorted by view (``np.minimum.reduceat``): the same values as SQL's
+    ``min(...) FROM sh, perms GROUP BY pid, view, i``, which joined 16M shingles with 32
+    permutations at 1M exchanges and took 83 of the detector's 237 s."""
+    rng = np.random.default_rng(config.seed)
+    a = rng.integers(1, _PRIME, config.permutations)
+    b = rng.integers(0, _PRIME, config.permutations)
+    sh = con.execute("SELECT pid, view, h FROM sh ORDER BY pid, view").fetchnumpy()
+    pid = np.asarray(sh["pid"], dtype=np.int64)
+    view = np.asarray(sh["view"], dtype=np.int64)
+    h = np.asarray(sh["h"]).astype(np.int64)  # < p: a * h + b stays below 2^63
+    if len(h) == 0:
+        empty = pa.array([], pa.int64())
+        return pa.table({"pid": empty, "view": empty, "i": empty, "m": empty})
+    group = pid * 3 + view
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    m = np.empty((len(starts), config.permutations), dtype=np.int64)
+    for i in range(config.permutations):
+        m[:, i] = np.minimum.reduceat((a[i] * h + b[i]) % _PRIME, starts)
+    n = config.permutations
+    return pa.table(
+        {
+            "pid": np.repeat(pid[starts], n),
+            "view": np.repeat(view[starts], n),
+            "i": np.tile(np.arange(n, dtype=np.int64), len(starts)),
+            "m": m.ravel(),
+        }
     )
 
 
