@@ -307,14 +307,18 @@ class TeacherBackend(Backend):
         ]
         try:
             completions = self.teacher.generate_rows(rows)
-        except Exception as exc:  # noqa: BLE001 (one request's failure must not fail the rest)
+        except TeacherError as exc:  # refused before drawing: find which request, each alone
             if len(jobs) == 1:
                 jobs[0].future.set_exception(_as_backend_error(exc))
                 return
-            for job, row in zip(jobs, rows, strict=True):  # find which: each on its own
+            for job, row in zip(jobs, rows, strict=True):
                 self._settle(job, lambda r=row, j=job: self._generation(
                     j.request, self.teacher.generate_rows([r])[0]
                 ))  # fmt: skip
+            return
+        except Exception as exc:  # noqa: BLE001 (mid-generation: streams have tokens; no retry)
+            for job in jobs:
+                job.future.set_exception(exc)
             return
         for job, completion in zip(jobs, completions, strict=True):
             self._settle(job, lambda j=job, c=completion: self._generation(j.request, c))

@@ -332,7 +332,7 @@ async def account_page(account: str, request: Request):
         requests=len(rows), per_hour=_counts(rows, starts, step), labels=_labels(starts, step),
         unit="hour" if step < timedelta(days=1) else "day", keys=keys, blocked=blocked,
         alert=alert, signals=_signals(request, account), quote=quote,
-        marks=[m for m in _watermarked(request) if m["account_id"] == account],
+        marks=_watermarked(request, account),
         reports=[r for r in _reports(request) if r["account"] == account],
         tiers=Counter(r["tier"] for r in rows), statuses=Counter(r["status"] for r in rows),
     )  # fmt: skip
@@ -374,14 +374,15 @@ async def forensics(request: Request):
     )  # fmt: skip
 
 
-@console_router.get("/forensics/reports/{index}")
-async def forensics_report(index: int, request: Request):
+@console_router.get("/forensics/reports/{where:path}")
+async def forensics_report(where: str, request: Request):
+    """A report by its folder under the evidence folder (stable while new reports arrive)."""
     if (away := _guard(request)) is not None:
         return away
-    reports = _reports(request)
-    if not 0 <= index < len(reports) or not reports[index]["html"].is_file():
+    found = next((r for r in _reports(request) if r["where"] == where), None)
+    if found is None or not found["html"].is_file():
         return HTMLResponse("no such report", status_code=404)
-    return HTMLResponse(reports[index]["html"].read_text())
+    return HTMLResponse(found["html"].read_text())
 
 
 #: Evidence reports listed at most (newest first).
@@ -408,14 +409,14 @@ def _reports(request: Request) -> list[dict]:
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not one of ours, or half written
         reports.append({
-            "index": len(reports), "account": payload.get("account"), "tests": tests,
+            "account": payload.get("account"), "tests": tests,
             "where": str(path.parent.relative_to(folder)) or ".", "html": path.with_suffix(".html"),
             "written": datetime.fromtimestamp(path.stat().st_mtime),
         })  # fmt: skip
     return reports
 
 
-def _watermarked(request: Request) -> list[dict]:
+def _watermarked(request: Request, account: str | None = None) -> list[dict]:
     """Each account holding a key of a watermarked tier: the scheme, its key's fingerprint
     (with the master secret in ``$DISTILLSCOPE_WATERMARK_SECRET``, as the gateway has it) and the
     command that tests a suspect model for that account's mark."""
@@ -429,7 +430,7 @@ def _watermarked(request: Request) -> list[dict]:
     from distillscope.gateway.tiers import tier_name
 
     seen: dict[tuple[str, str], dict] = {}
-    for key in gateway.keys.list():
+    for key in gateway.keys.list(account):
         scheme = schemes.get(key.tier) or schemes.get(tier_name(key.tier))
         if scheme is None or (key.account_id, scheme) in seen:
             continue

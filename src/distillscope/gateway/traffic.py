@@ -596,7 +596,7 @@ class DuckDBTrafficLog(TrafficLog):
             self._con.execute(
                 f"COPY (SELECT * FROM exchanges WHERE ts >= to_timestamp({hour * 3600}) AND "
                 f"ts < to_timestamp({(hour + 1) * 3600}) ORDER BY ts, exchange_id) "
-                f"TO '{staging}' (FORMAT parquet)"
+                f"TO '{_quoted(staging)}' (FORMAT parquet)"
             )
             os.replace(staging, target)
         if final and (start is None or end > start):
@@ -683,6 +683,11 @@ def held_log_segments(path: str | os.PathLike) -> tuple[Path, str] | None:
         upto = "as a stopped gateway left them"
     note = f"{path} is held by a running gateway: read its hourly segments in {folder} ({upto})"
     return folder, note
+
+
+def _quoted(path: str | os.PathLike) -> str:
+    """A path inside a single-quoted SQL string literal."""
+    return str(path).replace("'", "''")
 
 
 def _hour_index(moment: datetime) -> int:
@@ -806,7 +811,10 @@ def read_traffic(target: str | os.PathLike) -> pa.Table:
             raise
         logger.info(found[1])
         with duckdb.connect() as con:
-            query = f"SELECT * FROM read_parquet('{found[0]}/**/*.parquet', union_by_name = true)"
+            query = (
+                f"SELECT * FROM read_parquet('{_quoted(found[0])}/**/*.parquet', "
+                "union_by_name = true)"
+            )
             return con.sql(f"{query} ORDER BY ts, exchange_id").to_arrow_table()
     if log._journal is None or not log._journal.leftovers():
         return table
