@@ -24,6 +24,20 @@ STEPS = ("_prepare", "_load", "_template_clusters", "_elicitation", "_intents", 
          "_report")  # fmt: skip
 
 
+def timed(seconds: dict, calls: dict, name: str, step):
+    """``step`` adding its inclusive seconds to ``seconds[name]`` and counting its calls."""
+
+    def run(*a, **k):
+        began = time.perf_counter()
+        try:
+            return step(*a, **k)
+        finally:
+            seconds[name] += time.perf_counter() - began
+            calls[name] += 1
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scale", type=float, default=4.4)
@@ -35,19 +49,8 @@ def main() -> None:
     seconds: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
 
-    def timed(name, step):
-        def run(*a, **k):
-            began = time.perf_counter()
-            try:
-                return step(*a, **k)
-            finally:
-                seconds[name] += time.perf_counter() - began
-                calls[name] += 1
-
-        return run
-
     for name in STEPS:
-        setattr(detector, name, timed(name, getattr(detector, name)))
+        setattr(detector, name, timed(seconds, calls, name, getattr(detector, name)))
     began = time.perf_counter()
     summary = detector.detect(
         args.sim / "traffic.duckdb",

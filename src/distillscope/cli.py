@@ -1032,6 +1032,14 @@ def _moment(option: str, text: str | None):
         ) from None
 
 
+def _engine_name(engine: str) -> str:
+    from distillscope.detect.engine import ENGINES
+
+    if engine not in ENGINES:
+        raise DistillscopeError(f"--engine takes {' or '.join(ENGINES)}, not {engine!r}")
+    return engine
+
+
 @app.command()
 def detect(
     log: str = typer.Option(
@@ -1084,6 +1092,16 @@ def detect(
         "learned_flagged beside the detector's own in accounts.parquet. Load only files you "
         "trained yourself (a scorer is a pickle).",
     ),
+    engine: str = typer.Option(
+        "duckdb",
+        help="Where the relational steps run: duckdb (in this process) or spark (PySpark; "
+        "local[N] or --master). Same SQL, same flags.",
+    ),
+    master: str | None = typer.Option(
+        None,
+        help="With --engine spark: the master URL (spark://host:7077, yarn, k8s://...); "
+        "default local[cores].",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Find distillation campaigns in a traffic log: scores, flags, clusters, report, block list.
@@ -1114,6 +1132,7 @@ def detect(
             log, out, accounts=accounts, events=events, banned=banned_ids, until=until_at,
             since=since_at, reference=fitted, scorer=learned,
             config=DetectConfig(flag_fpr=flag_fpr, paraphrase=paraphrase),
+            engine=_engine_name(engine), master=master,
         )  # fmt: skip
     runs = None
     if daily:
@@ -1123,6 +1142,7 @@ def detect(
             runs = daily_first_flags(
                 log, out, every_hours=every, accounts=accounts, events=events, banned=banned_ids,
                 reference=fitted, config=DetectConfig(flag_fpr=flag_fpr, paraphrase=paraphrase),
+                engine=engine, master=master,
             )  # fmt: skip
         errors.print(
             f"job replayed every {every:g} h ({runs} runs): first_flagged_at in accounts.parquet"

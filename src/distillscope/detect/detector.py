@@ -45,6 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from distillscope.detect.engine import DuckEngine, Engine, EngineError, open_engine
 from distillscope.detect.learned import LearnedScorer
 from distillscope.detect.signals import (
     REASON,
@@ -93,11 +94,11 @@ def _offered(columns) -> str:
     return "(coalesce(tools, '') || coalesce(messages, ''))"
 
 
-def _catalogue(column: str) -> str:
-    """SQL: the request's tool catalogue, a hash of the sorted set of tool names its messages
-    offer (null when none)."""
-    names = f"list_sort(list_distinct(regexp_extract_all({column}, '{_TOOL_NAME}', 1)))"
-    return f"CASE WHEN {column} LIKE '%name%' AND len({names}) > 0 THEN hash({names}) END"
+#: SQL (with the engine's macros, given ``offered`` and ``tool_name``): the request's tool
+#: catalogue, a hash of the sorted set of tool names its messages offer (null when none).
+_CATALOGUE = """CASE WHEN {{ offered }} LIKE '%name%'
+      AND {{ size(sorted_set(extract_all(offered, tool_name, 1))) }} > 0
+    THEN {{ hash64(join(sorted_set(extract_all(offered, tool_name, 1)), "','")) }} END"""
 
 
 @dataclass
@@ -176,6 +177,8 @@ def detect(
     reference: Reference | str | os.PathLike | None = None,
     scorer: LearnedScorer | str | os.PathLike | None = None,
     config: DetectConfig | None = None,
+    engine: str | Engine = "duckdb",
+    master: str | None = None,
 ) -> DetectionSummary:
     """Score every account of ``log`` (a gateway DuckDB file or Parquet) and write ``out``:
     ``accounts.parquet``, ``clusters.parquet``, ``baseline.parquet`` (volume only),
@@ -190,6 +193,10 @@ def detect(
     against earlier traffic; without it each account is ranked among this log's accounts.
     ``scorer`` (a ``LearnedScorer`` or the file ``detect-train`` saved) adds its probability
     (``learned_score``) and flag (``learned_flagged``) beside the detector's own.
+
+    ``engine`` runs the relational steps on DuckDB in this process (the default) or on Apache
+    Spark (``"spark"``, ``master`` a ``local[N]`` or cluster URL; or an open ``Engine``): the
+    same SQL, the same flags (``detect.engine``).
     """
     began = time.perf_counter()
     if scorer is not None and not isinstance(scorer, LearnedScorer):
@@ -199,10 +206,31 @@ def detect(
         reference = Reference.load(reference)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect()
+    eng = _engine(engine, master)
+    try:
+        return _detect(eng, log, out, accounts, events, banned, until, since, reference, scorer,
+                       config, began)  # fmt: skip
+    finally:
+        if not isinstance(engine, Engine):
+            eng.close()
+
+
+def _engine(engine: str | Engine, master: str | None) -> Engine:
+    if isinstance(engine, Engine):
+        return engine
+    try:
+        return open_engine(engine, master=master)
+    except EngineError as exc:
+        raise DetectError(str(exc)) from None
+
+
+def _detect(con, log, out, accounts, events, banned, until, since, reference, scorer, config,
+            began) -> DetectionSummary:  # fmt: skip
     features, measured, skipped, notes, n = _prepare(
         con, log_target(log), accounts, events, banned, until, config
     )
+    if con.name != "duckdb":
+        notes.append(f"relational steps run on {con.name} ({getattr(con, 'master', '')})")
     if reference is None:
         ranked = _self_referenced(con, features, measured, config, notes)
     else:
@@ -308,6 +336,8 @@ def fit_reference(
     until: datetime | None = None,
     exclude: Sequence[str] = (),
     config: DetectConfig | None = None,
+    engine: str | Engine = "duckdb",
+    master: str | None = None,
 ) -> Reference:
     """Fit every signal on the accounts of ``log`` (earlier traffic: last week's, say), leaving
     out ``exclude``d accounts (those its detection run flagged or that were banned), and save it
@@ -317,31 +347,36 @@ def fit_reference(
     the number of accounts a log holds.
     """
     config = config or DetectConfig()
-    con = duckdb.connect()
-    features, measured, _, _, n = _prepare(
-        con, log_target(log), accounts, events, banned, until, config
-    )
+    con = _engine(engine, master)
+    try:
+        features, measured, _, _, n = _prepare(
+            con, log_target(log), accounts, events, banned, until, config
+        )
+    finally:
+        if not isinstance(engine, Engine):
+            con.close()
     reference = Reference.fit(features, measured, exclude=exclude, exchanges=n, source=str(log))
     if out is not None:
         reference.save(out)
     return reference
 
 
-def _prepare(con, log: Path, accounts, events, banned, until, config: DetectConfig):
+def _prepare(con: Engine, log, accounts, events, banned, until, config: DetectConfig):
     """Load ``log`` into ``con`` and compute every account's signals: the features table, the
     signals measured, rows skipped, notes, and the number of usable exchanges."""
-    con.execute("SET TimeZone = 'UTC'")
     skipped, missing, notes = _load(con, log, until)
-    n = con.execute("SELECT count(*) FROM x").fetchall()[0][0]
+    n = con.scalar("SELECT count(*) FROM x")
     if n == 0:
         raise DetectError(f"{log}: no usable exchanges ({_describe(skipped)})")
     _template_clusters(con, config)
     _elicitation(con, config)
     if config.paraphrase:
+        if not isinstance(con, DuckEngine):
+            raise DetectError("--paraphrase runs on the duckdb engine only")
         from distillscope.detect.paraphrase import paraphrase_templates
 
         groups = paraphrase_templates(
-            con, max_per_account=config.paraphrase_per_account, seed=config.seed
+            con.con, max_per_account=config.paraphrase_per_account, seed=config.seed
         )
         notes.append(f"{groups} paraphrase templates from sentence embeddings")
     features, absent = _features(con, accounts, events, banned, notes)
@@ -352,57 +387,68 @@ def _describe(skipped: dict[str, int]) -> str:
     return ", ".join(f"{v} rows {k}" for k, v in skipped.items() if v) or "the log is empty"
 
 
-def _load(con, log: Path, until: datetime | None) -> tuple[dict[str, int], set[str], list[str]]:
-    """The clean exchanges as table ``x``; rows that cannot be used are counted, not fatal.
-    Returns the skipped-row counts, the optional columns the log lacks, and notes."""
+def _load(con: Engine, log, until: datetime | None) -> tuple[dict[str, int], set[str], list[str]]:
+    """The clean exchanges as table ``x`` (with ``norm``, the normalised prompt); rows that
+    cannot be used are counted, not fatal. Returns the skipped-row counts, the optional columns
+    the log lacks, and notes."""
     held: list[str] = []
-    source = _source(con, log, held)
+    _source(con, log, held)
     try:
-        columns = {
-            row[0]: row[1] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()
-        }
-    except duckdb.Error as exc:
+        columns = con.columns("src_exchanges")
+    except Exception as exc:  # noqa: BLE001 -- an unreadable file, whichever engine says so
         raise DetectError(f"cannot read {log}: {str(exc).splitlines()[0]}") from None
     missing = [c for c in _REQUIRED if c not in columns]
     if missing:
         raise DetectError(f"{log} has no {', '.join(missing)} column: nothing to score by")
     notes, absent = held, set()
 
-    def col(name: str, default: str) -> str:
+    def col(name: str) -> str:
         if name in columns:
             return name
         absent.add(name)
         notes.append(f"column {name} missing: the signals that need it are skipped")
-        return f"{default} AS {name}"
+        return f"CAST(NULL AS STRING) AS {name}"
 
-    ts = "ts" if "TIMESTAMP" in columns["ts"].upper() else "try_cast(ts AS TIMESTAMPTZ)"
-    con.execute(
-        f"""CREATE TABLE raw AS SELECT account_id, {ts} AS ts,
-            {col("prompt", "NULL::VARCHAR")}, {col("model", "NULL::VARCHAR")},
-            {col("client_ip", "NULL::VARCHAR")}, {col("user_agent", "NULL::VARCHAR")},
-            {col("exposure_requested", "NULL::VARCHAR")}, {col("status", "200")},
-            {_catalogue(_offered(columns)) if "messages" in columns else "NULL::UBIGINT"}
-                AS catalogue
-        FROM {source}"""
-    )
+    ts = "ts" if "TIMESTAMP" in columns["ts"] else "{{ to_timestamp('ts') }}"
     if "messages" not in columns:
         absent.add("messages")
-    counts = con.execute(
-        """SELECT count(*) FILTER (WHERE account_id IS NULL OR account_id = ''),
-                  count(*) FILTER (WHERE ts IS NULL),
-                  count(*) FILTER (WHERE prompt IS NULL OR trim(prompt) = '')
+    con.create(
+        "raw",
+        f"""SELECT CAST(account_id AS STRING) AS account_id, {ts} AS ts,
+            {col("prompt")}, {col("model")}, {col("client_ip")}, {col("user_agent")},
+            {col("exposure_requested")}, {"status" if "status" in columns else "200 AS status"},
+            {_CATALOGUE if "messages" in columns else "CAST(NULL AS BIGINT)"} AS catalogue
+        FROM src_exchanges""",
+        offered=_offered(columns),
+        tool_name=f"'{_TOOL_NAME}'",
+    )
+    counts = con.fetch(
+        """SELECT count(*) FILTER (WHERE account_id IS NULL OR account_id = '') AS a,
+                  count(*) FILTER (WHERE ts IS NULL) AS b,
+                  count(*) FILTER (WHERE prompt IS NULL OR trim(prompt) = '') AS c
            FROM raw"""
-    ).fetchall()[0]
-    skipped = {"without account": counts[0], "with a bad timestamp": counts[1],
-               "with an empty prompt": counts[2]}  # fmt: skip
-    cut = "AND ts < $until" if until is not None else ""
-    con.execute(
-        f"""CREATE TABLE x AS SELECT row_number() OVER (ORDER BY ts) AS rid, * FROM raw
+    ).to_pylist()[0]
+    skipped = {"without account": counts["a"], "with a bad timestamp": counts["b"],
+               "with an empty prompt": counts["c"]}  # fmt: skip
+    cut = f"AND ts < CAST('{_utc_text(until)}' AS TIMESTAMP)" if until is not None else ""
+    con.create(
+        "x",
+        f"""SELECT {{{{ row_id() }}}} AS rid, *,
+              trim({{{{ replace_all(replace_all('lower(prompt)', "'[0-9]+'", "'0'"),
+                                    "'[^a-z0 ]+'", "' '") }}}}) AS norm
+        FROM raw
         WHERE account_id IS NOT NULL AND account_id <> '' AND ts IS NOT NULL
           AND prompt IS NOT NULL AND trim(prompt) <> '' {cut}""",
-        {"until": until} if until is not None else {},
     )
+    con.drop("raw")
     return skipped, absent, notes
+
+
+def _utc_text(moment: datetime) -> str:
+    """``moment`` as UTC wall-clock text (a naive one is taken to be UTC already)."""
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
+    return moment.isoformat(sep=" ")
 
 
 def log_target(log: str | os.PathLike) -> str | Path:
@@ -410,12 +456,13 @@ def log_target(log: str | os.PathLike) -> str | Path:
     return str(log) if is_database_url(log) else Path(log)
 
 
-def _source(con, log: str | Path, notes: list[str] | None = None) -> str:
-    """The SQL name of a log's exchanges: a gateway DuckDB file (attached read-only; while a
+def _source(con: Engine, log: str | Path, notes: list[str] | None = None) -> None:
+    """Table ``src_exchanges``: a log's exchanges. A gateway DuckDB file (read-only; while a
     running gateway holds it, the hourly Parquet segments it writes beside it, with a note),
     Parquet (a file, or a folder whose every Parquet file, at any depth, is traffic: exported
     segments, partitioned by day or not), or a gateway's PostgreSQL log (read once, while the
-    gateway goes on writing)."""
+    gateway goes on writing). Parquet is read by the engine itself (on Spark, by its
+    executors); a DuckDB file or PostgreSQL log is read here and handed to it."""
     if isinstance(log, str):
         from distillscope.gateway.traffic import TrafficLogError, read_traffic
 
@@ -423,35 +470,53 @@ def _source(con, log: str | Path, notes: list[str] | None = None) -> str:
             table = read_traffic(log)
         except TrafficLogError as exc:
             raise DetectError(f"cannot read the traffic log {masked_url(log)}: {exc}") from None
-        con.register("pg_exchanges", table)
-        return "pg_exchanges"
+        con.register("src_exchanges", table)
+        return
     if not log.exists():
         raise DetectError(f"no traffic log at {log}")
     if log.is_dir():
         if not any(log.rglob("*.parquet")):
             raise DetectError(f"{log} holds no Parquet files")
-        return f"read_parquet('{log}/**/*.parquet', union_by_name = true)"
+        con.read_parquet("src_exchanges", log)
+        return
     if log.suffix != ".duckdb":
-        return f"read_parquet('{log}')"
-    try:
-        con.execute(f"ATTACH '{log}' AS src (READ_ONLY)")
-    except duckdb.Error as exc:  # held by a gateway (its lock, or in this process its handle)
-        from distillscope.gateway.traffic import held_log_segments
+        con.read_parquet("src_exchanges", log)
+        return
+    if isinstance(con, DuckEngine):
+        try:
+            con.con.execute(f"ATTACH '{_quoted(log)}' AS src (READ_ONLY)")
+            con.con.execute("CREATE OR REPLACE VIEW src_exchanges AS SELECT * FROM src.exchanges")
+            return
+        except duckdb.Error as exc:
+            error = exc
+    else:
+        try:
+            with duckdb.connect(str(log), read_only=True) as db:
+                table = db.sql("SELECT * FROM exchanges").to_arrow_table()
+            con.register("src_exchanges", table)
+            return
+        except duckdb.Error as exc:
+            error = exc
+    # held by a gateway (its lock, or in this process its handle)
+    from distillscope.gateway.traffic import held_log_segments
 
-        found = held_log_segments(log)
-        if found is None:
-            raise DetectError(
-                f"cannot open {log}: {str(exc).splitlines()[0]} (a running gateway holds its "
-                "DuckDB file; it writes hourly segments beside it, and none is there yet)"
-            ) from None
-        folder, note = found
-        if notes is not None:
-            notes.append(note)
-        return f"read_parquet('{folder}/**/*.parquet', union_by_name = true)"
-    return "src.exchanges"
+    found = held_log_segments(log)
+    if found is None:
+        raise DetectError(
+            f"cannot open {log}: {str(error).splitlines()[0]} (a running gateway holds its "
+            "DuckDB file; it writes hourly segments beside it, and none is there yet)"
+        ) from None
+    folder, note = found
+    if notes is not None:
+        notes.append(note)
+    con.read_parquet("src_exchanges", folder)
 
 
-def _template_clusters(con, config: DetectConfig) -> None:
+def _quoted(path) -> str:
+    return str(path).replace("'", "''")
+
+
+def _template_clusters(con: Engine, config: DetectConfig) -> None:
     """``x.template``: the prompt-template (LSH bucket) of each request, null for none.
 
     Three views of each normalised prompt are hashed: the whole prompt, its first and its last
@@ -459,126 +524,167 @@ def _template_clusters(con, config: DetectConfig) -> None:
     document) shares little with its siblings as a whole but its frame is nearly identical.
     """
     rows = config.permutations // config.bands
-    con.execute(
-        """ALTER TABLE x ADD COLUMN norm VARCHAR;
-           UPDATE x SET norm = trim(regexp_replace(regexp_replace(lower(prompt), '[0-9]+', '0',
-                                                  'g'), '[^a-z0 ]+', ' ', 'g'))"""
-    )
-    con.execute(
-        "CREATE TABLE p AS SELECT norm, row_number() OVER () AS pid"
-        " FROM (SELECT DISTINCT norm FROM x)"
+    con.create(
+        "p", "SELECT norm, {{ hash64('norm') }} AS pid FROM (SELECT DISTINCT norm FROM x) AS q"
     )
     k, f = config.shingle_words, config.frame_words
-    con.execute(
-        f"""CREATE TABLE sh AS
-        WITH words AS (SELECT pid, string_split(regexp_replace(norm, ' +', ' ', 'g'), ' ') AS w
-                       FROM p),
+    con.create(
+        "sh",
+        """WITH words AS (SELECT pid, {{ words('norm') }} AS w FROM p),
         views AS (
-          SELECT pid, 0 AS view, w[1:{config.whole_words}] AS w FROM words
-          WHERE len(w) >= {config.min_template_words}
-          UNION ALL SELECT pid, 1, w[1:{f}] FROM words WHERE len(w) > {2 * f}
-          UNION ALL SELECT pid, 2, w[-{f}:] FROM words WHERE len(w) > {2 * f})
-        SELECT pid, view, hash(array_to_string(w[i:i + {k - 1}], ' ')) % 2147483647 AS h
-        FROM views, range(1, len(w) - {k} + 2) AS r(i)"""
+          SELECT pid, 0 AS view, {{ slice('w', 1, whole) }} AS w FROM words
+          WHERE {{ size('w') }} >= {{ shortest }}
+          UNION ALL SELECT pid, 1, {{ slice('w', 1, f) }} FROM words
+          WHERE {{ size('w') }} > {{ 2 * f }}
+          UNION ALL SELECT pid, 2, {{ slice('w', -f, f) }} FROM words
+          WHERE {{ size('w') }} > {{ 2 * f }}),
+        shingles AS (
+          SELECT pid, view, {{ slice('w', 'i', k) }} AS s
+          FROM (SELECT pid, view, w, {{ series(1, size('w') ~ ' - ' ~ (k - 1)) }} AS i
+                FROM views WHERE {{ size('w') }} >= {{ k }}) AS q)
+        SELECT pid, view, {{ hash64(join('s', "' '")) }} % 2147483647 AS h FROM shingles""",
+        whole=config.whole_words, shortest=config.min_template_words, f=f, k=k,
+    )  # fmt: skip
+    con.map_batches(
+        "mh",
+        "SELECT pid, view, h FROM sh",
+        lambda batches: _minhashes(batches, config),
+        _MINHASH_SCHEMA,
+        partition_by="pid",
+        order_by="pid, view",
     )
-    con.register("mh", _minhashes(con, config))
-    con.execute(
-        f"""CREATE TABLE buckets AS
-        SELECT pid, view * 1000 + i // {rows} AS band, hash(list(m ORDER BY i)) AS key
-        FROM mh GROUP BY pid, view, i // {rows}"""
+    con.drop("sh")
+    con.create(
+        "buckets",
+        """SELECT pid, {{ hash64("CAST(band AS STRING) || ':' || key") }} AS bucket FROM (
+             SELECT pid, view * 1000 + {{ idiv('i', rows) }} AS band,
+                    {{ agg_ordered('m', 'i', "','") }} AS key
+             FROM mh GROUP BY pid, view, {{ idiv('i', rows) }}) AS q""",
+        rows=rows,
     )
-    con.unregister("mh")
+    con.drop("mh")
     # A template is one LSH bucket (no transitive chaining: near-duplicates of near-duplicates
     # are not merged into one giant component) holding several variants from several accounts.
-    con.execute(
-        """CREATE TABLE xp AS SELECT x.rid, x.account_id, p.pid, x.prompt
-           FROM x JOIN p USING (norm)"""
-    )
-    con.execute(
-        f"""CREATE TABLE templates AS
-        WITH pb AS (SELECT pid, hash(band, key) AS bucket FROM buckets)
-        SELECT bucket AS template, count(DISTINCT xp.account_id) AS accounts,
-               count(DISTINCT pb.pid) AS variants, count(*) AS requests,
-               any_value(xp.prompt) AS example
-        FROM xp JOIN pb USING (pid) GROUP BY bucket
-        HAVING count(DISTINCT xp.account_id) >= {config.min_template_accounts}
-           AND count(DISTINCT pb.pid) >= {config.min_template_variants}"""
-    )
-    con.execute(
-        """ALTER TABLE x ADD COLUMN template UBIGINT;
-           UPDATE x SET template = t.template FROM (
-               SELECT xp.rid, min(hash(b.band, b.key)) AS template
-               FROM xp JOIN buckets b USING (pid)
-               WHERE hash(b.band, b.key) IN (SELECT template FROM templates)
-               GROUP BY xp.rid) t
-           WHERE x.rid = t.rid"""
-    )
+    con.create(
+        "templates",
+        """SELECT bucket AS template, count(DISTINCT x.account_id) AS accounts,
+                  count(DISTINCT b.pid) AS variants, count(*) AS requests,
+                  min(x.prompt) AS example
+           FROM x JOIN p USING (norm) JOIN buckets b ON b.pid = p.pid
+           GROUP BY bucket
+           HAVING count(DISTINCT x.account_id) >= {{ accounts }}
+              AND count(DISTINCT b.pid) >= {{ variants }}""",
+        accounts=config.min_template_accounts, variants=config.min_template_variants,
+    )  # fmt: skip
     # An account's own template: the same first (or last) words around many different prompts
     # of one account (an integration wrapping its users' text in its own instruction, shared with
     # nobody). Not a shared template, so no evidence of anything; it only makes the wrapped
     # requests one task. Exact words, not MinHash: the slot content is most of each prompt.
-    e = config.edge_words
-    con.execute(
-        f"""ALTER TABLE x ADD COLUMN frame VARCHAR;
-           UPDATE x SET frame = t.frame FROM (
-               WITH edges AS (
-                 SELECT rid, account_id, norm, 'first ' || array_to_string(w[1:{e}], ' ') AS a,
-                        'last ' || array_to_string(w[-{e}:], ' ') AS b
-                 FROM (SELECT rid, account_id, norm,
-                              string_split(regexp_replace(norm, ' +', ' ', 'g'), ' ') AS w
-                       FROM x)
-                 WHERE len(w) >= {2 * e}),
-               own AS (
-                 SELECT account_id, edge FROM (
-                   SELECT account_id, a AS edge, norm FROM edges
-                   UNION ALL SELECT account_id, b, norm FROM edges)
-                 GROUP BY ALL HAVING count(DISTINCT norm) >= {config.min_template_variants})
-               SELECT rid, coalesce(min(o1.edge), min(o2.edge)) AS frame
-               FROM edges
-               LEFT JOIN own o1 ON o1.account_id = edges.account_id AND o1.edge = edges.a
-               LEFT JOIN own o2 ON o2.account_id = edges.account_id AND o2.edge = edges.b
-               GROUP BY rid) t
-           WHERE x.rid = t.rid"""
-    )
+    con.create(
+        "x",
+        """WITH assigned AS (
+             SELECT p.norm, min(b.bucket) AS template
+             FROM p JOIN buckets b ON b.pid = p.pid
+             JOIN templates t ON t.template = b.bucket GROUP BY p.norm),
+           edges AS (
+             SELECT rid, account_id, norm,
+                    'first ' || {{ join(slice('w', 1, e), "' '") }} AS a,
+                    'last ' || {{ join(slice('w', -e, e), "' '") }} AS b
+             FROM (SELECT rid, account_id, norm, {{ words('norm') }} AS w FROM x) AS q
+             WHERE {{ size('w') }} >= {{ 2 * e }}),
+           own AS (
+             SELECT account_id, edge FROM (
+               SELECT account_id, a AS edge, norm FROM edges
+               UNION ALL SELECT account_id, b, norm FROM edges) AS q
+             GROUP BY account_id, edge HAVING count(DISTINCT norm) >= {{ variants }}),
+           framed AS (
+             SELECT rid, coalesce(min(o1.edge), min(o2.edge)) AS frame
+             FROM edges
+             LEFT JOIN own o1 ON o1.account_id = edges.account_id AND o1.edge = edges.a
+             LEFT JOIN own o2 ON o2.account_id = edges.account_id AND o2.edge = edges.b
+             GROUP BY rid)
+        SELECT x.*, assigned.template, framed.frame
+        FROM x LEFT JOIN assigned ON assigned.norm = x.norm
+        LEFT JOIN framed ON framed.rid = x.rid""",
+        e=config.edge_words, variants=config.min_template_variants,
+    )  # fmt: skip
+    con.drop("buckets")
 
 
 #: The Mersenne prime the MinHash permutations ``(a * h + b) % p`` work modulo.
 _PRIME = 2147483647
+_MINHASH_SCHEMA = pa.schema(
+    [("pid", pa.int64()), ("view", pa.int64()), ("i", pa.int64()), ("m", pa.int64())]
+)
 
 
-def _minhashes(con, config: DetectConfig) -> pa.Table:
-    """``(pid, view, i, m)``: each view's minimum over its shingle hashes ``h`` of the i-th
-    permutation ``(a_i * h + b_i) % p``. Computed in numpy, one vectorised pass per permutation
-    over the shingles sorted by view (``np.minimum.reduceat``): the same values as SQL's
+def _minhashes(batches, config: DetectConfig):
+    """``(pid, view, i, m)`` batches: each view's minimum over its shingle hashes ``h`` of the
+    i-th permutation ``(a_i * h + b_i) % p``, from ``(pid, view, h)`` batches in which each
+    (pid, view) is contiguous (it may straddle two batches). One vectorised pass per
+    permutation in numpy (``np.minimum.reduceat``): the same values as SQL's
     ``min(...) FROM sh, perms GROUP BY pid, view, i``, which joined 16M shingles with 32
-    permutations at 1M exchanges and took 83 of the detector's 237 s."""
+    permutations at 1M exchanges and took 83 of the detector's 237 s. Both engines run this
+    function: DuckDB in this process, Spark in its executors."""
     rng = np.random.default_rng(config.seed)
     a = rng.integers(1, _PRIME, config.permutations)
     b = rng.integers(0, _PRIME, config.permutations)
-    sh = con.execute("SELECT pid, view, h FROM sh ORDER BY pid, view").fetchnumpy()
-    pid = np.asarray(sh["pid"], dtype=np.int64)
-    view = np.asarray(sh["view"], dtype=np.int64)
-    h = np.asarray(sh["h"]).astype(np.int64)  # < p: a * h + b stays below 2^63
-    if len(h) == 0:
-        empty = pa.array([], pa.int64())
-        return pa.table({"pid": empty, "view": empty, "i": empty, "m": empty})
-    group = pid * 3 + view
-    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
-    m = np.empty((len(starts), config.permutations), dtype=np.int64)
-    for i in range(config.permutations):
-        m[:, i] = np.minimum.reduceat((a[i] * h + b[i]) % _PRIME, starts)
     n = config.permutations
-    return pa.table(
-        {
-            "pid": np.repeat(pid[starts], n),
-            "view": np.repeat(view[starts], n),
-            "i": np.tile(np.arange(n, dtype=np.int64), len(starts)),
-            "m": m.ravel(),
-        }
-    )
+    held = None
+    for batch in [*batches, None]:
+        if batch is not None:
+            part = [np.asarray(batch.column(c).to_numpy(zero_copy_only=False), dtype=np.int64)
+                    for c in ("pid", "view", "h")]  # fmt: skip
+            if held is not None:
+                part = [np.concatenate([x, y]) for x, y in zip(held, part)]
+            pid, view, h = part
+            if len(h) == 0:
+                continue
+            # the last group may go on in the next batch: keep it back
+            last = (pid == pid[-1]) & (view == view[-1])
+            cut = len(h) - int(np.argmin(last[::-1])) if not last.all() else 0
+            held = [x[cut:] for x in part]
+            pid, view, h = (x[:cut] for x in part)
+        elif held is not None and len(held[0]):
+            pid, view, h = held
+        else:
+            return
+        if len(h) == 0:
+            continue
+        group = np.r_[True, (pid[1:] != pid[:-1]) | (view[1:] != view[:-1])]
+        starts = np.flatnonzero(group)
+        m = np.empty((len(starts), n), dtype=np.int64)
+        for i in range(n):
+            m[:, i] = np.minimum.reduceat((a[i] * h + b[i]) % _PRIME, starts)
+        yield pa.RecordBatch.from_pydict(
+            {
+                "pid": np.repeat(pid[starts], n),
+                "view": np.repeat(view[starts], n),
+                "i": np.tile(np.arange(n, dtype=np.int64), len(starts)),
+                "m": m.ravel(),
+            },
+            schema=_MINHASH_SCHEMA,
+        )
 
 
-def _elicitation(con, config: DetectConfig) -> None:
+_ELICITED_SCHEMA = pa.schema([("prompt", pa.string()), ("elicits", pa.bool_())])
+
+
+def _classify(batches, classifier):
+    """``(prompt, elicits)`` batches for ``prompt`` batches: the elicitation classifier (run in
+    this process on DuckDB, in Spark's executors on Spark)."""
+    for batch in batches:
+        prompts = batch.column("prompt").to_pylist()
+        if not prompts:
+            continue
+        texts = [p if len(p) <= 4000 else p[:2000] + "\n" + p[-2000:] for p in prompts]
+        proba = classifier.predict_proba(texts)
+        yield pa.RecordBatch.from_pydict(
+            {"prompt": prompts, "elicits": proba >= 0.5}, schema=_ELICITED_SCHEMA
+        )
+
+
+def _elicitation(con: Engine, config: DetectConfig) -> None:
     """``x.elicits``: whether the prompt asks to see the reasoning or a narrated trace
     (``detect.elicitation``), scored once per distinct prompt; ``x.fresh``: whether no other
     account sent the same (normalised) prompt. A public test set that several evaluation
@@ -586,38 +692,45 @@ def _elicitation(con, config: DetectConfig) -> None:
     elicitations count. Then ``intents``: the accounts that ask for reasoning and what about."""
     from distillscope.detect.elicitation import ElicitationClassifier
 
-    prompts = con.execute("SELECT DISTINCT prompt FROM x").fetchnumpy()["prompt"]
-    texts = [p if len(p) <= 4000 else p[:2000] + "\n" + p[-2000:] for p in prompts]
-    proba = ElicitationClassifier.default().predict_proba(texts)
-    con.register("elicited", pa.table({"prompt": prompts, "elicits": proba >= 0.5}))
-    con.execute(
-        """ALTER TABLE x ADD COLUMN elicits BOOLEAN DEFAULT false;
-           UPDATE x SET elicits = e.elicits FROM elicited e WHERE x.prompt = e.prompt;
-           ALTER TABLE x ADD COLUMN fresh BOOLEAN DEFAULT true;
-           UPDATE x SET fresh = false WHERE norm IN (
-               SELECT norm FROM x GROUP BY norm HAVING count(DISTINCT account_id) > 1)"""
+    classifier = ElicitationClassifier.default()
+    con.map_batches(
+        "elicited",
+        "SELECT DISTINCT prompt FROM x",
+        lambda batches: _classify(batches, classifier),
+        _ELICITED_SCHEMA,
     )
-    con.unregister("elicited")
+    con.create("shared", "SELECT norm FROM x GROUP BY norm HAVING count(DISTINCT account_id) > 1")
+    con.create(
+        "x",
+        """SELECT x.*, coalesce(e.elicits, false) AS elicits, s.norm IS NULL AS fresh
+           FROM x LEFT JOIN elicited e ON e.prompt = x.prompt
+           LEFT JOIN shared s ON s.norm = x.norm""",
+    )
+    con.drop("elicited")
+    con.drop("shared")
     _intents(con, config)
 
 
-def _intents(con, config: DetectConfig) -> None:
+def _intents(con: Engine, config: DetectConfig) -> None:
     """Table ``intents(account_id, intent)``: what each account that asks for reasoning asks
     about. Its fresh elicitation prompts (up to ``intent_prompts``) are embedded (hashed word
     n-grams, tf-idf, a 64-dimensional SVD) and clustered (k-means); an account holds an intent
     when at least two of its prompts fall in that cluster. A campaign with no shared
     infrastructure still asks many accounts for the same kind of thing, worded differently each
     time; people asking for reasoning ask about whatever they are working on."""
-    rows = con.execute(
-        f"""SELECT account_id, prompt FROM (
+    rows = con.fetch(
+        """SELECT account_id, prompt FROM (
               SELECT account_id, prompt, row_number() OVER (
-                       PARTITION BY account_id ORDER BY hash(prompt, {config.seed})) AS r
-              FROM x WHERE elicits AND fresh)
-            WHERE r <= {config.intent_prompts}
-              AND account_id IN (SELECT account_id FROM x WHERE elicits AND fresh
-                                 GROUP BY 1 HAVING count(*) >= 2)"""
-    ).fetchnumpy()
-    accounts, prompts = rows["account_id"], rows["prompt"]
+                       PARTITION BY account_id
+                       ORDER BY {{ hash64("prompt || '" ~ seed ~ "'") }}, prompt) AS r
+              FROM x WHERE elicits AND fresh
+                AND account_id IN (SELECT account_id FROM x WHERE elicits AND fresh
+                                   GROUP BY account_id HAVING count(*) >= 2)) AS q
+            WHERE r <= {{ limit }} ORDER BY account_id, r""",
+        seed=config.seed, limit=config.intent_prompts,
+    )  # fmt: skip
+    accounts = rows["account_id"].to_numpy(zero_copy_only=False)
+    prompts = rows["prompt"].to_pylist()
     clusters = np.zeros(len(prompts), dtype=np.int64)
     if len(prompts) >= 20:
         from sklearn.cluster import MiniBatchKMeans
@@ -639,28 +752,72 @@ def _intents(con, config: DetectConfig) -> None:
             k, random_state=config.seed, n_init=3, batch_size=4096
         ).fit_predict(embedded)
     con.register(
-        "embedded", pa.table({"account_id": accounts, "intent": pa.array(clusters, pa.int64())})
+        "embedded",
+        pa.table({"account_id": pa.array(accounts, pa.string()),
+                  "intent": pa.array(clusters, pa.int64())}),
+    )  # fmt: skip
+    con.create(
+        "intents",
+        """SELECT account_id, intent FROM embedded
+           GROUP BY account_id, intent HAVING count(*) >= 2""",
     )
-    con.execute(
-        """CREATE OR REPLACE TABLE intents AS SELECT account_id, intent FROM embedded
-           GROUP BY ALL HAVING count(*) >= 2"""
-    )
-    con.unregister("embedded")
+    con.drop("embedded")
 
 
-def _features(con, accounts_meta, events, banned, notes) -> tuple[pa.Table, set[str]]:
+def _features(con: Engine, accounts_meta, events, banned, notes) -> tuple[pa.Table, set[str]]:
     """One row per account: every signal's value (shares as their lower bound), plus volume and
     examples; and the side inputs (events, accounts, banned) not given."""
     absent = set()
     capability = " ".join(
-        f"WHEN regexp_matches(lower(prompt), '{pattern}') THEN '{name}'"
-        for name, pattern in _CAPABILITIES.items()
+        f"WHEN {{{{ matches('lower(prompt)', {name}) }}}} THEN '{name}'" for name in _CAPABILITIES
     )
-    con.execute(
-        f"""CREATE TABLE acc AS
-        WITH t AS (
+    joins, extra = [], dict.fromkeys(("pivot", "fingerprint", "banned_link"), "CAST(0 AS DOUBLE)")
+    if events is not None and Path(events).exists():
+        con.read_parquet("events", events)
+        joins.append(
+            """LEFT JOIN (
+                 SELECT x.account_id, avg(CAST(x.model = e.name AS INT)) AS share
+                 FROM x JOIN events e
+                   ON x.ts >= e.time AND x.ts < e.time + INTERVAL 24 HOUR
+                 GROUP BY x.account_id HAVING count(*) >= 3) pv USING (account_id)"""
+        )
+        extra["pivot"] = "CAST(coalesce(any_value(pv.share), 0) AS DOUBLE)"
+    else:
+        absent.add("events")
+        notes.append("no model-release events given: the pivot signal is skipped")
+    if accounts_meta is not None and Path(accounts_meta).exists():
+        con.read_parquet("meta", accounts_meta)
+        joins.append(
+            """LEFT JOIN (
+                 SELECT CAST(account_id AS STRING) AS account_id,
+                        count(*) OVER (PARTITION BY payment_fingerprint) - 1 AS n
+                 FROM meta WHERE payment_fingerprint IS NOT NULL) fp USING (account_id)"""
+        )
+        extra["fingerprint"] = "CAST(coalesce(any_value(fp.n), 0) AS DOUBLE)"
+    else:
+        absent.add("accounts")
+        notes.append("no account metadata given: the payment-fingerprint signal is skipped")
+    if not banned:
+        absent.add("banned")
+    else:
+        con.register("banned", pa.table({"account_id": pa.array(list(banned), pa.string())}))
+        joins.append(
+            """LEFT JOIN (
+                 SELECT a.account_id, count(DISTINCT b.account_id) AS links
+                 FROM (SELECT DISTINCT account_id, template, client_ip FROM x) a
+                 JOIN (SELECT DISTINCT account_id, template, client_ip FROM x
+                       WHERE account_id IN (SELECT account_id FROM banned)) b
+                   ON a.template = b.template OR a.client_ip = b.client_ip
+                 WHERE a.account_id <> b.account_id GROUP BY a.account_id) bl
+               USING (account_id)"""
+        )
+        extra["banned_link"] = "CAST(coalesce(any_value(bl.links), 0) AS DOUBLE)"
+    con.create(
+        "acc",
+        f"""WITH t AS (
           SELECT *, CASE {capability} ELSE 'other' END AS capability,
-                 epoch(ts - lag(ts) OVER (PARTITION BY account_id ORDER BY ts)) AS gap
+                 ({{{{ epoch_us('ts') }}}} - lag({{{{ epoch_us('ts') }}}}) OVER (
+                    PARTITION BY account_id ORDER BY ts, rid)) / 1e6 AS gap
           FROM x),
         -- a task is a distinct template (shared, or the account's own) or a distinct
         -- untemplated prompt: an integration that wraps its users' text in one template sends
@@ -668,79 +825,52 @@ def _features(con, accounts_meta, events, banned, notes) -> tuple[pa.Table, set[
         caps AS (SELECT account_id, sum(n) AS tasks,
                         coalesce(max(n) FILTER (WHERE capability <> 'other'), 0) AS top FROM (
                    SELECT account_id, capability,
-                          count(DISTINCT coalesce(template::VARCHAR, frame, norm)) AS n
-                   FROM t GROUP BY ALL) GROUP BY 1),
+                          count(DISTINCT coalesce(CAST(template AS STRING), frame, norm)) AS n
+                   FROM t GROUP BY account_id, capability) AS q GROUP BY account_id),
         hours AS (SELECT account_id, -sum(p * ln(p)) AS entropy FROM (
                    SELECT account_id, count(*) / sum(count(*)) OVER (PARTITION BY account_id) AS p
-                   FROM t GROUP BY account_id, hour(ts)) GROUP BY 1),
+                   FROM t GROUP BY account_id, hour(ts)) AS q GROUP BY account_id),
         ips AS (SELECT client_ip, count(DISTINCT account_id) AS sharing FROM x
-                WHERE client_ip IS NOT NULL GROUP BY 1)
+                WHERE client_ip IS NOT NULL GROUP BY client_ip),
+        examples AS (
+          SELECT account_id, {{{{ agg_ordered('prompt', 'r') }}}} AS examples FROM (
+            SELECT account_id, prompt, row_number() OVER (
+                     PARTITION BY account_id
+                     ORDER BY elicits DESC, template IS NULL, ts, prompt) AS r
+            FROM x) AS q
+          WHERE r <= 2 GROUP BY account_id)
         SELECT t.account_id,
                count(*) AS requests,
                count(DISTINCT date_trunc('day', ts)) AS active_days,
                min(ts) AS first_seen,
                max(ts) AS last_seen,
                count(template) AS template,
-               sum((elicits AND fresh)::INT) AS elicitation,
-               any_value(caps.top) AS concentration,
-               any_value(caps.tasks) AS tasks,
+               CAST(sum(CAST(elicits AND fresh AS INT)) AS BIGINT) AS elicitation,
+               CAST(any_value(caps.top) AS BIGINT) AS concentration,
+               CAST(any_value(caps.tasks) AS BIGINT) AS tasks,
                CASE WHEN count(gap) >= 5 AND avg(gap) > 0
-                    THEN avg(gap) / greatest(stddev_pop(gap), 1e-9) ELSE 0 END AS regularity,
+                    THEN avg(gap) / greatest(stddev_pop(gap), 1e-9) ELSE 0.0 END AS regularity,
                any_value(hours.entropy) AS around_clock,
-               coalesce(max(ips.sharing), 0) AS ip_sharing,
+               CAST(coalesce(max(ips.sharing), 0) AS BIGINT) AS ip_sharing,
                count(DISTINCT t.client_ip) / count(*) AS ip_rotation,
-               sum(coalesce(regexp_matches(lower(user_agent), '{_AUTOMATION_UA}'), false)::INT)
-                   AS automation_ua,
-               sum((coalesce(exposure_requested, 'text') <> 'text')::INT) AS logprobs,
+               CAST(sum(CAST(coalesce({{{{ matches('lower(user_agent)', ua) }}}}, false) AS INT))
+                    AS BIGINT) AS automation_ua,
+               CAST(sum(CAST(coalesce(exposure_requested, 'text') <> 'text' AS INT)) AS BIGINT)
+                   AS logprobs,
                count(DISTINCT catalogue) AS tool_coverage,
-               list(prompt ORDER BY elicits DESC, template IS NULL, ts)[1:2]
-                   AS examples
+               any_value(examples.examples) AS examples,
+               {extra["pivot"]} AS pivot,
+               {extra["fingerprint"]} AS fingerprint,
+               {extra["banned_link"]} AS banned_link
         FROM t JOIN caps USING (account_id) JOIN hours USING (account_id)
-        LEFT JOIN ips USING (client_ip)
-        GROUP BY t.account_id"""
+        LEFT JOIN examples USING (account_id)
+        LEFT JOIN ips ON ips.client_ip = t.client_ip
+        {" ".join(joins)}
+        GROUP BY t.account_id""",
+        ua=f"'{_AUTOMATION_UA}'",
+        **{name: f"'{pattern}'" for name, pattern in _CAPABILITIES.items()},
     )
-    con.execute('ALTER TABLE acc ADD COLUMN "pivot" DOUBLE DEFAULT 0')
-    con.execute("ALTER TABLE acc ADD COLUMN fingerprint DOUBLE DEFAULT 0")
-    con.execute("ALTER TABLE acc ADD COLUMN banned_link DOUBLE DEFAULT 0")
-    if events is not None and Path(events).exists():
-        con.execute(
-            f"""UPDATE acc SET "pivot" = s.share FROM (
-                SELECT x.account_id, avg((x.model = e.name)::INT) AS share
-                FROM x, read_parquet('{events}') e
-                WHERE x.ts >= e.time AND x.ts < e.time + INTERVAL 24 HOUR
-                GROUP BY x.account_id HAVING count(*) >= 3) s
-            WHERE acc.account_id = s.account_id"""
-        )
-    else:
-        absent.add("events")
-        notes.append("no model-release events given: the pivot signal is skipped")
-    if accounts_meta is not None and Path(accounts_meta).exists():
-        con.execute(f"CREATE TABLE meta AS SELECT * FROM read_parquet('{accounts_meta}')")
-        con.execute(
-            """UPDATE acc SET fingerprint = s.n - 1 FROM (
-                SELECT account_id, count(*) OVER (PARTITION BY payment_fingerprint) AS n
-                FROM meta WHERE payment_fingerprint IS NOT NULL) s
-            WHERE acc.account_id = s.account_id"""
-        )
-    else:
-        absent.add("accounts")
-        notes.append("no account metadata given: the payment-fingerprint signal is skipped")
-    if not banned:
-        absent.add("banned")
-    else:
-        con.register("banned", pa.table({"account_id": list(banned)}))
-        con.execute(
-            """UPDATE acc SET banned_link = s.links FROM (
-                SELECT a.account_id, count(DISTINCT b.account_id) AS links
-                FROM (SELECT DISTINCT account_id, template, client_ip FROM x) a
-                JOIN (SELECT DISTINCT account_id, template, client_ip FROM x
-                      WHERE account_id IN (SELECT account_id FROM banned)) b
-                  ON a.template = b.template
-                     OR a.client_ip = b.client_ip
-                WHERE a.account_id <> b.account_id GROUP BY 1) s
-            WHERE acc.account_id = s.account_id"""
-        )
-    table = con.sql("SELECT * FROM acc ORDER BY account_id").to_arrow_table()
+    table = con.fetch("SELECT * FROM acc ORDER BY account_id")
     for signal in SIGNAL_LIST:
         if not signal.share:
             continue
@@ -755,7 +885,7 @@ def _features(con, accounts_meta, events, banned, notes) -> tuple[pa.Table, set[
 
 
 def _communities(
-    con, suspects: list[str], reasoned: list[str], config: DetectConfig
+    con: Engine, suspects: list[str], reasoned: list[str], config: DetectConfig
 ) -> Communities:
     """Louvain communities of the coordination graph. What accounts share of infrastructure and
     timing ties ``suspects`` only (accounts with at least half the flag score: an office's
@@ -780,71 +910,81 @@ def _communities(
     con.register("reasoned", pa.table({"account_id": pa.array(reasoned, pa.string())}))
     fingerprints = (
         """UNION ALL SELECT a.account_id, b.account_id, false, 2, 'payment fingerprint'
-           FROM meta a JOIN meta b
-             USING (payment_fingerprint)
+           FROM meta a JOIN meta b ON a.payment_fingerprint = b.payment_fingerprint
            WHERE a.account_id < b.account_id
              AND a.account_id IN (SELECT account_id FROM suspects)
              AND b.account_id IN (SELECT account_id FROM suspects)"""
-        if con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'meta'").fetchall()[
-            0
-        ][0]
+        if con.has("meta")
         else ""
     )
-    pairs = con.execute(
-        f"""WITH
+    pairs = con.fetch(
+        """WITH
         -- a template most of whose users are not suspects is everyone's (a popular prompt):
         -- co-hitting it says nothing about coordination
-        owned AS (SELECT template FROM x WHERE template IS NOT NULL GROUP BY 1
+        owned AS (SELECT template FROM x WHERE template IS NOT NULL GROUP BY template
                   HAVING count(DISTINCT account_id) FILTER (
                            WHERE account_id IN (SELECT account_id FROM suspects))
-                         >= {config.min_suspect_share} * count(DISTINCT account_id)),
+                         >= {{ share }} * count(DISTINCT account_id)),
         sx AS (SELECT * FROM x WHERE account_id IN (SELECT account_id FROM suspects)),
         hits AS (
-          SELECT DISTINCT template, time_bucket(INTERVAL {config.window_minutes} MINUTE, ts)
-                 AS slot, false AS daily, account_id FROM sx
-          WHERE template IN (SELECT * FROM owned)
+          SELECT DISTINCT template, {{ idiv(epoch_us('ts'), 60000000 * window) }} AS slot,
+                 false AS daily, account_id FROM sx
+          WHERE template IN (SELECT template FROM owned)
           UNION ALL
-          SELECT DISTINCT template, time_bucket(INTERVAL 1 DAY, ts), true, account_id FROM sx
-          WHERE template IN (SELECT * FROM owned)),
-        crowded AS (SELECT template, slot, daily FROM hits GROUP BY ALL HAVING count(*) <= 400),
+          SELECT DISTINCT template, {{ idiv(epoch_us('ts'), 86400000000) }}, true, account_id
+          FROM sx WHERE template IN (SELECT template FROM owned)),
+        crowded AS (SELECT template, slot, daily FROM hits GROUP BY template, slot, daily
+                    HAVING count(*) <= 400),
         ips AS (SELECT DISTINCT client_ip, account_id FROM sx WHERE client_ip IS NOT NULL),
-        shared_ips AS (SELECT client_ip FROM ips GROUP BY 1 HAVING count(*) <= 50),
+        shared_ips AS (SELECT client_ip FROM ips GROUP BY client_ip HAVING count(*) <= 50),
         catalogues AS (SELECT DISTINCT catalogue, account_id FROM x
                        WHERE catalogue IS NOT NULL AND account_id IN (
                          SELECT account_id FROM suspects UNION SELECT account_id FROM reasoned)),
         ranked_intents AS (SELECT account_id, intent, row_number() OVER (
-                             PARTITION BY intent ORDER BY hash(account_id, {config.seed})) AS r
+                             PARTITION BY intent
+                             ORDER BY {{ hash64("account_id || '" ~ seed ~ "'") }}, account_id)
+                             AS r
                            FROM intents),
         edges AS (
-          SELECT a.account_id AS u, b.account_id AS v, daily, 1 AS w,
-                 CASE WHEN daily THEN 'template, same day' ELSE 'template, same hour' END AS tie
-          FROM hits a JOIN hits b USING (template, slot, daily)
+          SELECT a.account_id AS u, b.account_id AS v, a.daily, 1 AS w,
+                 CASE WHEN a.daily THEN 'template, same day' ELSE 'template, same hour' END
+                   AS tie
+          FROM hits a JOIN hits b
+            ON a.template = b.template AND a.slot = b.slot AND a.daily = b.daily
+          JOIN crowded c ON c.template = a.template AND c.slot = a.slot AND c.daily = a.daily
           WHERE a.account_id < b.account_id
-            AND (template, slot, daily) IN (SELECT * FROM crowded)
           UNION ALL
           SELECT a.account_id, b.account_id, false, 1, 'IP address'
-          FROM ips a JOIN ips b USING (client_ip)
-          WHERE a.account_id < b.account_id AND client_ip IN (SELECT * FROM shared_ips)
+          FROM ips a JOIN ips b ON a.client_ip = b.client_ip
+          WHERE a.account_id < b.account_id
+            AND a.client_ip IN (SELECT client_ip FROM shared_ips)
           UNION ALL
           SELECT a.account_id, b.account_id, false, 1, 'tool catalogue'
-          FROM catalogues a JOIN catalogues b USING (catalogue)
-          WHERE a.account_id < b.account_id AND catalogue IN (
-                SELECT catalogue FROM catalogues GROUP BY 1 HAVING count(*) <= 400)
+          FROM catalogues a JOIN catalogues b ON a.catalogue = b.catalogue
+          WHERE a.account_id < b.account_id AND a.catalogue IN (
+                SELECT catalogue FROM catalogues GROUP BY catalogue HAVING count(*) <= 400)
           UNION ALL
           SELECT least(a.account_id, b.account_id), greatest(a.account_id, b.account_id),
                  false, 1, 'intent'
-          FROM ranked_intents a JOIN ranked_intents b USING (intent)
-          WHERE b.r > a.r AND b.r <= a.r + {config.intent_degree}
-          {fingerprints})
+          FROM ranked_intents a JOIN ranked_intents b ON a.intent = b.intent
+          WHERE b.r > a.r AND b.r <= a.r + {{ degree }}
+          {{ fingerprints }})
         -- same-day co-hits strengthen a pair already tied in lockstep or by infrastructure;
         -- alone they are what two busy users of one popular prompt share by chance
-        SELECT u, v, sum(w) AS weight, string_agg(DISTINCT tie, '; ' ORDER BY tie) AS ties
+        SELECT u, v, CAST(sum(w) AS BIGINT) AS weight,
+               {{ agg_sorted_distinct('tie', "'; '") }} AS ties
         FROM edges GROUP BY u, v
-        HAVING count(*) FILTER (WHERE NOT daily) > 0 AND sum(w) >= {config.min_edge_weight}"""
-    ).fetchall()
+        HAVING count(*) FILTER (WHERE NOT daily) > 0 AND sum(w) >= {{ min_weight }}
+        ORDER BY u, v""",
+        share=config.min_suspect_share, window=config.window_minutes, seed=config.seed,
+        degree=config.intent_degree, fingerprints=fingerprints,
+        min_weight=config.min_edge_weight,
+    ).to_pylist()  # fmt: skip
+    con.drop("suspects")
+    con.drop("reasoned")
     graph = nx.Graph()
-    for u, v, weight, ties in pairs:
-        graph.add_edge(u, v, weight=weight, ties=ties)
+    for row in pairs:
+        graph.add_edge(row["u"], row["v"], weight=row["weight"], ties=row["ties"])
     members = Communities()
     if graph.number_of_edges() == 0:
         return members
@@ -1011,14 +1151,17 @@ def _report(out: Path, table: pa.Table, summary: DetectionSummary, con, threshol
     from distillscope.report.detection import detection_page, write_detection_report
 
     con.register("report_accounts", table.filter(table["flagged"]).select(["account_id"]))
-    per_day = con.execute(
-        """SELECT x.account_id, x.ts::DATE, count(*) FROM x JOIN report_accounts USING (account_id)
-           GROUP BY ALL"""
-    ).fetchall()
+    per_day = con.fetch(
+        """SELECT x.account_id, CAST(x.ts AS DATE) AS day, count(*) AS n
+           FROM x JOIN report_accounts r ON r.account_id = x.account_id
+           GROUP BY x.account_id, CAST(x.ts AS DATE)"""
+    ).to_pylist()
+    con.drop("report_accounts")
     timeline: dict[str, dict] = {}
-    for account, day, n in per_day:
-        timeline.setdefault(account, {})[day] = n
-    first, last = con.execute("SELECT min(ts)::DATE, max(ts)::DATE FROM x").fetchall()[0]
+    for row in per_day:
+        timeline.setdefault(row["account_id"], {})[row["day"]] = row["n"]
+    span = con.fetch("SELECT CAST(min(ts) AS DATE) AS a, CAST(max(ts) AS DATE) AS b FROM x")
+    first, last = span["a"][0].as_py(), span["b"][0].as_py()
     days = [first + timedelta(days=i) for i in range((last - first).days + 1)]
     page = detection_page(table, asdict(summary), threshold, timeline, days)
     write_detection_report(out, page)
@@ -1036,12 +1179,19 @@ def daily_first_flags(
     if every_hours <= 0:
         raise DetectError(f"the replay's period must be positive, not {every_hours} h")
     out = Path(out)
-    con = duckdb.connect()
-    con.execute("SET TimeZone = 'UTC'")
-    source = _source(con, log_target(log))
-    first_ts, last_ts = con.execute(
-        f"SELECT min(ts)::VARCHAR, max(ts)::VARCHAR FROM {source}"
-    ).fetchall()[0]
+    con = DuckEngine()
+    try:
+        _source(con, log_target(log))
+        first_ts, last_ts = (
+            con.fetch(
+                "SELECT CAST(min(ts) AS STRING) AS a, CAST(max(ts) AS STRING) AS b "
+                "FROM src_exchanges"
+            )
+            .to_pylist()[0]
+            .values()
+        )
+    finally:
+        con.close()
     start = datetime.fromisoformat(first_ts).replace(hour=0, minute=0, second=0, microsecond=0)
     end = datetime.fromisoformat(last_ts)
     step = timedelta(hours=every_hours)

@@ -256,17 +256,20 @@ def _write_groups(
 def _assign_ids(con) -> None:
     """``paraphrase_groups.template``: a salted hash of the centre's ``norm``.
 
-    MinHash template ids are DuckDB hashes spread over all 64 bits, so no bit is free to mark a
-    paraphrase group; a salted hash collides with one of them with negligible probability, and
-    the check below changes the salt when it does.
+    MinHash template ids are hashes spread over 60 bits (``engine.hash64``), so no bit is free
+    to mark a paraphrase group; a salted hash collides with one of them with negligible
+    probability, and the check below changes the salt when it does.
     """
-    con.execute("ALTER TABLE paraphrase_groups ADD COLUMN template UBIGINT")
+    con.execute("ALTER TABLE paraphrase_groups ADD COLUMN template BIGINT")
     taken = "SELECT template FROM x WHERE template IS NOT NULL"
     if _has_table(con, "templates"):
         taken += " UNION ALL SELECT template FROM templates"
     for attempt in range(8):
         salt = f"{_SALT}/{attempt}" if attempt else _SALT
-        con.execute("UPDATE paraphrase_groups SET template = hash($salt, centre)", {"salt": salt})
+        con.execute(
+            "UPDATE paraphrase_groups SET template = ('0x' || md5($salt || centre)[1:15])::BIGINT",
+            {"salt": salt},
+        )
         clashes = con.execute(
             f"""SELECT count(*) FROM paraphrase_groups
                 WHERE template IN ({taken})

@@ -440,6 +440,8 @@ class TrafficLog:
                 self._write_retrying(rows)
                 self._slots.release(len(rows))
                 self._after_write()
+            elif flushes:
+                self._after_write()
             if segment is not None:
                 segment.unlink()
             for done in flushes:
@@ -557,15 +559,30 @@ class DuckDBTrafficLog(TrafficLog):
         #: where closed hours go as Parquet (``segments_folder``), or None for none
         self.segments = segments_folder(path) if segments else None
         self._next_export = 0.0
+        #: the earliest hour of a row written since the last export: a row stamped in an hour
+        #: already written (a replay of old traffic, a generation that outlasted the grace)
+        #: has its hour written again
+        self._written_from: int | None = None
+
+    def export_segments(self) -> None:
+        """Write every closed hour's segment now (after the rows acknowledged so far are in the
+        database), not at the next once-a-minute export."""
+        self._next_export = 0.0
+        self._flush()
 
     def _after_write(self) -> None:
-        """Once a minute: write every hour closed for ``SEGMENT_GRACE`` and not yet written."""
+        """Once a minute: write every hour closed for ``SEGMENT_GRACE`` and not yet written, and
+        again each earlier hour that rows were written to since."""
         if self.segments is None or time.monotonic() < self._next_export:
             return
         self._next_export = time.monotonic() + 60
         closed = _hour_index(datetime.now(UTC) - SEGMENT_GRACE)
+        start, late = self._complete_until(), self._written_from
+        if start is not None and late is not None:
+            start = min(start, late)
         try:
-            self._export_hours(self._complete_until(), closed, final=True)
+            self._export_hours(start, closed, final=True)
+            self._written_from = None
         except (duckdb.Error, OSError) as error:  # a derived copy: the rows are safe in the file
             logger.warning("cannot write traffic segments to %s: %s", self.segments, error)
 
@@ -599,7 +616,8 @@ class DuckDBTrafficLog(TrafficLog):
                 f"TO '{_quoted(staging)}' (FORMAT parquet)"
             )
             os.replace(staging, target)
-        if final and (start is None or end > start):
+        done = self._complete_until()
+        if final and (done is None or end > done):
             self.segments.mkdir(parents=True, exist_ok=True)
             (self.segments / COMPLETE_MARK).write_text(f"{end}\n")
 
@@ -616,6 +634,10 @@ class DuckDBTrafficLog(TrafficLog):
         self._reader = self._con.cursor()
 
     def _write(self, rows: list[tuple]) -> None:
+        if self.segments is not None and rows:
+            first = _hour_index(min(row[1] for row in rows))
+            if self._written_from is None or first < self._written_from:
+                self._written_from = first
         self._con.register("incoming", _arrow_table(rows, EXCHANGE_SCHEMA))
         try:
             try:

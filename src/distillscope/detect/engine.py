@@ -1,0 +1,455 @@
+"""Where the detector's relational steps run: DuckDB in this process, or Apache Spark.
+
+Every relational step (loading and cleaning, normalising and shingling, LSH banding, per-account
+aggregates, co-hit pairs) is one SQL text, written once, in the subset of SQL that DuckDB and
+Spark SQL both read the same way (``CAST``, ``FILTER``, ``GROUP BY ALL``, window functions,
+``date_trunc``, ``any_value``...). Where the two spell a thing differently or mean different
+things by one spelling (an array's length, slices, splitting into words, a stable 64-bit hash,
+seconds since the epoch, ordered aggregation) the text calls a Jinja macro, and each engine
+renders it its own way: the approach of dbt's cross-database macros. A transpiler was tried
+first: sqlglot's DuckDB-to-Spark output was wrong for six of the twelve constructs the detector
+uses (array length as string ``LENGTH``, DuckDB slices left as they were, ``range`` unnested
+into an unbound alias, ``epoch`` of an interval, ``time_bucket`` as ``DATE_BIN``, and an ordered
+``list`` losing its order), and a macro says in one line what a transpiler rule would hide.
+
+The steps that are Python, not SQL (MinHash, the elicitation classifier), are one function over
+Arrow record batches that both engines run: DuckDB on the fetched table in this process, Spark
+inside its executors (``mapInArrow``). The small steps (the suspect graph, communities, the
+permutation null, the learned scorer) run on the driver over fetched tables.
+
+``hash64`` is the same integer on both engines (the first 60 bits of the MD5 of the text), so
+the two engines' templates, catalogues and samples are the same sets, and the detector's flags,
+clusters and scores agree (``tests/test_detect_spark.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pyarrow as pa
+from jinja2 import Environment, StrictUndefined
+
+#: A step run over Arrow batches: every batch of its input in, batches of its output out.
+BatchFunction = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
+
+
+class EngineError(Exception):
+    """An engine that cannot start or cannot read its input (subclassed by DetectError's caller
+    into a user-facing message)."""
+
+
+def _quote(path: str | os.PathLike) -> str:
+    return str(path).replace("'", "''")
+
+
+class Engine:
+    """One SQL text, two engines: ``render`` fills its macros, the rest executes it."""
+
+    name = "engine"
+
+    def __init__(self) -> None:
+        self._jinja = Environment(undefined=StrictUndefined, autoescape=False)
+        self._macros = {
+            name[len("m_") :]: getattr(self, name) for name in dir(self) if name.startswith("m_")
+        }
+
+    def render(self, sql: str, **values) -> str:
+        return self._jinja.from_string(sql).render(**self._macros, **values)
+
+    # -- what each engine implements -------------------------------------------------------
+    def create(self, name: str, sql: str, **values) -> None:
+        """Materialise ``sql`` as table ``name`` (replacing it; ``sql`` may read the old one)."""
+        raise NotImplementedError
+
+    def fetch(self, sql: str, **values) -> pa.Table:
+        raise NotImplementedError
+
+    def register(self, name: str, table: pa.Table) -> None:
+        raise NotImplementedError
+
+    def drop(self, name: str) -> None:
+        raise NotImplementedError
+
+    def has(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def columns(self, name: str) -> dict[str, str]:
+        """``{column: type}`` of a table, the type upper-cased as the engine names it."""
+        raise NotImplementedError
+
+    def read_parquet(self, name: str, path: str | os.PathLike) -> None:
+        """Table ``name``: a Parquet file, or every Parquet file under a folder (any depth,
+        columns united by name)."""
+        raise NotImplementedError
+
+    def map_batches(
+        self, name: str, sql: str, function: BatchFunction, schema: pa.Schema, *,
+        partition_by: str | None = None, order_by: str | None = None,
+    ) -> None:  # fmt: skip
+        """Table ``name``: ``function`` over the rows of ``sql``, which reach it hash-partitioned
+        by ``partition_by`` and sorted by ``order_by`` within each partition (so every group of
+        ``partition_by`` is whole and contiguous within one call)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def scalar(self, sql: str, **values):
+        table = self.fetch(sql, **values)
+        return table.column(0)[0].as_py() if table.num_rows else None
+
+    # -- the macros: ``{{ name(args) }}`` in a step's SQL, args as SQL text ------------------
+    def m_words(self, text: str) -> str:
+        """The words of ``text`` (an array of strings), split on runs of spaces."""
+        raise NotImplementedError
+
+    def m_size(self, array: str) -> str:
+        raise NotImplementedError
+
+    def m_slice(self, array: str, start, length) -> str:
+        """``length`` elements from the 1-based ``start`` (negative: from the end)."""
+        raise NotImplementedError
+
+    def m_join(self, array: str, sep: str) -> str:
+        raise NotImplementedError
+
+    def m_hash64(self, text: str) -> str:
+        """A stable non-negative 64-bit hash of ``text``, equal on every engine."""
+        raise NotImplementedError
+
+    def m_epoch_us(self, ts: str) -> str:
+        raise NotImplementedError
+
+    def m_idiv(self, a, b) -> str:
+        raise NotImplementedError
+
+    def m_row_id(self) -> str:
+        """A unique integer per row (not consecutive on Spark)."""
+        raise NotImplementedError
+
+    def m_matches(self, text: str, pattern: str) -> str:
+        raise NotImplementedError
+
+    def m_replace_all(self, text: str, pattern: str, by: str) -> str:
+        raise NotImplementedError
+
+    def m_extract_all(self, text: str, pattern: str, group: int) -> str:
+        raise NotImplementedError
+
+    def m_series(self, start, stop) -> str:
+        """In a select list: one row per integer from ``start`` to ``stop``, both included."""
+        raise NotImplementedError
+
+    def m_sorted_set(self, array: str) -> str:
+        """The distinct elements of ``array``, sorted."""
+        raise NotImplementedError
+
+    def m_agg_sorted_distinct(self, expr: str, sep: str) -> str:
+        """Aggregate: the distinct values of ``expr`` sorted and joined by ``sep``."""
+        raise NotImplementedError
+
+    def m_agg_ordered(self, expr: str, order: str, sep: str | None = None) -> str:
+        """Aggregate: the values of ``expr`` ordered by the integer ``order``, as an array (or
+        as text joined by ``sep``)."""
+        raise NotImplementedError
+
+    def m_to_timestamp(self, text: str) -> str:
+        raise NotImplementedError
+
+
+class DuckEngine(Engine):
+    """DuckDB in this process (the default): one connection, tables in memory."""
+
+    name = "duckdb"
+
+    def __init__(self, con=None) -> None:
+        import duckdb
+
+        super().__init__()
+        self.con = con if con is not None else duckdb.connect()
+        self.con.execute("SET TimeZone = 'UTC'")
+
+    def create(self, name, sql, **values):
+        self.con.execute(f"CREATE OR REPLACE TABLE {name}__new AS {self.render(sql, **values)}")
+        self.con.execute(f"DROP TABLE IF EXISTS {name}")
+        self.con.execute(f"ALTER TABLE {name}__new RENAME TO {name}")
+
+    def fetch(self, sql, **values):
+        return self.con.sql(self.render(sql, **values)).to_arrow_table()
+
+    def register(self, name, table):
+        self.con.register(name, table)
+
+    def drop(self, name):
+        try:
+            self.con.unregister(name)
+        except Exception:  # noqa: BLE001 -- not a view: a table
+            pass
+        self.con.execute(f"DROP TABLE IF EXISTS {name}")
+
+    def has(self, name):
+        return bool(
+            self.con.execute(
+                "SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [name]
+            ).fetchall()[0][0]
+        )
+
+    def columns(self, name):
+        return {r[0]: r[1].upper() for r in self.con.execute(f"DESCRIBE {name}").fetchall()}
+
+    def read_parquet(self, name, path):
+        path = Path(path)
+        glob = f"{path}/**/*.parquet" if path.is_dir() else str(path)
+        self.con.execute(
+            f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet("
+            f"'{_quote(glob)}', union_by_name = true)"
+        )
+
+    def map_batches(self, name, sql, function, schema, *, partition_by=None, order_by=None):
+        order = f" ORDER BY {order_by}" if order_by else ""
+        rows = self.con.sql(f"SELECT * FROM ({self.render(sql)}){order}").to_arrow_table()
+        out = list(function(iter(rows.to_batches(max_chunksize=1 << 20))))
+        self.con.register(name, pa.Table.from_batches(out, schema=schema))
+
+    def close(self):
+        self.con.close()
+
+    def m_words(self, text):
+        return f"string_split(regexp_replace({text}, ' +', ' ', 'g'), ' ')"
+
+    def m_size(self, array):
+        return f"len({array})"
+
+    def m_slice(self, array, start, length):
+        # 1-based and inclusive at both ends; [-8:-1] is the last eight
+        return f"{array}[{start}:{start} + {length} - 1]"
+
+    def m_join(self, array, sep):
+        return f"array_to_string({array}, {sep})"
+
+    def m_hash64(self, text):
+        return f"('0x' || md5({text})[1:15])::BIGINT"
+
+    def m_epoch_us(self, ts):
+        return f"epoch_us({ts})"
+
+    def m_idiv(self, a, b):
+        return f"(({a}) // ({b}))"
+
+    def m_row_id(self):
+        return "row_number() OVER ()"
+
+    def m_matches(self, text, pattern):
+        return f"regexp_matches({text}, {pattern})"
+
+    def m_replace_all(self, text, pattern, by):
+        return f"regexp_replace({text}, {pattern}, {by}, 'g')"
+
+    def m_extract_all(self, text, pattern, group):
+        return f"regexp_extract_all({text}, {pattern}, {group})"
+
+    def m_series(self, start, stop):
+        return f"unnest(generate_series({start}, {stop}))"
+
+    def m_sorted_set(self, array):
+        return f"list_sort(list_distinct({array}))"
+
+    def m_agg_sorted_distinct(self, expr, sep):
+        return f"string_agg(DISTINCT {expr}, {sep} ORDER BY {expr})"
+
+    def m_agg_ordered(self, expr, order, sep=None):
+        if sep is None:
+            return f"list({expr} ORDER BY {order})"
+        return f"string_agg(CAST({expr} AS STRING), {sep} ORDER BY {order})"
+
+    def m_to_timestamp(self, text):
+        return f"try_cast({text} AS TIMESTAMPTZ)"
+
+
+class SparkEngine(Engine):
+    """Apache Spark: ``local[N]`` on this machine, or a cluster's ``spark://`` (or ``yarn``,
+    ``k8s://``) master URL. Tables are temporary views of persisted DataFrames."""
+
+    name = "spark"
+
+    def __init__(self, master: str | None = None, *, partitions: int | None = None,
+                 scratch: str | None = None,
+                 config: dict[str, str] | None = None) -> None:  # fmt: skip
+        super().__init__()
+        self._version = 0
+        #: where tables are materialised: a local temporary folder by default; on a cluster,
+        #: storage every executor reaches (``hdfs://``, ``s3a://``)
+        self.scratch = scratch
+        try:
+            from pyspark.sql import SparkSession
+        except ImportError:
+            raise EngineError(
+                "the Spark engine needs PySpark: pip install 'distillscope[spark]'"
+            ) from None
+        master = master or f"local[{os.cpu_count() or 2}]"
+        if master.startswith("local"):
+            # the executors are this machine's Python workers: this interpreter, which has
+            # distillscope (on a cluster, install distillscope[detect] on every executor)
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        builder = (
+            SparkSession.builder.master(master)
+            .appName("distillscope-detect")
+            .config("spark.sql.session.timeZone", "UTC")
+            # string literals as written (regular expressions keep their backslashes, as in
+            # DuckDB): the detector's SQL is one text for both engines
+            .config("spark.sql.parser.escapedStringLiterals", "true")
+            .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+            .config("spark.ui.enabled", "false")
+            .config("spark.ui.showConsoleProgress", "false")
+            .config("spark.sql.adaptive.enabled", "true")
+            .config("spark.sql.ansi.enabled", "false")
+        )
+        if partitions is None and master.startswith("local"):
+            partitions = 2 * (os.cpu_count() or 2)
+        if partitions:
+            builder = builder.config("spark.sql.shuffle.partitions", str(partitions))
+        for key, value in (config or {}).items():
+            builder = builder.config(key, value)
+        try:
+            self.spark = builder.getOrCreate()
+        except Exception as exc:  # noqa: BLE001 -- no Java, a bad master URL
+            raise EngineError(
+                f"cannot start Spark at {master}: {str(exc).splitlines()[0]}"
+            ) from None
+        self.spark.sparkContext.setLogLevel("ERROR")
+        self.master = master
+        self._frames: dict[str, object] = {}
+
+    def _keep(self, name, frame, persist=True):
+        """``frame`` as view ``name``; a persisted table is written to the scratch folder and
+        read back, so its lineage ends there (a cached DataFrame keeps its whole plan, and
+        replacing a table that the next one was computed from re-plans every table since)."""
+        if persist and self.scratch is None:
+            frame = frame.localCheckpoint(eager=True)
+        elif persist:
+            self._version += 1
+            path = f"{self.scratch}/{name}-{self._version}"
+            frame.write.mode("overwrite").parquet(path)
+            frame = self.spark.read.parquet(path)
+        self._frames[name] = frame
+        frame.createOrReplaceTempView(name)
+
+    def create(self, name, sql, **values):
+        self._keep(name, self.spark.sql(self.render(sql, **values)))
+
+    def fetch(self, sql, **values):
+        return _utc(self.spark.sql(self.render(sql, **values)).toArrow())
+
+    def register(self, name, table):
+        self._keep(name, self.spark.createDataFrame(table), persist=False)
+
+    def drop(self, name):
+        self._frames.pop(name, None)
+        self.spark.catalog.dropTempView(name)
+
+    def has(self, name):
+        return name in self._frames
+
+    def columns(self, name):
+        return {f.name: f.dataType.simpleString().upper() for f in self.spark.table(name).schema}
+
+    def read_parquet(self, name, path):
+        frame = (
+            self.spark.read.option("mergeSchema", "true")
+            .option("recursiveFileLookup", "true")
+            .parquet(str(path))
+        )
+        self._keep(name, frame, persist=False)
+
+    def map_batches(self, name, sql, function, schema, *, partition_by=None, order_by=None):
+        from pyspark.sql.pandas.types import from_arrow_schema
+
+        frame = self.spark.sql(self.render(sql))
+        if partition_by:
+            frame = frame.repartition(partition_by)
+        if order_by:
+            frame = frame.sortWithinPartitions(*[c.strip() for c in order_by.split(",")])
+        self._keep(name, frame.mapInArrow(function, from_arrow_schema(schema)))
+
+    def close(self):
+        for name in list(self._frames):
+            self.drop(name)
+
+    def m_words(self, text):
+        return f"split(regexp_replace({text}, ' +', ' '), ' ')"
+
+    def m_size(self, array):
+        return f"size({array})"
+
+    def m_slice(self, array, start, length):
+        return f"slice({array}, {start}, {length})"
+
+    def m_join(self, array, sep):
+        return f"array_join({array}, {sep})"
+
+    def m_hash64(self, text):
+        return f"CAST(conv(substr(md5({text}), 1, 15), 16, 10) AS BIGINT)"
+
+    def m_epoch_us(self, ts):
+        return f"unix_micros({ts})"
+
+    def m_idiv(self, a, b):
+        return f"(({a}) div ({b}))"
+
+    def m_row_id(self):
+        return "monotonically_increasing_id()"
+
+    def m_matches(self, text, pattern):
+        return f"({text} RLIKE {pattern})"
+
+    def m_replace_all(self, text, pattern, by):
+        return f"regexp_replace({text}, {pattern}, {by})"
+
+    def m_extract_all(self, text, pattern, group):
+        return f"regexp_extract_all({text}, {pattern}, {group})"
+
+    def m_series(self, start, stop):
+        return f"explode(sequence({start}, {stop}))"
+
+    def m_sorted_set(self, array):
+        return f"array_sort(array_distinct({array}))"
+
+    def m_agg_sorted_distinct(self, expr, sep):
+        return f"array_join(array_sort(collect_set({expr})), {sep})"
+
+    def m_agg_ordered(self, expr, order, sep=None):
+        ordered = (
+            f"transform(array_sort(collect_list(named_struct('o', {order}, 'v', {expr}))), "
+            "e -> e.v)"
+        )
+        if sep is None:
+            return ordered
+        return f"array_join(transform({ordered}, e -> CAST(e AS STRING)), {sep})"
+
+    def m_to_timestamp(self, text):
+        return f"try_cast({text} AS TIMESTAMP)"
+
+
+def _utc(table: pa.Table) -> pa.Table:
+    """Spark's timestamps as DuckDB gives them: microseconds, UTC."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_timestamp(f.type) and f.type.tz != "UTC":
+            table = table.set_column(i, f.name, table.column(i).cast(pa.timestamp("us", "UTC")))
+    return table
+
+
+ENGINES = ("duckdb", "spark")
+
+
+def open_engine(name: str = "duckdb", *, master: str | None = None) -> Engine:
+    """The engine ``name`` (``duckdb`` or ``spark``; ``master`` only for Spark)."""
+    if name == "duckdb":
+        if master:
+            raise EngineError("--master is a Spark master URL: use it with --engine spark")
+        return DuckEngine()
+    if name == "spark":
+        return SparkEngine(master)
+    raise EngineError(f"unknown engine {name!r}: choose {' or '.join(ENGINES)}")
