@@ -68,12 +68,20 @@ class DetectError(DistillscopeError):
     """A log the detector cannot read at all."""
 
 
+def _words(alternatives: str) -> str:
+    """A regular expression matching any of ``alternatives`` as whole (lower-case ASCII) words.
+    Not ``\\b``: DuckDB's RE2 counts only ASCII letters as word characters and Java's (Spark)
+    counts every letter, so "某python包" holds the word "python" on one engine and not on the
+    other. An explicit ASCII boundary reads the same on both (RE2 has no look-arounds)."""
+    return f"(^|[^a-z0-9_])({alternatives})([^a-z0-9_]|$)"
+
+
 _CAPABILITIES = {
-    "coding": r"\b(code|function|python|javascript|bug|implement|refactor|script|class|sql|"
-    r"compile|unit test|repository|stack trace)\b",
-    "tools": r"\b(tool|function call|json schema|api call|agent|invoke|arguments)\b",
-    "reasoning": r"\b(prove|solve|calculate|puzzle|logic|equation|probability|derive)\b",
-}
+    "coding": _words("code|function|python|javascript|bug|implement|refactor|script|class|sql|"
+                     "compile|unit test|repository|stack trace"),
+    "tools": _words("tool|function call|json schema|api call|agent|invoke|arguments"),
+    "reasoning": _words("prove|solve|calculate|puzzle|logic|equation|probability|derive"),
+}  # fmt: skip
 _AUTOMATION_UA = (
     r"python-requests|httpx|aiohttp|curl/|go-http-client|okhttp|node-fetch|axios|scrapy"
 )
@@ -82,7 +90,9 @@ _REQUIRED = ("account_id", "ts")
 #: `input_schema`) in a tools list, quotes escaped or not (a system message carrying the list as
 #: JSON text inside the JSON messages); a name without a schema is somebody's data.
 _TOOL_NAME = (
-    r'name\\?"\s*:\s*\\?"([A-Za-z_][A-Za-z0-9_.-]*)\\?"\s*,\s*\\?"(?:parameters|input_schema)'
+    # JSON's whitespace spelled out: \\s differs between RE2 and Java (the vertical tab)
+    r'name\\?"[ \t\n\r]*:[ \t\n\r]*\\?"([A-Za-z_][A-Za-z0-9_.-]*)\\?"[ \t\n\r]*,[ \t\n\r]*'
+    r'\\?"(?:parameters|input_schema)'
 )
 
 
@@ -392,6 +402,8 @@ def _load(con: Engine, log, until: datetime | None) -> tuple[dict[str, int], set
     cannot be used are counted, not fatal. Returns the skipped-row counts, the optional columns
     the log lacks, and notes."""
     held: list[str] = []
+    for table in ("cohits", "coips", "cocats"):  # an engine reused: the last run's keys
+        con.drop(table)
     _source(con, log, held)
     try:
         columns = con.columns("src_exchanges")
@@ -871,6 +883,9 @@ def _features(con: Engine, accounts_meta, events, banned, notes) -> tuple[pa.Tab
         **{name: f"'{pattern}'" for name, pattern in _CAPABILITIES.items()},
     )
     table = con.fetch("SELECT * FROM acc ORDER BY account_id")
+    for name in ("regularity", "around_clock"):
+        column = table.column_names.index(name)
+        table = table.set_column(column, name, pa.array(_settled(table[name].to_numpy())))
     for signal in SIGNAL_LIST:
         if not signal.share:
             continue
@@ -882,6 +897,18 @@ def _features(con: Engine, accounts_meta, events, banned, notes) -> tuple[pa.Tab
         table = table.append_column(f"{name}_hits", pa.array(hits))
         table = table.append_column(f"{name}_trials", pa.array(trials))
     return table, absent
+
+
+def _settled(values: np.ndarray, digits: int = 9) -> np.ndarray:
+    """``values`` rounded to ``digits`` significant digits. A mean or an entropy summed in
+    another order (another engine, another partitioning, DuckDB's threads) differs in its last
+    bits, and accounts whose values tie exactly (every account with two requests in two hours has
+    entropy ln 2) would be ranked apart by that noise: rounded, they tie on every engine."""
+    values = np.asarray(values, dtype=float)
+    scale = np.zeros_like(values)
+    np.log10(np.abs(values), out=scale, where=values != 0)
+    scale = 10.0 ** (digits - 1 - np.floor(scale))
+    return np.round(values * scale) / scale
 
 
 def _communities(
@@ -917,28 +944,40 @@ def _communities(
         if con.has("meta")
         else ""
     )
+    if not con.has("cohits"):  # what the rounds share: each account's keys, once per run
+        con.create(
+            "cohits",
+            """SELECT DISTINCT template, {{ idiv(epoch_us('ts'), 60000000 * window) }} AS slot,
+                      false AS daily, account_id FROM x WHERE template IS NOT NULL
+               UNION ALL
+               SELECT DISTINCT template, {{ idiv(epoch_us('ts'), 86400000000) }}, true,
+                      account_id FROM x WHERE template IS NOT NULL""",
+            window=config.window_minutes,
+        )
+        con.create(
+            "coips",
+            "SELECT DISTINCT client_ip, account_id FROM x WHERE client_ip IS NOT NULL",
+        )
+        con.create(
+            "cocats", "SELECT DISTINCT catalogue, account_id FROM x WHERE catalogue IS NOT NULL"
+        )
     pairs = con.fetch(
         """WITH
         -- a template most of whose users are not suspects is everyone's (a popular prompt):
         -- co-hitting it says nothing about coordination
-        owned AS (SELECT template FROM x WHERE template IS NOT NULL GROUP BY template
+        owned AS (SELECT template FROM cohits WHERE daily GROUP BY template
                   HAVING count(DISTINCT account_id) FILTER (
                            WHERE account_id IN (SELECT account_id FROM suspects))
                          >= {{ share }} * count(DISTINCT account_id)),
-        sx AS (SELECT * FROM x WHERE account_id IN (SELECT account_id FROM suspects)),
-        hits AS (
-          SELECT DISTINCT template, {{ idiv(epoch_us('ts'), 60000000 * window) }} AS slot,
-                 false AS daily, account_id FROM sx
-          WHERE template IN (SELECT template FROM owned)
-          UNION ALL
-          SELECT DISTINCT template, {{ idiv(epoch_us('ts'), 86400000000) }}, true, account_id
-          FROM sx WHERE template IN (SELECT template FROM owned)),
+        hits AS (SELECT * FROM cohits
+                 WHERE account_id IN (SELECT account_id FROM suspects)
+                   AND template IN (SELECT template FROM owned)),
         crowded AS (SELECT template, slot, daily FROM hits GROUP BY template, slot, daily
                     HAVING count(*) <= 400),
-        ips AS (SELECT DISTINCT client_ip, account_id FROM sx WHERE client_ip IS NOT NULL),
+        ips AS (SELECT client_ip, account_id FROM coips
+                WHERE account_id IN (SELECT account_id FROM suspects)),
         shared_ips AS (SELECT client_ip FROM ips GROUP BY client_ip HAVING count(*) <= 50),
-        catalogues AS (SELECT DISTINCT catalogue, account_id FROM x
-                       WHERE catalogue IS NOT NULL AND account_id IN (
+        catalogues AS (SELECT catalogue, account_id FROM cocats WHERE account_id IN (
                          SELECT account_id FROM suspects UNION SELECT account_id FROM reasoned)),
         ranked_intents AS (SELECT account_id, intent, row_number() OVER (
                              PARTITION BY intent
@@ -976,9 +1015,8 @@ def _communities(
         FROM edges GROUP BY u, v
         HAVING count(*) FILTER (WHERE NOT daily) > 0 AND sum(w) >= {{ min_weight }}
         ORDER BY u, v""",
-        share=config.min_suspect_share, window=config.window_minutes, seed=config.seed,
-        degree=config.intent_degree, fingerprints=fingerprints,
-        min_weight=config.min_edge_weight,
+        share=config.min_suspect_share, seed=config.seed, degree=config.intent_degree,
+        fingerprints=fingerprints, min_weight=config.min_edge_weight,
     ).to_pylist()  # fmt: skip
     con.drop("suspects")
     con.drop("reasoned")

@@ -307,8 +307,11 @@ class SparkEngine(Engine):
             .config("spark.sql.adaptive.enabled", "true")
             .config("spark.sql.ansi.enabled", "false")
         )
-        if partitions is None and master.startswith("local"):
-            partitions = 2 * (os.cpu_count() or 2)
+        if master.startswith("local"):
+            if partitions is None:
+                partitions = 2 * (os.cpu_count() or 2)
+            # local mode's executors live in the driver's JVM: its heap is all there is
+            builder = builder.config("spark.driver.memory", "6g")
         if partitions:
             builder = builder.config("spark.sql.shuffle.partitions", str(partitions))
         for key, value in (config or {}).items():
