@@ -57,6 +57,12 @@ def test_spark_and_duckdb_give_the_same_flags_clusters_and_scores(sim, spark, tm
                 b[column].to_numpy(), a[column].to_numpy(), atol=1e-6, err_msg=column
             )
     assert any("spark" in note for note in on_spark.notes)
+    # the coordination graph's edges, each kind of tie included (a side table such as the
+    # payment fingerprints is found on both engines)
+    edges = [pq.read_table(tmp_path / run / "edges.parquet").sort_by([("u", "ascending"),
+             ("v", "ascending")]) for run in ("duck", "spark")]  # fmt: skip
+    assert edges[0].equals(edges[1])
+    assert any("payment fingerprint" in ties for ties in edges[0]["ties"].to_pylist())
     # the report's timeline and the block list come out the same way
     assert (tmp_path / "spark" / "blocklist.txt").read_text() == (
         tmp_path / "duck" / "blocklist.txt"

@@ -29,6 +29,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 from jinja2 import Environment, StrictUndefined
 
@@ -166,8 +167,6 @@ class DuckEngine(Engine):
     name = "duckdb"
 
     def __init__(self, con=None) -> None:
-        import duckdb
-
         super().__init__()
         self.con = con if con is not None else duckdb.connect()
         self.con.execute("SET TimeZone = 'UTC'")
@@ -184,18 +183,20 @@ class DuckEngine(Engine):
         self.con.register(name, table)
 
     def drop(self, name):
-        try:
-            self.con.unregister(name)
-        except Exception:  # noqa: BLE001 -- not a view: a table
-            pass
-        self.con.execute(f"DROP TABLE IF EXISTS {name}")
+        self.con.unregister(name)  # a registered Arrow table (nothing when it is not one)
+        for kind in ("TABLE", "VIEW"):
+            try:
+                self.con.execute(f"DROP {kind} IF EXISTS {name}")
+            except duckdb.CatalogException:  # the other kind
+                pass
 
     def has(self, name):
-        return bool(
-            self.con.execute(
-                "SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [name]
-            ).fetchall()[0][0]
-        )
+        # a table, a view (read_parquet's) or a registered Arrow table alike
+        try:
+            self.con.execute(f"SELECT 1 FROM {name} LIMIT 0")
+        except duckdb.CatalogException:
+            return False
+        return True
 
     def columns(self, name):
         return {r[0]: r[1].upper() for r in self.con.execute(f"DESCRIBE {name}").fetchall()}
