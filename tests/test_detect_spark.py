@@ -121,3 +121,15 @@ def test_hash64_is_the_same_integer_on_both_engines(spark):
     assert duck.scalar(sql) == spark.scalar(sql) > 0
     words = "SELECT {{ join(slice(words(\"'a  b c d'\"), -2, 2), \"'-'\") }} AS w"
     assert duck.scalar(words) == spark.scalar(words) == "c-d"
+
+
+def test_cli_refuses_an_unknown_engine_and_a_master_without_spark(sim, cli, tmp_path):
+    """Two user mistakes, each one line and no traceback: an engine that does not exist, and a
+    Spark master URL given to the DuckDB engine."""
+    from conftest import one_line_error
+
+    log = sim / "traffic.parquet"
+    bad = cli("detect", "--log", log, "--out", tmp_path / "a", "--engine", "polars")
+    one_line_error(bad, "--engine", "polars")
+    bad = cli("detect", "--log", log, "--out", tmp_path / "b", "--master", "spark://h:7077")
+    one_line_error(bad, "--master", "--engine spark")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -280,6 +281,10 @@ class SparkEngine(Engine):
                  scratch: str | None = None,
                  config: dict[str, str] | None = None) -> None:  # fmt: skip
         super().__init__()
+        # PySpark warns about pandas 3 on every import of its Arrow paths; it uses none of it here
+        warnings.filterwarnings(
+            "ignore", message="PySpark does not yet fully support pandas", category=FutureWarning
+        )
         self._version = 0
         #: where tables are materialised: a local temporary folder by default; on a cluster,
         #: storage every executor reaches (``hdfs://``, ``s3a://``)
