@@ -1,7 +1,7 @@
 """Find distillation campaigns in a traffic log: per-account signals, a coordination graph, flags.
 
-The heavy work is relational (DuckDB SQL over the gateway's ``exchanges`` table), so the same
-definitions can later run on a distributed engine: prompt normalisation, word-shingle MinHash with
+The heavy work is relational (SQL over the gateway's ``exchanges`` table, one text run on DuckDB
+or on Spark: ``detect.engine``): prompt normalisation, word-shingle MinHash with
 LSH banding (one bucket holding many variants from several accounts is a template: it survives
 slot variation and light paraphrase), per-account aggregates, and co-occurrence of accounts on a
 template within a time window (the SynchroTrap / CopyCatch idea: many accounts doing the same

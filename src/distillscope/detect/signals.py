@@ -1,11 +1,12 @@
 """The detector's account-level signals, each fitted on reference traffic and scored against it.
 
 A signal is one number per account, higher meaning more campaign-like (``SIGNALS`` says what each
-measures; ``detector._features`` computes them all in DuckDB SQL). Fitting a signal keeps its
-distribution among reference accounts; scoring turns a new account's value into the conformal tail
-probability ``p = (1 + #reference accounts >= x) / (1 + #reference accounts)`` -- rank-based, so a
-signal that is zero for most accounts gives no evidence at zero, and a value above every reference
-account's is as rare as the reference can say (1 / (n + 1)), never an extrapolated tail.
+measures; ``detector._features`` computes them all in SQL, on DuckDB or Spark). Fitting a signal
+keeps its distribution among reference accounts; scoring turns a new account's value into the
+conformal tail probability ``p = (1 + #reference accounts >= x) / (1 + #reference accounts)``
+-- rank-based, so a signal that is zero for most accounts gives no evidence at zero, and a value
+above every reference account's is as rare as the reference can say (1 / (n + 1)), never an
+extrapolated tail.
 
 ``Reference`` holds every signal's fitted distribution. Fitted on the scored log itself (what
 ``detect`` does without ``reference=``), each account is ranked among its peers; fitted on earlier
