@@ -30,6 +30,7 @@ own: a hydra's heads each look modest, the body does not.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -45,7 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from distillscope.detect.engine import DuckEngine, Engine, EngineError, open_engine
+from distillscope.detect.engine import DuckEngine, Engine, EngineError, open_engine, quote
 from distillscope.detect.learned import LearnedScorer
 from distillscope.detect.signals import (
     REASON,
@@ -496,7 +497,7 @@ def _source(con: Engine, log: str | Path, notes: list[str] | None = None) -> Non
         return
     if isinstance(con, DuckEngine):
         try:
-            con.con.execute(f"ATTACH '{_quoted(log)}' AS src (READ_ONLY)")
+            con.con.execute(f"ATTACH '{quote(log)}' AS src (READ_ONLY)")
             con.con.execute("CREATE OR REPLACE VIEW src_exchanges AS SELECT * FROM src.exchanges")
             return
         except duckdb.Error as exc:
@@ -522,10 +523,6 @@ def _source(con: Engine, log: str | Path, notes: list[str] | None = None) -> Non
     if notes is not None:
         notes.append(note)
     con.read_parquet("src_exchanges", folder)
-
-
-def _quoted(path) -> str:
-    return str(path).replace("'", "''")
 
 
 def _template_clusters(con: Engine, config: DetectConfig) -> None:
@@ -643,7 +640,7 @@ def _minhashes(batches, config: DetectConfig):
     b = rng.integers(0, _PRIME, config.permutations)
     n = config.permutations
     held = None
-    for batch in [*batches, None]:
+    for batch in itertools.chain(batches, [None]):  # streamed: a partition is never whole
         if batch is not None:
             part = [np.asarray(batch.column(c).to_numpy(zero_copy_only=False), dtype=np.int64)
                     for c in ("pid", "view", "h")]  # fmt: skip

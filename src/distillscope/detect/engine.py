@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -39,15 +40,15 @@ BatchFunction = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
 
 
 class EngineError(Exception):
-    """An engine that cannot start or cannot read its input (subclassed by DetectError's caller
-    into a user-facing message)."""
+    """An engine that cannot start (``detect`` turns it into a one-line ``DetectError``)."""
 
 
-def _quote(path: str | os.PathLike) -> str:
+def quote(path: str | os.PathLike) -> str:
+    """``path`` inside a single-quoted SQL literal."""
     return str(path).replace("'", "''")
 
 
-class Engine:
+class Engine(ABC):
     """One SQL text, two engines: ``render`` fills its macros, the rest executes it."""
 
     name = "engine"
@@ -62,31 +63,32 @@ class Engine:
         return self._jinja.from_string(sql).render(**self._macros, **values)
 
     # -- what each engine implements -------------------------------------------------------
+    @abstractmethod
     def create(self, name: str, sql: str, **values) -> None:
         """Materialise ``sql`` as table ``name`` (replacing it; ``sql`` may read the old one)."""
-        raise NotImplementedError
 
-    def fetch(self, sql: str, **values) -> pa.Table:
-        raise NotImplementedError
+    @abstractmethod
+    def fetch(self, sql: str, **values) -> pa.Table: ...
 
-    def register(self, name: str, table: pa.Table) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def register(self, name: str, table: pa.Table) -> None: ...
 
-    def drop(self, name: str) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def drop(self, name: str) -> None: ...
 
-    def has(self, name: str) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def has(self, name: str) -> bool: ...
 
+    @abstractmethod
     def columns(self, name: str) -> dict[str, str]:
         """``{column: type}`` of a table, the type upper-cased as the engine names it."""
-        raise NotImplementedError
 
+    @abstractmethod
     def read_parquet(self, name: str, path: str | os.PathLike) -> None:
         """Table ``name``: a Parquet file, or every Parquet file under a folder (any depth,
         columns united by name)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def map_batches(
         self, name: str, sql: str, function: BatchFunction, schema: pa.Schema, *,
         partition_by: str | None = None, order_by: str | None = None,
@@ -94,72 +96,72 @@ class Engine:
         """Table ``name``: ``function`` over the rows of ``sql``, which reach it hash-partitioned
         by ``partition_by`` and sorted by ``order_by`` within each partition (so every group of
         ``partition_by`` is whole and contiguous within one call)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def close(self) -> None:
-        pass
+        """Let go of what the engine holds (tables, the connection)."""
 
     def scalar(self, sql: str, **values):
         table = self.fetch(sql, **values)
         return table.column(0)[0].as_py() if table.num_rows else None
 
     # -- the macros: ``{{ name(args) }}`` in a step's SQL, args as SQL text ------------------
+    @abstractmethod
     def m_words(self, text: str) -> str:
         """The words of ``text`` (an array of strings), split on runs of spaces."""
-        raise NotImplementedError
 
-    def m_size(self, array: str) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def m_size(self, array: str) -> str: ...
 
+    @abstractmethod
     def m_slice(self, array: str, start, length) -> str:
         """``length`` elements from the 1-based ``start`` (negative: from the end)."""
-        raise NotImplementedError
 
-    def m_join(self, array: str, sep: str) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def m_join(self, array: str, sep: str) -> str: ...
 
+    @abstractmethod
     def m_hash64(self, text: str) -> str:
         """A stable non-negative 64-bit hash of ``text``, equal on every engine."""
-        raise NotImplementedError
 
-    def m_epoch_us(self, ts: str) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def m_epoch_us(self, ts: str) -> str: ...
 
-    def m_idiv(self, a, b) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def m_idiv(self, a, b) -> str: ...
 
+    @abstractmethod
     def m_row_id(self) -> str:
         """A unique integer per row (not consecutive on Spark)."""
-        raise NotImplementedError
 
-    def m_matches(self, text: str, pattern: str) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def m_matches(self, text: str, pattern: str) -> str: ...
 
-    def m_replace_all(self, text: str, pattern: str, by: str) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def m_replace_all(self, text: str, pattern: str, by: str) -> str: ...
 
-    def m_extract_all(self, text: str, pattern: str, group: int) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def m_extract_all(self, text: str, pattern: str, group: int) -> str: ...
 
+    @abstractmethod
     def m_series(self, start, stop) -> str:
         """In a select list: one row per integer from ``start`` to ``stop``, both included."""
-        raise NotImplementedError
 
+    @abstractmethod
     def m_sorted_set(self, array: str) -> str:
         """The distinct elements of ``array``, sorted."""
-        raise NotImplementedError
 
+    @abstractmethod
     def m_agg_sorted_distinct(self, expr: str, sep: str) -> str:
         """Aggregate: the distinct values of ``expr`` sorted and joined by ``sep``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def m_agg_ordered(self, expr: str, order: str, sep: str | None = None) -> str:
         """Aggregate: the values of ``expr`` ordered by the integer ``order``, as an array (or
         as text joined by ``sep``)."""
-        raise NotImplementedError
 
-    def m_to_timestamp(self, text: str) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def m_to_timestamp(self, text: str) -> str: ...
 
 
 class DuckEngine(Engine):
@@ -207,7 +209,7 @@ class DuckEngine(Engine):
         glob = f"{path}/**/*.parquet" if path.is_dir() else str(path)
         self.con.execute(
             f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet("
-            f"'{_quote(glob)}', union_by_name = true)"
+            f"'{quote(glob)}', union_by_name = true)"
         )
 
     def map_batches(self, name, sql, function, schema, *, partition_by=None, order_by=None):
