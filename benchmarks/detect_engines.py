@@ -26,26 +26,35 @@ import distillscope.detect.detector as detector
 from distillscope.detect.engine import DuckEngine, SparkEngine
 from distillscope.traffic import load_scenario, simulate
 
-STEPS = ("_load", "_template_clusters", "_elicitation", "_intents", "_features", "_communities",
-         "_report")  # fmt: skip
+#: ``_digest`` holds ``_elicitation`` and ``_buckets`` (inclusive seconds)
+STEPS = ("_load", "_digest", "_elicitation", "_buckets", "_merge", "_intents", "_features",
+         "_communities", "_report")  # fmt: skip
 
 
-def run(engine, sim: Path, out: Path) -> dict:
+def timed_detect(sim: Path, out: Path, steps=STEPS, **kwargs):
+    """``detect`` over ``sim``'s Parquet log with each of ``steps`` timed: the summary, the
+    total seconds, and the inclusive seconds per step (largest first)."""
     seconds: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
-    originals = {name: getattr(detector, name) for name in STEPS}
+    originals = {name: getattr(detector, name) for name in steps}
     for name, step in originals.items():
         setattr(detector, name, timed(seconds, calls, name, step))
     try:
         began = time.perf_counter()
         summary = detector.detect(
             sim / "traffic.parquet", out, accounts=sim / "accounts.parquet",
-            events=sim / "events.parquet", engine=engine,
+            events=sim / "events.parquet", **kwargs,
         )  # fmt: skip
         total = time.perf_counter() - began
     finally:
         for name, step in originals.items():
             setattr(detector, name, step)
+    ranked = {k: round(v, 2) for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])}
+    return summary, total, ranked
+
+
+def run(engine, sim: Path, out: Path) -> dict:
+    summary, total, steps = timed_detect(sim, out, engine=engine)
     return {
         "engine": engine.name,
         "exchanges": summary.exchanges,
@@ -53,7 +62,7 @@ def run(engine, sim: Path, out: Path) -> dict:
         "flagged": summary.flagged,
         "seconds": round(total, 1),
         "exchanges_per_second": round(summary.exchanges / total),
-        "steps": {k: round(v, 2) for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])},
+        "steps": steps,
     }
 
 

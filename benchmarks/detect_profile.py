@@ -19,9 +19,11 @@ from pathlib import Path
 import distillscope.detect.detector as detector
 from distillscope.traffic import load_scenario, simulate
 
-STEPS = ("_prepare", "_load", "_template_clusters", "_elicitation", "_intents", "_features",
-         "_self_referenced", "_rank", "_communities", "_significant", "_assemble", "_write",
-         "_report")  # fmt: skip
+#: inclusive: ``_digest`` holds ``_elicitation`` and ``_buckets``; ``_prepare`` holds all up to
+#: ``_features``; ``_self_referenced`` holds ``_rank`` and ``_communities``
+STEPS = ("_prepare", "_load", "_digest", "_elicitation", "_buckets", "_merge", "_intents",
+         "_features", "_self_referenced", "_rank", "_communities", "_significant", "_assemble",
+         "_write", "_report")  # fmt: skip
 
 
 def timed(seconds: dict, calls: dict, name: str, step):

@@ -133,3 +133,27 @@ def test_cli_refuses_an_unknown_engine_and_a_master_without_spark(sim, cli, tmp_
     one_line_error(bad, "--engine", "polars")
     bad = cli("detect", "--log", log, "--out", tmp_path / "b", "--master", "spark://h:7077")
     one_line_error(bad, "--master", "--engine spark")
+
+
+def test_day_partitions_written_by_one_engine_are_read_by_the_other(spark, tmp_path):
+    """The incremental state is Parquet by day (``write_days``/``read_days``): either engine
+    reads what the other wrote, a rewritten day replaces its old rows, and ``before`` cuts."""
+    from datetime import date
+
+    duck = DuckEngine()
+    rows = pa.table({"account_id": ["a", "b", "c", "d"], "n": [1, 2, 3, 4],
+                     "day": [date(2026, 1, d) for d in (1, 1, 2, 3)]})  # fmt: skip
+    for writer, reader in ((duck, spark), (spark, duck)):
+        folder = tmp_path / writer.name
+        writer.register("rows", rows)
+        writer.write_days("rows", folder, [date(2026, 1, 1), date(2026, 1, 2)])
+        writer.register("rows", rows.filter(pa.compute.equal(rows["account_id"], "a")))
+        writer.write_days("rows", folder, [date(2026, 1, 1)])  # day 1 again, with one row
+        assert reader.read_days("back", folder, date(2026, 1, 3))
+        back = reader.fetch("SELECT account_id, n, CAST(day AS STRING) AS day FROM back "
+                            "ORDER BY account_id").to_pylist()  # fmt: skip
+        assert back == [{"account_id": "a", "n": 1, "day": "2026-01-01"},
+                        {"account_id": "c", "n": 3, "day": "2026-01-02"}]  # fmt: skip
+        assert reader.read_days("back", folder, date(2026, 1, 2))
+        assert reader.scalar("SELECT count(*) FROM back") == 1
+        assert not reader.read_days("back", tmp_path / "none", None)

@@ -1102,6 +1102,14 @@ def detect(
         help="With --engine spark: the master URL (spark://host:7077, yarn, k8s://...); "
         "default local[cores].",
     ),
+    state: Path | None = typer.Option(
+        None,
+        help="Incremental: keep each day's digest in this folder, and read from the log only "
+        "the days it does not hold yet (a daily job reads one day). Same flags as a full run.",
+    ),
+    rebuild: bool = typer.Option(
+        False, help="With --state: empty the state and digest the whole log again."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Find distillation campaigns in a traffic log: scores, flags, clusters, report, block list.
@@ -1132,7 +1140,7 @@ def detect(
             log, out, accounts=accounts, events=events, banned=banned_ids, until=until_at,
             since=since_at, reference=fitted, scorer=learned,
             config=DetectConfig(flag_fpr=flag_fpr, paraphrase=paraphrase),
-            engine=_engine_name(engine), master=master,
+            engine=_engine_name(engine), master=master, state=state, rebuild=rebuild,
         )  # fmt: skip
     runs = None
     if daily:
@@ -1142,7 +1150,7 @@ def detect(
             runs = daily_first_flags(
                 log, out, every_hours=every, accounts=accounts, events=events, banned=banned_ids,
                 reference=fitted, config=DetectConfig(flag_fpr=flag_fpr, paraphrase=paraphrase),
-                engine=engine, master=master,
+                engine=engine, master=master, state=state,
             )  # fmt: skip
         errors.print(
             f"job replayed every {every:g} h ({runs} runs): first_flagged_at in accounts.parquet"

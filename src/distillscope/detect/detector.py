@@ -37,7 +37,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -46,6 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from distillscope.detect.elicitation import VERSION as ELICITATION_VERSION
 from distillscope.detect.engine import DuckEngine, Engine, EngineError, open_engine, quote
 from distillscope.detect.learned import LearnedScorer
 from distillscope.detect.signals import (
@@ -60,6 +61,13 @@ from distillscope.detect.signals import (
     permutation_null,
     score,
     share_lower_bound,
+)
+from distillscope.detect.state import (
+    TABLES,
+    DetectState,
+    StateError,
+    complete_days,
+    fingerprint,
 )
 from distillscope.errors import DistillscopeError
 from distillscope.paths import is_database_url, masked_url
@@ -95,6 +103,11 @@ _TOOL_NAME = (
     r'name\\?"[ \t\n\r]*:[ \t\n\r]*\\?"([A-Za-z_][A-Za-z0-9_.-]*)\\?"[ \t\n\r]*,[ \t\n\r]*'
     r'\\?"(?:parameters|input_schema)'
 )
+
+
+#: SQL: a prompt normalised (lower case, digits as 0, other symbols as spaces).
+_NORM = """trim({{ replace_all(replace_all('lower(prompt)', "'[0-9]+'", "'0'"),
+                            "'[^a-z0 ]+'", "' '") }})"""
 
 
 def _offered(columns) -> str:
@@ -190,6 +203,8 @@ def detect(
     config: DetectConfig | None = None,
     engine: str | Engine = "duckdb",
     master: str | None = None,
+    state: str | os.PathLike | None = None,
+    rebuild: bool = False,
 ) -> DetectionSummary:
     """Score every account of ``log`` (a gateway DuckDB file or Parquet) and write ``out``:
     ``accounts.parquet``, ``clusters.parquet``, ``baseline.parquet`` (volume only),
@@ -208,6 +223,10 @@ def detect(
     ``engine`` runs the relational steps on DuckDB in this process (the default) or on Apache
     Spark (``"spark"``, ``master`` a ``local[N]`` or cluster URL; or an open ``Engine``): the
     same SQL, the same flags (``detect.engine``).
+
+    ``state`` (a folder) makes the run incremental (``detect.state``): only the days the state
+    does not hold are read from the log, the complete ones are stored, and every account is
+    scored as one run over the whole log would score it. ``rebuild`` empties the state first.
     """
     began = time.perf_counter()
     if scorer is not None and not isinstance(scorer, LearnedScorer):
@@ -215,12 +234,20 @@ def detect(
     config = config or DetectConfig()
     if reference is not None and not isinstance(reference, Reference):
         reference = Reference.load(reference)
+    kept = None
+    if state is not None:
+        try:
+            kept = DetectState.open(state, state_settings(config), rebuild=rebuild)
+        except StateError as exc:
+            raise DetectError(str(exc)) from None
+    elif rebuild:
+        raise DetectError("--rebuild rebuilds a --state folder: give one")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     eng = _engine(engine, master)
     try:
         return _detect(eng, log, out, accounts, events, banned, until, since, reference, scorer,
-                       config, began)  # fmt: skip
+                       config, began, kept)  # fmt: skip
     finally:
         if not isinstance(engine, Engine):
             eng.close()
@@ -236,9 +263,9 @@ def _engine(engine: str | Engine, master: str | None) -> Engine:
 
 
 def _detect(con, log, out, accounts, events, banned, until, since, reference, scorer, config,
-            began) -> DetectionSummary:  # fmt: skip
+            began, state=None) -> DetectionSummary:  # fmt: skip
     features, measured, skipped, notes, n = _prepare(
-        con, log_target(log), accounts, events, banned, until, config
+        con, log_target(log), accounts, events, banned, until, config, state
     )
     if con.name != "duckdb":
         notes.append(f"relational steps run on {con.name} ({getattr(con, 'master', '')})")
@@ -372,33 +399,89 @@ def fit_reference(
     return reference
 
 
-def _prepare(con: Engine, log, accounts, events, banned, until, config: DetectConfig):
+def _prepare(con: Engine, log, accounts, events, banned, until, config: DetectConfig,
+             state: DetectState | None = None):  # fmt: skip
     """Load ``log`` into ``con`` and compute every account's signals: the features table, the
-    signals measured, rows skipped, notes, and the number of usable exchanges."""
-    skipped, missing, notes = _load(con, log, until)
-    n = con.scalar("SELECT count(*) FROM x")
-    if n == 0:
+    signals measured, rows skipped, notes, and the number of usable exchanges.
+
+    The loaded exchanges are first digested per day (``_digest``: per-prompt and per-account
+    summaries, ``detect.state``); every signal is then computed from the digests (``_merge``,
+    ``_features``). With a ``state``, only the days it does not hold are read from the log, and
+    the complete ones among them are stored; without one the whole log is digested and nothing
+    is kept. Either way the same digests give the same signals."""
+    start, used = None, []
+    if state is not None:
+        used = state.usable(until)
+        start = used[-1] + timedelta(days=1) if used else None
+        for table in TABLES:
+            if not con.read_days(f"s_{table}", state.path(table), start):
+                con.drop(f"s_{table}")
+    skipped, missing, notes = _load(con, log, until, start)
+    loaded = con.scalar("SELECT count(*) FROM x")
+    if loaded == 0 and not used:
         raise DetectError(f"{log}: no usable exchanges ({_describe(skipped)})")
-    _template_clusters(con, config)
-    _elicitation(con, config)
+    if events is not None and Path(events).exists():
+        con.read_parquet("events", events)
+    else:
+        con.drop("events")
+    _digest(con, config)
+    if state is not None:
+        days = [row["day"] for row in con.fetch("SELECT DISTINCT day FROM x").to_pylist()]
+        stored = complete_days(days, until, start)
+        if any(start is None or d >= start for d in state.days):
+            # a cut before the state's last day: the later days' digests assume these days as
+            # they were, so nothing is rewritten
+            stored = []
+            notes.append("the state holds days after this cut: it is read, not changed")
+        state.release(stored)
+        for table in TABLES:
+            if con.has(f"d_{table}"):
+                con.write_days(f"d_{table}", state.path(table), stored)
+        state.hold(stored, str(log))
+        notes.append(
+            f"incremental: {len(used)} day(s) from the state in {state.folder}, "
+            f"{loaded:,} exchanges read from the log"
+            + (f", {len(stored)} day(s) stored" if stored else "")
+        )
+    con.drop("x")
+    _merge(con, config)
+    n = int(con.scalar("SELECT CAST(coalesce(sum(n), 0) AS BIGINT) FROM a_activity"))
+    if not n:
+        raise DetectError(f"{log}: no usable exchanges ({_describe(skipped)})")
     if config.paraphrase:
         if not isinstance(con, DuckEngine):
             raise DetectError("--paraphrase runs on the duckdb engine only")
-        from distillscope.detect.paraphrase import paraphrase_templates
-
-        groups = paraphrase_templates(
-            con.con, max_per_account=config.paraphrase_per_account, seed=config.seed
-        )
-        notes.append(f"{groups} paraphrase templates from sentence embeddings")
-    features, absent = _features(con, accounts, events, banned, notes)
+        _paraphrase(con, config, notes)
+    _intents(con, config)
+    features, absent = _features(con, accounts, banned, notes)
+    if not con.has("events"):
+        absent.add("events")
+        notes.append("no model-release events given: the pivot signal is skipped")
     return features, measured_signals(missing | absent), skipped, notes, n
+
+
+def state_settings(config: DetectConfig) -> str:
+    """What the stored digests depend on (``detect.state``): a state built with other values
+    is refused."""
+    keys = ("permutations", "bands", "shingle_words", "frame_words", "whole_words",
+            "min_template_words", "edge_words", "window_minutes", "seed")  # fmt: skip
+    return fingerprint(
+        {
+            **{k: getattr(config, k) for k in keys},
+            "capabilities": _CAPABILITIES,
+            "automation": _AUTOMATION_UA,
+            "classifier": ELICITATION_VERSION,
+        }
+    )
 
 
 def _describe(skipped: dict[str, int]) -> str:
     return ", ".join(f"{v} rows {k}" for k, v in skipped.items() if v) or "the log is empty"
 
 
-def _load(con: Engine, log, until: datetime | None) -> tuple[dict[str, int], set[str], list[str]]:
+def _load(
+    con: Engine, log, until: datetime | None, start=None
+) -> tuple[dict[str, int], set[str], list[str]]:
     """The clean exchanges as table ``x`` (with ``norm``, the normalised prompt); rows that
     cannot be used are counted, not fatal. Returns the skipped-row counts, the optional columns
     the log lacks, and notes."""
@@ -431,7 +514,7 @@ def _load(con: Engine, log, until: datetime | None) -> tuple[dict[str, int], set
             {col("prompt")}, {col("model")}, {col("client_ip")}, {col("user_agent")},
             {col("exposure_requested")}, {"status" if "status" in columns else "200 AS status"},
             {_CATALOGUE if "messages" in columns else "CAST(NULL AS BIGINT)"} AS catalogue
-        FROM src_exchanges""",
+        FROM src_exchanges {_window(ts, until, start)}""",
         offered=_offered(columns),
         tool_name=f"'{_TOOL_NAME}'",
     )
@@ -443,18 +526,29 @@ def _load(con: Engine, log, until: datetime | None) -> tuple[dict[str, int], set
     ).to_pylist()[0]
     skipped = {"without account": counts["a"], "with a bad timestamp": counts["b"],
                "with an empty prompt": counts["c"]}  # fmt: skip
-    cut = f"AND ts < CAST('{_utc_text(until)}' AS TIMESTAMP)" if until is not None else ""
     con.create(
         "x",
         f"""SELECT {{{{ row_id() }}}} AS rid, *,
-              trim({{{{ replace_all(replace_all('lower(prompt)', "'[0-9]+'", "'0'"),
-                                    "'[^a-z0 ]+'", "' '") }}}}) AS norm
+              {_NORM} AS norm
         FROM raw
         WHERE account_id IS NOT NULL AND account_id <> '' AND ts IS NOT NULL
-          AND prompt IS NOT NULL AND trim(prompt) <> '' {cut}""",
+          AND prompt IS NOT NULL AND trim(prompt) <> ''""",
     )
     con.drop("raw")
     return skipped, absent, notes
+
+
+def _window(ts: str, until: datetime | None, start) -> str:
+    """SQL: the WHERE of the rows to read, on the source's own ``ts`` (so a Parquet reader skips
+    row groups outside it): before ``until``; from ``start`` (a day) when the days before are in
+    the state. A full read keeps the rows without a usable time, to count them as skipped."""
+    bounds = []
+    if until is not None:
+        bounds.append(f"{ts} < CAST('{_utc_text(until)}' AS TIMESTAMP)")
+    if start is not None:
+        bounds.append(f"{ts} >= CAST('{start.isoformat()} 00:00:00' AS TIMESTAMP)")
+        return "WHERE " + " AND ".join(bounds)
+    return f"WHERE {ts} IS NULL OR {bounds[0]}" if bounds else ""
 
 
 def _utc_text(moment: datetime) -> str:
@@ -525,16 +619,115 @@ def _source(con: Engine, log: str | Path, notes: list[str] | None = None) -> Non
     con.read_parquet("src_exchanges", folder)
 
 
-def _template_clusters(con: Engine, config: DetectConfig) -> None:
-    """``x.template``: the prompt-template (LSH bucket) of each request, null for none.
+def _digest(con: Engine, config: DetectConfig) -> None:
+    """The loaded exchanges ``x`` as per-day digests ``d_<table>`` (``detect.state.TABLES``):
+    the prompts not seen before (``s_prompts``, the state's, when there is one) with what is
+    read from their text once (capability, elicitation, their ends, their LSH buckets), and per
+    day what each account did (which prompts, when, from where, with which tools)."""
+    con.create(
+        "x",
+        """SELECT *, CAST(ts AS DATE) AS day, {{ hash64('prompt') }} AS qid,
+                  {{ hash64('norm') }} AS pid FROM x""",
+    )
+    known = "WHERE NOT EXISTS (SELECT 1 FROM s_prompts s WHERE s.qid = x.qid)"
+    con.create(
+        "fresh_prompts",
+        f"""SELECT qid, min(day) AS day, min(pid) AS pid, min(prompt) AS prompt,
+                   min(norm) AS norm
+            FROM x {known if con.has("s_prompts") else ""} GROUP BY qid""",
+    )
+    capability = " ".join(
+        f"WHEN {{{{ matches('lower(prompt)', {name}) }}}} THEN '{name}'" for name in _CAPABILITIES
+    )
+    # an account's own template: the same first (or last) words round many of its prompts (an
+    # integration wrapping its users' text in its own instruction); exact words, not MinHash
+    con.create(
+        "fresh_prompts",
+        f"""SELECT qid, day, pid, prompt, norm,
+              CASE {capability} ELSE 'other' END AS capability,
+              CASE WHEN {{{{ size('w') }}}} >= {{{{ 2 * e }}}} THEN {{{{ hash64(
+                "'first ' || " ~ join(slice('w', 1, e), "' '")) }}}} END AS edge_a,
+              CASE WHEN {{{{ size('w') }}}} >= {{{{ 2 * e }}}} THEN {{{{ hash64(
+                "'last ' || " ~ join(slice('w', -e, e), "' '")) }}}} END AS edge_b
+            FROM (SELECT *, {{{{ words('norm') }}}} AS w FROM fresh_prompts) AS q""",
+        e=config.edge_words,
+        **{name: f"'{pattern}'" for name, pattern in _CAPABILITIES.items()},
+    )
+    _elicitation(con)
+    _buckets(con, config)
+    con.create(
+        "d_prompts",
+        f"SELECT {TABLES['prompts']}, day FROM fresh_prompts JOIN elicited USING (qid)",
+    )
+    con.drop("fresh_prompts")
+    con.drop("elicited")
+    con.create(
+        "d_uses",
+        """SELECT account_id, qid, count(*) AS n, min(ts) AS first_ts, day
+           FROM x GROUP BY account_id, qid, day""",
+    )
+    con.create(
+        "d_slots",
+        """SELECT DISTINCT account_id, pid,
+                  {{ idiv(epoch_us('ts'), 60000000 * window) }} AS slot, day FROM x""",
+        window=config.window_minutes,
+    )
+    # each day's gaps between an account's requests, as moments (count, mean, sum of squared
+    # deviations) that merge exactly across days (``_merge``)
+    con.create(
+        "d_activity",
+        """SELECT account_id, count(*) AS n, min(ts) AS first_ts, max(ts) AS last_ts,
+                  count(gap) AS gaps, coalesce(avg(gap), 0.0) AS gap_mean,
+                  coalesce(var_pop(gap) * count(gap), 0.0) AS gap_m2,
+                  CAST(sum(CAST(coalesce({{ matches('lower(user_agent)', ua) }}, false) AS INT))
+                       AS BIGINT) AS automation_ua,
+                  CAST(sum(CAST(coalesce(exposure_requested, 'text') <> 'text' AS INT))
+                       AS BIGINT) AS logprobs,
+                  day
+           FROM (SELECT *, ({{ epoch_us('ts') }} - lag({{ epoch_us('ts') }}) OVER (
+                             PARTITION BY account_id, day ORDER BY ts, rid)) / 1e6 AS gap
+                 FROM x) AS q
+           GROUP BY account_id, day""",
+        ua=f"'{_AUTOMATION_UA}'",
+    )
+    con.create(
+        "d_hours",
+        "SELECT account_id, hour(ts) AS hour, count(*) AS n, day FROM x "
+        "GROUP BY account_id, hour(ts), day",
+    )
+    con.create(
+        "d_ips",
+        "SELECT DISTINCT account_id, client_ip, day FROM x WHERE client_ip IS NOT NULL",
+    )
+    con.create(
+        "d_cats",
+        "SELECT DISTINCT account_id, catalogue, day FROM x WHERE catalogue IS NOT NULL",
+    )
+    if con.has("events"):
+        con.create(
+            "d_pivots",
+            """SELECT x.account_id, CAST(sum(CAST(x.model = e.name AS INT)) AS BIGINT) AS hits,
+                      count(*) AS trials, x.day
+               FROM x JOIN events e ON x.ts >= e.time AND x.ts < e.time + INTERVAL 24 HOUR
+               GROUP BY x.account_id, x.day""",
+        )
+    else:
+        con.drop("d_pivots")
 
-    Three views of each normalised prompt are hashed: the whole prompt, its first and its last
-    ``frame_words`` words. A template that wraps long slot content (an instruction around a pasted
-    document) shares little with its siblings as a whole but its frame is nearly identical.
+
+def _buckets(con: Engine, config: DetectConfig) -> None:
+    """``d_buckets``: the LSH buckets of the normalised prompts new to the state.
+
+    Three views of each are hashed: the whole prompt, its first and its last ``frame_words``
+    words. A template that wraps long slot content (an instruction around a pasted document)
+    shares little with its siblings as a whole but its frame is nearly identical.
     """
     rows = config.permutations // config.bands
+    known = "WHERE NOT EXISTS (SELECT 1 FROM s_prompts s WHERE s.pid = f.pid)"
     con.create(
-        "p", "SELECT norm, {{ hash64('norm') }} AS pid FROM (SELECT DISTINCT norm FROM x) AS q"
+        "p",
+        f"""SELECT pid, min(norm) AS norm, min(day) AS day FROM fresh_prompts f
+            {known if con.has("s_prompts") else ""} GROUP BY pid""",
     )
     k, f = config.shingle_words, config.frame_words
     con.create(
@@ -564,60 +757,16 @@ def _template_clusters(con: Engine, config: DetectConfig) -> None:
     )
     con.drop("sh")
     con.create(
-        "buckets",
-        """SELECT pid, {{ hash64("CAST(band AS STRING) || ':' || key") }} AS bucket FROM (
-             SELECT pid, view * 1000 + {{ idiv('i', rows) }} AS band,
-                    {{ agg_ordered('m', 'i', "','") }} AS key
-             FROM mh GROUP BY pid, view, {{ idiv('i', rows) }}) AS q""",
+        "d_buckets",
+        """SELECT q.pid, {{ hash64("CAST(band AS STRING) || ':' || key") }} AS bucket, p.day
+           FROM (SELECT pid, view * 1000 + {{ idiv('i', rows) }} AS band,
+                        {{ agg_ordered('m', 'i', "','") }} AS key
+                 FROM mh GROUP BY pid, view, {{ idiv('i', rows) }}) AS q
+           JOIN p ON p.pid = q.pid""",
         rows=rows,
     )
     con.drop("mh")
-    # A template is one LSH bucket (no transitive chaining: near-duplicates of near-duplicates
-    # are not merged into one giant component) holding several variants from several accounts.
-    con.create(
-        "templates",
-        """SELECT bucket AS template, count(DISTINCT x.account_id) AS accounts,
-                  count(DISTINCT b.pid) AS variants, count(*) AS requests,
-                  min(x.prompt) AS example
-           FROM x JOIN p USING (norm) JOIN buckets b ON b.pid = p.pid
-           GROUP BY bucket
-           HAVING count(DISTINCT x.account_id) >= {{ accounts }}
-              AND count(DISTINCT b.pid) >= {{ variants }}""",
-        accounts=config.min_template_accounts, variants=config.min_template_variants,
-    )  # fmt: skip
-    # An account's own template: the same first (or last) words around many different prompts
-    # of one account (an integration wrapping its users' text in its own instruction, shared with
-    # nobody). Not a shared template, so no evidence of anything; it only makes the wrapped
-    # requests one task. Exact words, not MinHash: the slot content is most of each prompt.
-    con.create(
-        "x",
-        """WITH assigned AS (
-             SELECT p.norm, min(b.bucket) AS template
-             FROM p JOIN buckets b ON b.pid = p.pid
-             JOIN templates t ON t.template = b.bucket GROUP BY p.norm),
-           edges AS (
-             SELECT rid, account_id, norm,
-                    'first ' || {{ join(slice('w', 1, e), "' '") }} AS a,
-                    'last ' || {{ join(slice('w', -e, e), "' '") }} AS b
-             FROM (SELECT rid, account_id, norm, {{ words('norm') }} AS w FROM x) AS q
-             WHERE {{ size('w') }} >= {{ 2 * e }}),
-           own AS (
-             SELECT account_id, edge FROM (
-               SELECT account_id, a AS edge, norm FROM edges
-               UNION ALL SELECT account_id, b, norm FROM edges) AS q
-             GROUP BY account_id, edge HAVING count(DISTINCT norm) >= {{ variants }}),
-           framed AS (
-             SELECT rid, coalesce(min(o1.edge), min(o2.edge)) AS frame
-             FROM edges
-             LEFT JOIN own o1 ON o1.account_id = edges.account_id AND o1.edge = edges.a
-             LEFT JOIN own o2 ON o2.account_id = edges.account_id AND o2.edge = edges.b
-             GROUP BY rid)
-        SELECT x.*, assigned.template, framed.frame
-        FROM x LEFT JOIN assigned ON assigned.norm = x.norm
-        LEFT JOIN framed ON framed.rid = x.rid""",
-        e=config.edge_words, variants=config.min_template_variants,
-    )  # fmt: skip
-    con.drop("buckets")
+    con.drop("p")
 
 
 #: The Mersenne prime the MinHash permutations ``(a * h + b) % p`` work modulo.
@@ -676,12 +825,12 @@ def _minhashes(batches, config: DetectConfig):
         )
 
 
-_ELICITED_SCHEMA = pa.schema([("prompt", pa.string()), ("elicits", pa.bool_())])
+_ELICITED_SCHEMA = pa.schema([("qid", pa.int64()), ("elicits", pa.bool_())])
 
 
 def _classify(batches, classifier):
-    """``(prompt, elicits)`` batches for ``prompt`` batches: the elicitation classifier (run in
-    this process on DuckDB, in Spark's executors on Spark)."""
+    """``(qid, elicits)`` batches for ``(qid, prompt)`` batches: the elicitation classifier (run
+    in this process on DuckDB, in Spark's executors on Spark)."""
     for batch in batches:
         prompts = batch.column("prompt").to_pylist()
         if not prompts:
@@ -689,51 +838,139 @@ def _classify(batches, classifier):
         texts = [p if len(p) <= 4000 else p[:2000] + "\n" + p[-2000:] for p in prompts]
         proba = classifier.predict_proba(texts)
         yield pa.RecordBatch.from_pydict(
-            {"prompt": prompts, "elicits": proba >= 0.5}, schema=_ELICITED_SCHEMA
+            {"qid": batch.column("qid"), "elicits": proba >= 0.5}, schema=_ELICITED_SCHEMA
         )
 
 
-def _elicitation(con: Engine, config: DetectConfig) -> None:
-    """``x.elicits``: whether the prompt asks to see the reasoning or a narrated trace
-    (``detect.elicitation``), scored once per distinct prompt; ``x.fresh``: whether no other
-    account sent the same (normalised) prompt. A public test set that several evaluation
-    harnesses send asks for reasoning too, but a harvest wants fresh tasks: only fresh
-    elicitations count. Then ``intents``: the accounts that ask for reasoning and what about."""
+def _elicitation(con: Engine) -> None:
+    """Table ``elicited(qid, elicits)``: whether each new prompt asks to see the reasoning or a
+    narrated trace (``detect.elicitation``)."""
     from distillscope.detect.elicitation import ElicitationClassifier
 
     classifier = ElicitationClassifier.default()
     con.map_batches(
         "elicited",
-        "SELECT DISTINCT prompt FROM x",
+        "SELECT qid, prompt FROM fresh_prompts",
         lambda batches: _classify(batches, classifier),
         _ELICITED_SCHEMA,
     )
-    con.create("shared", "SELECT norm FROM x GROUP BY norm HAVING count(DISTINCT account_id) > 1")
+
+
+def _merge(con: Engine, config: DetectConfig) -> None:
+    """The stored digests (``s_<table>``) and the new ones (``d_<table>``) as ``a_<table>``,
+    then what the signals read across all of it:
+
+    - ``templates``: an LSH bucket (no transitive chaining: near-duplicates of near-duplicates
+      are not merged into one giant component) holding at least ``min_template_variants``
+      prompts from ``min_template_accounts`` accounts; each prompt's template is the least of
+      its buckets that is one;
+    - ``ua``: one row per account and prompt over all days: requests, first time, the prompt's
+      template, the account's own frame round it (its first or last words shared with
+      ``min_template_variants`` of the account's prompts: one task), and ``fresh`` (no other
+      account sent the same normalised prompt: a public test set that several harnesses send
+      asks for reasoning too, but a harvest wants fresh tasks).
+    """
+    for table, columns in TABLES.items():
+        parts = [f"SELECT {columns}, day FROM {kind}_{table}"
+                 for kind in ("d", "s") if con.has(f"{kind}_{table}")]  # fmt: skip
+        if parts:
+            con.create(f"a_{table}", " UNION ALL ".join(parts))
+        else:
+            con.drop(f"a_{table}")
+        con.drop(f"d_{table}")
+        con.drop(f"s_{table}")
+    con.create(
+        "up",
+        """SELECT u.account_id, u.qid, u.n, u.first_ts, p.pid, p.prompt, p.elicits,
+                  p.capability, p.edge_a, p.edge_b
+           FROM (SELECT account_id, qid, sum(n) AS n, min(first_ts) AS first_ts
+                 FROM a_uses GROUP BY account_id, qid) AS u
+           JOIN a_prompts p ON p.qid = u.qid""",
+    )
+    # most buckets hold one prompt: only those with enough variants are joined with the uses
+    con.create(
+        "templates",
+        """WITH candidates AS (
+             SELECT bucket FROM a_buckets GROUP BY bucket
+             HAVING count(DISTINCT pid) >= {{ variants }}),
+           held AS (SELECT b.bucket, b.pid FROM a_buckets b
+                    JOIN candidates c ON c.bucket = b.bucket)
+           SELECT h.bucket AS template, count(DISTINCT up.account_id) AS accounts,
+                  count(DISTINCT h.pid) AS variants, CAST(sum(up.n) AS BIGINT) AS requests,
+                  min(up.prompt) AS example
+           FROM held h JOIN up ON up.pid = h.pid
+           GROUP BY h.bucket
+           HAVING count(DISTINCT up.account_id) >= {{ accounts }}
+              AND count(DISTINCT h.pid) >= {{ variants }}""",
+        accounts=config.min_template_accounts, variants=config.min_template_variants,
+    )  # fmt: skip
+    con.create(
+        "assigned",
+        """SELECT b.pid, min(b.bucket) AS template FROM a_buckets b
+           JOIN templates t ON t.template = b.bucket GROUP BY b.pid""",
+    )
+    _assign(con, config)
+
+
+def _assign(con: Engine, config: DetectConfig) -> None:
+    """``ua``: ``up`` with each prompt's template (``assigned``), frame and freshness."""
+    con.create(
+        "ua",
+        """WITH own AS (
+             SELECT account_id, edge FROM (
+               SELECT account_id, edge_a AS edge, pid FROM up WHERE edge_a IS NOT NULL
+               UNION ALL SELECT account_id, edge_b, pid FROM up WHERE edge_b IS NOT NULL) AS q
+             GROUP BY account_id, edge HAVING count(DISTINCT pid) >= {{ variants }}),
+           shared AS (SELECT pid FROM up GROUP BY pid HAVING count(DISTINCT account_id) > 1)
+        SELECT up.account_id, up.qid, up.n, up.first_ts, up.pid, up.prompt, up.elicits,
+               up.capability, a.template, coalesce(o1.edge, o2.edge) AS frame,
+               s.pid IS NULL AS fresh
+        FROM up LEFT JOIN assigned a ON a.pid = up.pid
+        LEFT JOIN own o1 ON o1.account_id = up.account_id AND o1.edge = up.edge_a
+        LEFT JOIN own o2 ON o2.account_id = up.account_id AND o2.edge = up.edge_b
+        LEFT JOIN shared s ON s.pid = up.pid""",
+        variants=config.min_template_variants,
+    )
+
+
+def _paraphrase(con: DuckEngine, config: DetectConfig, notes: list[str]) -> None:
+    """Reworded templates grouped by sentence embeddings (``detect.paraphrase``), added to
+    ``assigned`` and ``templates``."""
+    from distillscope.detect.paraphrase import paraphrase_templates
+
     con.create(
         "x",
-        """SELECT x.*, coalesce(e.elicits, false) AS elicits, s.norm IS NULL AS fresh
-           FROM x LEFT JOIN elicited e ON e.prompt = x.prompt
-           LEFT JOIN shared s ON s.norm = x.norm""",
+        f"""SELECT account_id, pid, prompt, template, {_NORM} AS norm FROM ua""",
     )
-    con.drop("elicited")
-    con.drop("shared")
-    _intents(con, config)
+    groups = paraphrase_templates(
+        con.con, max_per_account=config.paraphrase_per_account, seed=config.seed
+    )
+    notes.append(f"{groups} paraphrase templates from sentence embeddings")
+    con.create(
+        "assigned",
+        """SELECT pid, template FROM assigned UNION ALL
+           SELECT pid, min(x.template) FROM x
+           WHERE x.template IS NOT NULL AND pid NOT IN (SELECT pid FROM assigned)
+           GROUP BY pid""",
+    )
+    con.drop("x")
+    _assign(con, config)
 
 
 def _intents(con: Engine, config: DetectConfig) -> None:
     """Table ``intents(account_id, intent)``: what each account that asks for reasoning asks
-    about. Its fresh elicitation prompts (up to ``intent_prompts``) are embedded (hashed word
-    n-grams, tf-idf, a 64-dimensional SVD) and clustered (k-means); an account holds an intent
-    when at least two of its prompts fall in that cluster. A campaign with no shared
-    infrastructure still asks many accounts for the same kind of thing, worded differently each
-    time; people asking for reasoning ask about whatever they are working on."""
+    about. Its distinct fresh elicitation prompts (up to ``intent_prompts``) are embedded
+    (hashed word n-grams, tf-idf, a 64-dimensional SVD) and clustered (k-means); an account
+    holds an intent when at least two of its prompts fall in that cluster. A campaign with no
+    shared infrastructure still asks many accounts for the same kind of thing, worded
+    differently each time; people asking for reasoning ask about whatever they are working on."""
     rows = con.fetch(
         """SELECT account_id, prompt FROM (
               SELECT account_id, prompt, row_number() OVER (
                        PARTITION BY account_id
                        ORDER BY {{ hash64("prompt || '" ~ seed ~ "'") }}, prompt) AS r
-              FROM x WHERE elicits AND fresh
-                AND account_id IN (SELECT account_id FROM x WHERE elicits AND fresh
+              FROM ua WHERE elicits AND fresh
+                AND account_id IN (SELECT account_id FROM ua WHERE elicits AND fresh
                                    GROUP BY account_id HAVING count(*) >= 2)) AS q
             WHERE r <= {{ limit }} ORDER BY account_id, r""",
         seed=config.seed, limit=config.intent_prompts,
@@ -773,27 +1010,18 @@ def _intents(con: Engine, config: DetectConfig) -> None:
     con.drop("embedded")
 
 
-def _features(con: Engine, accounts_meta, events, banned, notes) -> tuple[pa.Table, set[str]]:
-    """One row per account: every signal's value (shares as their lower bound), plus volume and
-    examples; and the side inputs (events, accounts, banned) not given."""
+def _features(con: Engine, accounts_meta, banned, notes) -> tuple[pa.Table, set[str]]:
+    """One row per account from the merged digests: every signal's value (shares as their
+    lower bound), plus volume and examples; and the side inputs (accounts, banned) not given."""
     absent = set()
-    capability = " ".join(
-        f"WHEN {{{{ matches('lower(prompt)', {name}) }}}} THEN '{name}'" for name in _CAPABILITIES
-    )
     joins, extra = [], dict.fromkeys(("pivot", "fingerprint", "banned_link"), "CAST(0 AS DOUBLE)")
-    if events is not None and Path(events).exists():
-        con.read_parquet("events", events)
+    if con.has("a_pivots"):
         joins.append(
             """LEFT JOIN (
-                 SELECT x.account_id, avg(CAST(x.model = e.name AS INT)) AS share
-                 FROM x JOIN events e
-                   ON x.ts >= e.time AND x.ts < e.time + INTERVAL 24 HOUR
-                 GROUP BY x.account_id HAVING count(*) >= 3) pv USING (account_id)"""
+                 SELECT account_id, sum(hits) / sum(trials) AS share FROM a_pivots
+                 GROUP BY account_id HAVING sum(trials) >= 3) pv USING (account_id)"""
         )
-        extra["pivot"] = "CAST(coalesce(any_value(pv.share), 0) AS DOUBLE)"
-    else:
-        absent.add("events")
-        notes.append("no model-release events given: the pivot signal is skipped")
+        extra["pivot"] = "CAST(coalesce(pv.share, 0) AS DOUBLE)"
     if accounts_meta is not None and Path(accounts_meta).exists():
         con.read_parquet("meta", accounts_meta)
         joins.append(
@@ -802,7 +1030,7 @@ def _features(con: Engine, accounts_meta, events, banned, notes) -> tuple[pa.Tab
                         count(*) OVER (PARTITION BY payment_fingerprint) - 1 AS n
                  FROM meta WHERE payment_fingerprint IS NOT NULL) fp USING (account_id)"""
         )
-        extra["fingerprint"] = "CAST(coalesce(any_value(fp.n), 0) AS DOUBLE)"
+        extra["fingerprint"] = "CAST(coalesce(fp.n, 0) AS DOUBLE)"
     else:
         absent.add("accounts")
         notes.append("no account metadata given: the payment-fingerprint signal is skipped")
@@ -812,72 +1040,108 @@ def _features(con: Engine, accounts_meta, events, banned, notes) -> tuple[pa.Tab
         con.register("banned", pa.table({"account_id": pa.array(list(banned), pa.string())}))
         joins.append(
             """LEFT JOIN (
-                 SELECT a.account_id, count(DISTINCT b.account_id) AS links
-                 FROM (SELECT DISTINCT account_id, template, client_ip FROM x) a
-                 JOIN (SELECT DISTINCT account_id, template, client_ip FROM x
-                       WHERE account_id IN (SELECT account_id FROM banned)) b
-                   ON a.template = b.template OR a.client_ip = b.client_ip
-                 WHERE a.account_id <> b.account_id GROUP BY a.account_id) bl
-               USING (account_id)"""
+                 SELECT account_id, count(DISTINCT other) AS links FROM (
+                   SELECT a.account_id, b.account_id AS other
+                   FROM (SELECT DISTINCT account_id, template FROM ua
+                         WHERE template IS NOT NULL) a
+                   JOIN (SELECT DISTINCT account_id, template FROM ua
+                         WHERE template IS NOT NULL
+                           AND account_id IN (SELECT account_id FROM banned)) b
+                     ON a.template = b.template
+                   UNION ALL
+                   SELECT a.account_id, b.account_id
+                   FROM (SELECT DISTINCT account_id, client_ip FROM a_ips) a
+                   JOIN (SELECT DISTINCT account_id, client_ip FROM a_ips
+                         WHERE account_id IN (SELECT account_id FROM banned)) b
+                     ON a.client_ip = b.client_ip) AS q
+                 WHERE account_id <> other GROUP BY account_id) bl USING (account_id)"""
         )
-        extra["banned_link"] = "CAST(coalesce(any_value(bl.links), 0) AS DOUBLE)"
+        extra["banned_link"] = "CAST(coalesce(bl.links, 0) AS DOUBLE)"
+    for side in ("ips", "cats"):  # a log without addresses or tools: empty, not missing
+        if not con.has(f"a_{side}"):
+            column = "client_ip" if side == "ips" else "catalogue"
+            kind = "STRING" if side == "ips" else "BIGINT"
+            con.create(f"a_{side}", f"SELECT account_id, CAST(NULL AS {kind}) AS {column} "
+                                    "FROM a_activity WHERE false")  # fmt: skip
     con.create(
         "acc",
-        f"""WITH t AS (
-          SELECT *, CASE {capability} ELSE 'other' END AS capability,
-                 ({{{{ epoch_us('ts') }}}} - lag({{{{ epoch_us('ts') }}}}) OVER (
-                    PARTITION BY account_id ORDER BY ts, rid)) / 1e6 AS gap
-          FROM x),
+        f"""WITH
         -- a task is a distinct template (shared, or the account's own) or a distinct
         -- untemplated prompt: an integration that wraps its users' text in one template sends
         -- one task ten thousand times
-        caps AS (SELECT account_id, sum(n) AS tasks,
-                        coalesce(max(n) FILTER (WHERE capability <> 'other'), 0) AS top FROM (
-                   SELECT account_id, capability,
-                          count(DISTINCT coalesce(CAST(template AS STRING), frame, norm)) AS n
-                   FROM t GROUP BY account_id, capability) AS q GROUP BY account_id),
+        caps AS (SELECT account_id, sum(k) AS tasks,
+                        coalesce(max(k) FILTER (WHERE capability <> 'other'), 0) AS top FROM (
+                   SELECT account_id, capability, count(DISTINCT coalesce(
+                            't' || CAST(template AS STRING), 'f' || CAST(frame AS STRING),
+                            'p' || CAST(pid AS STRING))) AS k
+                   FROM ua GROUP BY account_id, capability) AS q GROUP BY account_id),
+        content AS (
+          SELECT account_id,
+                 CAST(sum(CASE WHEN template IS NOT NULL THEN n ELSE 0 END) AS BIGINT)
+                   AS template,
+                 CAST(sum(CASE WHEN elicits AND fresh THEN n ELSE 0 END) AS BIGINT)
+                   AS elicitation
+          FROM ua GROUP BY account_id),
+        -- the gaps between an account's requests: each day's moments and the gap across
+        -- each night (a day's first request after the last of the day before) merged
+        parts AS (
+          SELECT account_id, gaps AS k, gap_mean AS mean, gap_m2 AS m2 FROM a_activity
+          WHERE gaps > 0
+          UNION ALL
+          SELECT account_id, 1, bridge, 0.0 FROM (
+            SELECT account_id, ({{{{ epoch_us('first_ts') }}}} - lag({{{{ epoch_us('last_ts') }}}})
+                     OVER (PARTITION BY account_id ORDER BY day)) / 1e6 AS bridge
+            FROM a_activity) AS q WHERE bridge IS NOT NULL),
+        pooled AS (SELECT account_id, sum(k) AS k, sum(k * mean) / sum(k) AS mean
+                   FROM parts GROUP BY account_id),
+        timing AS (
+          SELECT p.account_id, any_value(o.k) AS k, any_value(o.mean) AS mean,
+                 sum(p.m2 + p.k * (p.mean - o.mean) * (p.mean - o.mean)) AS m2
+          FROM parts p JOIN pooled o ON o.account_id = p.account_id GROUP BY p.account_id),
         hours AS (SELECT account_id, -sum(p * ln(p)) AS entropy FROM (
-                   SELECT account_id, count(*) / sum(count(*)) OVER (PARTITION BY account_id) AS p
-                   FROM t GROUP BY account_id, hour(ts)) AS q GROUP BY account_id),
-        ips AS (SELECT client_ip, count(DISTINCT account_id) AS sharing FROM x
-                WHERE client_ip IS NOT NULL GROUP BY client_ip),
+                   SELECT account_id, sum(n) / sum(sum(n)) OVER (PARTITION BY account_id) AS p
+                   FROM a_hours GROUP BY account_id, hour) AS q GROUP BY account_id),
+        sharing AS (SELECT client_ip, count(DISTINCT account_id) AS sharing FROM a_ips
+                    GROUP BY client_ip),
+        ips AS (SELECT i.account_id, max(s.sharing) AS sharing,
+                       count(DISTINCT i.client_ip) AS addresses
+                FROM a_ips i JOIN sharing s ON s.client_ip = i.client_ip
+                GROUP BY i.account_id),
+        cats AS (SELECT account_id, count(DISTINCT catalogue) AS n FROM a_cats
+                 GROUP BY account_id),
         examples AS (
           SELECT account_id, {{{{ agg_ordered('prompt', 'r') }}}} AS examples FROM (
             SELECT account_id, prompt, row_number() OVER (
                      PARTITION BY account_id
-                     ORDER BY elicits DESC, template IS NULL, ts, prompt) AS r
-            FROM x) AS q
-          WHERE r <= 2 GROUP BY account_id)
-        SELECT t.account_id,
-               count(*) AS requests,
-               count(DISTINCT date_trunc('day', ts)) AS active_days,
-               min(ts) AS first_seen,
-               max(ts) AS last_seen,
-               count(template) AS template,
-               CAST(sum(CAST(elicits AND fresh AS INT)) AS BIGINT) AS elicitation,
-               CAST(any_value(caps.top) AS BIGINT) AS concentration,
-               CAST(any_value(caps.tasks) AS BIGINT) AS tasks,
-               CASE WHEN count(gap) >= 5 AND avg(gap) > 0
-                    THEN avg(gap) / greatest(stddev_pop(gap), 1e-9) ELSE 0.0 END AS regularity,
-               any_value(hours.entropy) AS around_clock,
-               CAST(coalesce(max(ips.sharing), 0) AS BIGINT) AS ip_sharing,
-               count(DISTINCT t.client_ip) / count(*) AS ip_rotation,
-               CAST(sum(CAST(coalesce({{{{ matches('lower(user_agent)', ua) }}}}, false) AS INT))
-                    AS BIGINT) AS automation_ua,
-               CAST(sum(CAST(coalesce(exposure_requested, 'text') <> 'text' AS INT)) AS BIGINT)
-                   AS logprobs,
-               count(DISTINCT catalogue) AS tool_coverage,
-               any_value(examples.examples) AS examples,
+                     ORDER BY elicits DESC, template IS NULL, first_ts, prompt) AS r
+            FROM ua) AS q
+          WHERE r <= 2 GROUP BY account_id),
+        act AS (
+          SELECT account_id, CAST(sum(n) AS BIGINT) AS requests,
+                 count(DISTINCT day) AS active_days, min(first_ts) AS first_seen,
+                 max(last_ts) AS last_seen, CAST(sum(automation_ua) AS BIGINT) AS automation_ua,
+                 CAST(sum(logprobs) AS BIGINT) AS logprobs
+          FROM a_activity GROUP BY account_id)
+        SELECT act.account_id, act.requests, act.active_days, act.first_seen, act.last_seen,
+               content.template, content.elicitation,
+               CAST(caps.top AS BIGINT) AS concentration, CAST(caps.tasks AS BIGINT) AS tasks,
+               CASE WHEN timing.k >= 5 AND timing.mean > 0
+                    THEN timing.mean / greatest(sqrt(timing.m2 / timing.k), 1e-9)
+                    ELSE 0.0 END AS regularity,
+               hours.entropy AS around_clock,
+               CAST(coalesce(ips.sharing, 0) AS BIGINT) AS ip_sharing,
+               coalesce(ips.addresses, 0) / act.requests AS ip_rotation,
+               act.automation_ua, act.logprobs,
+               coalesce(cats.n, 0) AS tool_coverage,
+               examples.examples,
                {extra["pivot"]} AS pivot,
                {extra["fingerprint"]} AS fingerprint,
                {extra["banned_link"]} AS banned_link
-        FROM t JOIN caps USING (account_id) JOIN hours USING (account_id)
-        LEFT JOIN examples USING (account_id)
-        LEFT JOIN ips ON ips.client_ip = t.client_ip
-        {" ".join(joins)}
-        GROUP BY t.account_id""",
-        ua=f"'{_AUTOMATION_UA}'",
-        **{name: f"'{pattern}'" for name, pattern in _CAPABILITIES.items()},
+        FROM act JOIN content USING (account_id) JOIN caps USING (account_id)
+        JOIN hours USING (account_id)
+        LEFT JOIN timing USING (account_id) LEFT JOIN ips USING (account_id)
+        LEFT JOIN cats USING (account_id) LEFT JOIN examples USING (account_id)
+        {" ".join(joins)}""",
     )
     table = con.fetch("SELECT * FROM acc ORDER BY account_id")
     for name in ("regularity", "around_clock"):
@@ -944,20 +1208,17 @@ def _communities(
     if not con.has("cohits"):  # what the rounds share: each account's keys, once per run
         con.create(
             "cohits",
-            """SELECT DISTINCT template, {{ idiv(epoch_us('ts'), 60000000 * window) }} AS slot,
-                      false AS daily, account_id FROM x WHERE template IS NOT NULL
+            """SELECT DISTINCT a.template, s.slot, false AS daily, s.account_id
+               FROM a_slots s JOIN assigned a ON a.pid = s.pid
                UNION ALL
-               SELECT DISTINCT template, {{ idiv(epoch_us('ts'), 86400000000) }}, true,
-                      account_id FROM x WHERE template IS NOT NULL""",
-            window=config.window_minutes,
+               SELECT DISTINCT a.template,
+                      {{ idiv(epoch_us('CAST(u.day AS TIMESTAMP)'), 86400000000) }}, true,
+                      u.account_id
+               FROM a_uses u JOIN a_prompts p ON p.qid = u.qid
+               JOIN assigned a ON a.pid = p.pid""",
         )
-        con.create(
-            "coips",
-            "SELECT DISTINCT client_ip, account_id FROM x WHERE client_ip IS NOT NULL",
-        )
-        con.create(
-            "cocats", "SELECT DISTINCT catalogue, account_id FROM x WHERE catalogue IS NOT NULL"
-        )
+        con.create("coips", "SELECT DISTINCT client_ip, account_id FROM a_ips")
+        con.create("cocats", "SELECT DISTINCT catalogue, account_id FROM a_cats")
     pairs = con.fetch(
         """WITH
         -- a template most of whose users are not suspects is everyone's (a popular prompt):
@@ -1187,15 +1448,15 @@ def _report(out: Path, table: pa.Table, summary: DetectionSummary, con, threshol
 
     con.register("report_accounts", table.filter(table["flagged"]).select(["account_id"]))
     per_day = con.fetch(
-        """SELECT x.account_id, CAST(x.ts AS DATE) AS day, count(*) AS n
-           FROM x JOIN report_accounts r ON r.account_id = x.account_id
-           GROUP BY x.account_id, CAST(x.ts AS DATE)"""
+        """SELECT a.account_id, a.day, CAST(sum(a.n) AS BIGINT) AS n
+           FROM a_activity a JOIN report_accounts r ON r.account_id = a.account_id
+           GROUP BY a.account_id, a.day"""
     ).to_pylist()
     con.drop("report_accounts")
     timeline: dict[str, dict] = {}
     for row in per_day:
         timeline.setdefault(row["account_id"], {})[row["day"]] = row["n"]
-    span = con.fetch("SELECT CAST(min(ts) AS DATE) AS a, CAST(max(ts) AS DATE) AS b FROM x")
+    span = con.fetch("SELECT min(day) AS a, max(day) AS b FROM a_activity")
     first, last = span["a"][0].as_py(), span["b"][0].as_py()
     days = [first + timedelta(days=i) for i in range((last - first).days + 1)]
     page = detection_page(table, asdict(summary), threshold, timeline, days)
@@ -1203,12 +1464,20 @@ def _report(out: Path, table: pa.Table, summary: DetectionSummary, con, threshol
 
 
 def daily_first_flags(
-    log: str | os.PathLike, out: str | os.PathLike, *, every_hours: float = 24.0, **kwargs
+    log: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    every_hours: float = 24.0,
+    state: str | os.PathLike | None = None,
+    **kwargs,
 ) -> int:
     """Replay a periodic job over ``log``: detection re-run on the log cut every ``every_hours``
     from the first midnight (what ``--until`` does in production), and the first cut that flagged
     each account written to ``out/accounts.parquet`` as ``first_flagged_at`` (null if no run
-    flagged it). ``out`` must hold a ``detect`` run on the whole log. Returns the number of runs."""
+    flagged it). ``out`` must hold a ``detect`` run on the whole log. Returns the number of runs.
+
+    The runs are incremental, as a production job is: each reads the log from the last day the
+    ``state`` folder holds (``out/replay/state``, rebuilt, when none is given)."""
     from datetime import timedelta
 
     if every_hours <= 0:
@@ -1232,13 +1501,22 @@ def daily_first_flags(
     step = timedelta(hours=every_hours)
     first: dict[str, datetime] = {}
     runs = 0
+    rebuild = state is None
+    state = out / "replay" / "state" if state is None else state
+    try:  # a state that cannot be used is refused once, not skipped at every run
+        DetectState.open(state, state_settings(kwargs.get("config") or DetectConfig()),
+                         rebuild=rebuild)  # fmt: skip
+    except StateError as exc:
+        raise DetectError(str(exc)) from None
     while start + runs * step <= end:
         runs += 1
         until = start + runs * step
         try:
-            run = detect(log, out / "replay" / f"run-{runs:03d}", until=until, **kwargs)
+            run = detect(log, out / "replay" / f"run-{runs:03d}", until=until, state=state,
+                         rebuild=rebuild, **kwargs)  # fmt: skip
         except DetectError:
             continue  # nothing to score yet
+        rebuild = False
         flags = pq.read_table(Path(run.out) / "accounts.parquet", columns=["account_id", "flagged"])
         for account, hit in zip(flags["account_id"].to_pylist(), flags["flagged"].to_pylist()):
             if hit and account not in first:

@@ -25,10 +25,12 @@ clusters and scores agree (``tests/test_detect_spark.py``).
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from datetime import date
 from pathlib import Path
 
 import duckdb
@@ -87,6 +89,45 @@ class Engine(ABC):
     def read_parquet(self, name: str, path: str | os.PathLike) -> None:
         """Table ``name``: a Parquet file, or every Parquet file under a folder (any depth,
         columns united by name)."""
+
+    @abstractmethod
+    def read_days(self, name: str, folder: str | os.PathLike, before: date | None) -> bool:
+        """View ``name``: the rows of the day partitions under ``folder`` (``day=YYYY-MM-DD/``
+        folders of Parquet, what ``write_days`` writes) of days before ``before`` (all days when
+        None), with their ``day`` (a DATE) as the last column. False, and nothing made, when
+        the folder holds no partition."""
+
+    def write_days(self, name: str, folder: str | os.PathLike, days: Iterable[date]) -> None:
+        """Write the rows of table ``name`` (which has a ``day`` DATE column) of each of ``days``
+        as partition ``folder/day=YYYY-MM-DD/``, replacing what that partition held; a day
+        without rows is left without a partition. Written beside ``folder`` first, then moved
+        in: a partition is never half written (a crash while moving can leave a day without
+        one: ``detect.state`` lists a day only once all its partitions are in place)."""
+        days = sorted(set(days))
+        if not days:
+            return
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        written = folder.parent / f".{folder.name}.writing"
+        shutil.rmtree(written, ignore_errors=True)
+        self._write_partitions(name, written, days)
+        folder.mkdir(parents=True, exist_ok=True)
+        for day in days:
+            shutil.rmtree(folder / f"day={day.isoformat()}", ignore_errors=True)
+        if written.is_dir():
+            for part in written.glob("day=*"):
+                part.rename(folder / part.name)
+        shutil.rmtree(written, ignore_errors=True)
+
+    @abstractmethod
+    def _write_partitions(self, name: str, written: Path, days: list[date]) -> None:
+        """The rows of ``name`` of ``days`` as ``day=`` partitions of the new folder
+        ``written``."""
+
+    @staticmethod
+    def _partitions(folder: str | os.PathLike) -> list[Path]:
+        folder = Path(folder)
+        return sorted(folder.glob("day=*")) if folder.is_dir() else []
 
     @abstractmethod
     def map_batches(
@@ -210,6 +251,24 @@ class DuckEngine(Engine):
         self.con.execute(
             f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet("
             f"'{quote(glob)}', union_by_name = true)"
+        )
+
+    def read_days(self, name, folder, before):
+        if not self._partitions(folder):
+            return False
+        cut = f"WHERE day < DATE '{before.isoformat()}'" if before is not None else ""
+        self.con.execute(
+            f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet("
+            f"'{quote(Path(folder))}/day=*/*.parquet', hive_partitioning = true, "
+            f"hive_types = {{'day': DATE}}) {cut}"
+        )
+        return True
+
+    def _write_partitions(self, name, written, days):
+        listed = ", ".join(f"DATE '{d.isoformat()}'" for d in days)
+        self.con.execute(
+            f"COPY (SELECT * FROM {name} WHERE day IN ({listed})) TO '{quote(written)}' "
+            "(FORMAT PARQUET, PARTITION_BY (day))"
         )
 
     def map_batches(self, name, sql, function, schema, *, partition_by=None, order_by=None):
@@ -374,6 +433,21 @@ class SparkEngine(Engine):
             .parquet(str(path))
         )
         self._keep(name, frame, persist=False)
+
+    def read_days(self, name, folder, before):
+        if not self._partitions(folder):
+            return False
+        frame = self.spark.read.option("basePath", str(folder)).parquet(str(folder))
+        frame = frame.withColumn("day", frame["day"].cast("date"))
+        if before is not None:
+            frame = frame.where(frame["day"] < before)
+        self._keep(name, frame, persist=False)
+        return True
+
+    def _write_partitions(self, name, written, days):
+        frame = self.spark.table(name)
+        frame = frame.where(frame["day"].isin(days))
+        frame.write.partitionBy("day").mode("overwrite").parquet(str(written))
 
     def map_batches(self, name, sql, function, schema, *, partition_by=None, order_by=None):
         from pyspark.sql.pandas.types import from_arrow_schema

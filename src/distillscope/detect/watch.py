@@ -152,8 +152,13 @@ def watch_once(
     reference=None,
     config: DetectConfig | None = None,
     now: datetime | None = None,
+    incremental: bool = True,
 ) -> WatchRun:
-    """One cycle: detect, keep the alerts, block what clears the stricter bar, notify."""
+    """One cycle: detect, keep the alerts, block what clears the stricter bar, notify.
+
+    ``incremental``: the days already digested are kept in ``STATE/digests``
+    (``detect.state``), so each cycle reads from the log only what came since the last whole
+    day, and flags what a run over the whole log would."""
     if block_above < 1:
         raise WatchError(
             f"--block-above {block_above}: the auto-block bar is a multiple (>= 1) of the flag "
@@ -164,7 +169,7 @@ def watch_once(
     state = Path(state)
     run = state / "runs" / now.strftime("%Y%m%dT%H%M%SZ")
     summary = detect(log, run, accounts=accounts, events=events, reference=reference,
-                     config=config)  # fmt: skip
+                     config=config, state=state / "digests" if incremental else None)  # fmt: skip
     scored = pq.read_table(run / "accounts.parquet")
     flagged = scored.filter(scored["flagged"])
     store = AlertStore(log, state)
