@@ -475,3 +475,27 @@ def test_minhashes_in_numpy_equal_the_sql_cross_join_they_replace():
     ).sort_by([("pid", "ascending"), ("view", "ascending"), ("i", "ascending")])
     for column in ("pid", "view", "i", "m"):
         np.testing.assert_array_equal(got[column].to_numpy(), expected[column].astype(np.int64))
+
+
+def test_the_classifier_gives_the_same_answers_in_several_processes():
+    """DuckDB's ``map_batches`` runs a large batch function in spawned processes (the
+    elicitation classifier is the detector's largest single-core step): same rows, same order."""
+    import functools
+
+    from distillscope.detect.detector import _ELICITED_SCHEMA, _classify
+    from distillscope.detect.elicitation import ElicitationClassifier
+    from distillscope.detect.engine import DuckEngine
+
+    classifier = ElicitationClassifier.default()
+    prompts = [f"explain step by step how you would solve task {i}" if i % 3 else f"hello {i}"
+               for i in range(300)]  # fmt: skip
+    table = pa.table({"qid": list(range(300)), "prompt": prompts})
+    answers = {}
+    for workers in (1, 2):
+        engine = DuckEngine(workers=workers, parallel_rows=100)
+        engine.register("t", table)
+        engine.map_batches("out", "SELECT qid, prompt FROM t ORDER BY qid",
+                           functools.partial(_classify, classifier=classifier), _ELICITED_SCHEMA)
+        answers[workers] = engine.fetch("SELECT * FROM out")
+    assert answers[1].equals(answers[2])
+    assert 0 < sum(answers[2]["elicits"].to_pylist()) < 300

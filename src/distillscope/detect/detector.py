@@ -30,6 +30,7 @@ own: a hydra's heads each look modest, the body does not.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -851,7 +852,7 @@ def _elicitation(con: Engine) -> None:
     con.map_batches(
         "elicited",
         "SELECT qid, prompt FROM fresh_prompts",
-        lambda batches: _classify(batches, classifier),
+        functools.partial(_classify, classifier=classifier),  # picklable: several processes
         _ELICITED_SCHEMA,
     )
 
@@ -1275,12 +1276,14 @@ def _communities(
         ORDER BY u, v""",
         share=config.min_suspect_share, seed=config.seed, degree=config.intent_degree,
         fingerprints=fingerprints, min_weight=config.min_edge_weight,
-    ).to_pylist()  # fmt: skip
+    )  # fmt: skip
     con.drop("suspects")
     con.drop("reasoned")
-    graph = nx.Graph()
-    for row in pairs:
-        graph.add_edge(row["u"], row["v"], weight=row["weight"], ties=row["ties"])
+    graph = nx.Graph()  # columns, not a dict per row: a campaign's graph has 10^5-10^6 edges
+    columns = [pairs[c].to_pylist() for c in ("u", "v", "weight", "ties")]
+    graph.add_edges_from(
+        (u, v, {"weight": w, "ties": t}) for u, v, w, t in zip(*columns, strict=True)
+    )
     members = Communities()
     if graph.number_of_edges() == 0:
         return members

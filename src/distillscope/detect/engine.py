@@ -205,15 +205,52 @@ class Engine(ABC):
     def m_to_timestamp(self, text: str) -> str: ...
 
 
+def _cores() -> int:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _apply(function: BatchFunction, rows: pa.Table, schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_batches(list(function(iter(rows.to_batches()))), schema=schema)
+
+
+def _in_processes(function, rows: pa.Table, schema: pa.Schema, workers: int) -> pa.Table | None:
+    """``function`` over slices of ``rows`` in ``workers`` fresh processes (spawned: this one
+    holds DuckDB's threads), in order; None when ``function`` cannot be sent to them (a
+    lambda), and the caller runs it here."""
+    import multiprocessing
+    import pickle
+    from concurrent.futures import ProcessPoolExecutor
+
+    try:
+        pickle.dumps(function)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        return None
+    size = -(-rows.num_rows // (4 * workers))
+    slices = [rows.slice(start, size) for start in range(0, rows.num_rows, size)]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        parts = list(pool.map(_apply, [function] * len(slices), slices,
+                              [schema] * len(slices)))  # fmt: skip
+    return pa.concat_tables(parts)
+
+
 class DuckEngine(Engine):
     """DuckDB in this process (the default): one connection, tables in memory."""
 
     name = "duckdb"
 
-    def __init__(self, con=None) -> None:
+    def __init__(self, con=None, *, workers: int | None = None, parallel_rows: int = 100_000):
         super().__init__()
         self.con = con if con is not None else duckdb.connect()
         self.con.execute("SET TimeZone = 'UTC'")
+        #: ``map_batches`` of at least ``parallel_rows`` rows (without ``partition_by``) runs its
+        #: Python function in this many processes: the elicitation classifier is the detector's
+        #: largest single-core step, while DuckDB's own threads idle
+        self.workers = workers or _cores()
+        self.parallel_rows = parallel_rows
 
     def create(self, name, sql, **values):
         self.con.execute(f"CREATE OR REPLACE TABLE {name}__new AS {self.render(sql, **values)}")
@@ -274,6 +311,11 @@ class DuckEngine(Engine):
     def map_batches(self, name, sql, function, schema, *, partition_by=None, order_by=None):
         order = f" ORDER BY {order_by}" if order_by else ""
         rows = self.con.sql(f"SELECT * FROM ({self.render(sql)}){order}").to_arrow_table()
+        if partition_by is None and self.workers > 1 and rows.num_rows >= self.parallel_rows:
+            out = _in_processes(function, rows, schema, self.workers)
+            if out is not None:
+                self.con.register(name, out)
+                return
         out = list(function(iter(rows.to_batches(max_chunksize=1 << 20))))
         self.con.register(name, pa.Table.from_batches(out, schema=schema))
 
