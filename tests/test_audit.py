@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from distillscope.audit import AuditConfig, queries_to_target, run_audit
+from distillscope.audit import AuditConfig, AuditError, queries_to_target, run_audit
 from distillscope.report import write_audit_report
 
 MINI = AuditConfig(
@@ -213,3 +213,25 @@ def test_a_student_with_another_tokenizer_is_audited_in_nats_per_byte(mini_audit
         refused = cli("audit", "--student-tokenizer", "gpt2", *args, "--out", tmp_path / "no")
         assert refused.exit_code == 2 and message in refused.stderr, refused.stderr
         assert not (tmp_path / "no").exists()
+    # the two audits side by side: every level both hold, one row per audit, labelled
+    compared = cli("audit-compare", out, cross, "--json")
+    assert compared.exit_code == 0, compared.stderr
+    rows = json.loads(compared.stdout)
+    assert [(r["level"], r["student"]) for r in rows] == [
+        (level, student) for level in ("top5", "text")
+        for student in ("micro", "micro (gpt2 tokenizer)")
+    ]  # fmt: skip
+    for row in rows:
+        entry = (same if row["run"] == str(out) else results)["summary"][row["level"]]
+        assert row["queries_to_target"] == entry["queries_to_target"]
+    refused = cli("audit-compare", out)
+    assert refused.exit_code == 2 and "two or more" in refused.stderr
+
+
+def test_a_pretrained_student_is_fine_tuned_at_a_lower_rate():
+    from dataclasses import replace
+
+    assert replace(MINI, student="layers:2").learning_rate() < MINI.learning_rate()
+    assert replace(MINI, student="layers:2", lr=0.01).learning_rate() == 0.01
+    with pytest.raises(AuditError, match="--lr"):
+        replace(MINI, lr=0.0).validate()

@@ -21,7 +21,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +92,9 @@ class AuditConfig:
     epochs: int = 6
     min_steps: int = 20
     batch_size: int = 8
-    lr: float = 3e-3
+    #: None: 3e-3 for a random-init student, 3e-4 for a pretrained one (``layers:N``,
+    #: ``hf:PATH``), which is fine-tuned, not trained from scratch
+    lr: float | None = None
     eval_every: int = 5
     target_fraction: float = 0.5
     prices_per_million: dict = field(default_factory=lambda: {"input": 0.15, "output": 0.60})
@@ -123,6 +125,8 @@ class AuditConfig:
         if not self.exposures:
             raise AuditError("--exposures: name at least one exposure level")
         self.levels()
+        if self.lr is not None and not 0 < self.lr <= 1:
+            raise AuditError(f"--lr {self.lr}: a learning rate is in (0, 1]")
         if sorted(set(self.budgets)) != list(self.budgets) or min(self.budgets) < 1:
             raise AuditError(
                 "--budgets must be distinct positive integers in increasing order, e.g. 32,128,512"
@@ -149,9 +153,20 @@ class AuditConfig:
                     "--student-tokenizer use a built-in size or hf:PATH"
                 )
 
+    def learning_rate(self) -> float:
+        """``lr``, or the default for this kind of student."""
+        if self.lr is not None:
+            return self.lr
+        pretrained = self.student.strip().startswith(("layers:", "hf:"))
+        return PRETRAINED_LR if pretrained else RANDOM_INIT_LR
+
     def yardstick_metric(self) -> str:
         return "kl" if self.student_tokenizer is None else "nll_per_byte"
 
+
+#: The audit's learning rates: a random-init student is trained, a pretrained one fine-tuned.
+RANDOM_INIT_LR = 3e-3
+PRETRAINED_LR = 3e-4
 
 PRESETS = {
     # under 10 minutes on 2 CPU cores, harvest included
@@ -238,6 +253,8 @@ def _split_prompts(config: AuditConfig):
 def run_audit(config: AuditConfig, out: str | os.PathLike, *, progress: bool = True) -> dict:
     """Run (or resume) the audit into ``out``; returns and writes ``results.json``."""
     config.validate()
+    if config.lr is None:
+        config = replace(config, lr=config.learning_rate())
     out = Path(out)
     config_path = out / "audit-config.json"
     asked = json.loads(json.dumps(asdict(config)))
@@ -296,16 +313,12 @@ def run_audit(config: AuditConfig, out: str | os.PathLike, *, progress: bool = T
         from distillscope.distill.students import load_student_tokenizer
 
         student_tok = load_student_tokenizer(config.student_tokenizer)
-        measure, validate = _other_vocabulary(
-            config, teacher, student_tok, out, test, probe_set
-        )
+        measure, validate = _other_vocabulary(config, teacher, student_tok, out, test, probe_set)
 
     source = _student_source(config, teacher)
     untrained_path = out / "untrained.json"
     if not untrained_path.exists():
-        student = build_student(
-            config.student, student_tok, teacher_model=source, seed=config.seed
-        )
+        student = build_student(config.student, student_tok, teacher_model=source, seed=config.seed)
         _write_json(untrained_path, measure(student))
     untrained = json.loads(untrained_path.read_text())
     reference_path = out / "teacher.json"
@@ -531,7 +544,7 @@ def _train_one(
         signal="online" if is_full else "offline",
         steps=steps,
         batch_size=config.batch_size,
-        lr=config.lr,
+        lr=config.learning_rate(),
         seed=seed,
         checkpoint_every=steps,
         warmup_steps=min(10, steps // 5),
@@ -779,3 +792,37 @@ def _cost(manifest: dict, config: AuditConfig) -> dict:
 
 def _write_json(path: Path, data: dict) -> None:
     write_text_atomically(path, json.dumps(data, indent=2))
+
+
+def compare_audits(runs: list[str | os.PathLike]) -> list[dict]:
+    """Audits side by side (a random-init and a pretrained student, say): for each exposure
+    level, each audit's queries to its target and multiplier against text, with their ranges.
+    Each ``runs`` entry is an audit's ``--out`` folder or its ``results.json``."""
+    loaded = []
+    for run in runs:
+        path = Path(run)
+        path = path / "results.json" if path.is_dir() else path
+        try:
+            results = json.loads(path.read_text())
+            summary, config = results["summary"], results["config"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise AuditError(f"{run}: not a finished audit ({exc})") from None
+        label = config.get("student", "?")
+        if config.get("student_tokenizer"):
+            label += f" ({config['student_tokenizer']} tokenizer)"
+        loaded.append((str(run), label, config, summary))
+    levels = [level for level in loaded[0][3] if all(level in s for *_, s in loaded)]
+    rows = []
+    for level in levels:
+        for run, label, config, summary in loaded:
+            entry = summary[level]
+            rows.append({
+                "level": level, "run": run, "student": label,
+                "lr": config.get("lr"), "seeds": config.get("seeds"),
+                "queries_to_target": entry.get("queries_to_target"),
+                "queries_to_target_ci": entry.get("queries_to_target_ci"),
+                "multiplier_vs_text": entry.get("multiplier_vs_text"),
+                "multiplier_vs_text_ci": entry.get("multiplier_vs_text_ci"),
+                "reason": entry.get("multiplier_reason") or entry.get("reason"),
+            })  # fmt: skip
+    return rows

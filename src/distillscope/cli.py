@@ -506,6 +506,13 @@ def audit(
         "(text) and top-k aligned by byte spans; capability is the NLL per byte of the teacher's "
         "held-out answers, so 'full' is left out of the default levels.",
     ),
+    lr: float | None = typer.Option(
+        None,
+        min=1e-7,
+        max=1.0,
+        help="Students' learning rate (default: 3e-3 for a random-init student, 3e-4 for a "
+        "pretrained layers:N or hf:PATH one, which is fine-tuned).",
+    ),
     price_input: float | None = typer.Option(None, help="Dollars per 1M prompt tokens."),
     price_output: float | None = typer.Option(None, help="Dollars per 1M completion tokens."),
     device: str = typer.Option("auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'."),
@@ -544,7 +551,8 @@ def audit(
             raise DistillscopeError(
                 f"--budgets takes integers like 32,128,512, got {budgets!r}"
             ) from exc
-    for name, value in (("seeds", seeds), ("student", student), ("target_fraction", target)):
+    for name, value in (("seeds", seeds), ("student", student), ("target_fraction", target),
+                        ("lr", lr)):  # fmt: skip
         if value is not None:
             changes[name] = value
     if student_tokenizer is not None:
@@ -654,6 +662,47 @@ def data_inspect(
     table.add_row("categories", ", ".join(f"{k} {v}" for k, v in summary["categories"].items()))
     for key, value in summary["provenance"].items():
         table.add_row(f"provenance.{key}", str(value))
+    console.print(table)
+
+
+@app.command("audit-compare")
+def audit_compare(
+    runs: list[Path] = typer.Argument(
+        ..., help="Two or more audits' --out folders (or results.json files)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
+) -> None:
+    """Audits side by side: each exposure level's queries to target and multiplier against text
+    for each audit (e.g. a random-init and a pretrained student of the same teacher).
+
+    Example: distillscope audit-compare runs/audit-micro runs/audit-layers4
+    """
+    from distillscope.audit import compare_audits
+
+    if len(runs) < 2:
+        raise DistillscopeError("audit-compare takes two or more audits")
+    rows = compare_audits(runs)
+    if as_json:
+        _print_json(rows)
+        return
+
+    def span(value, ci) -> str:
+        if value is None:
+            return "-"
+        if not ci or ci[0] is None:
+            return f"{value:.3g}"
+        return f"{value:.3g} [{ci[0]:.3g}, {ci[1]:.3g}]"
+
+    table = Table(title="audits side by side (ranges over seeds)")
+    for column in ("level", "student", "lr", "queries to target", "× vs text", "note"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["level"], row["student"], f"{row['lr']:g}" if row["lr"] else "-",
+            span(row["queries_to_target"], row["queries_to_target_ci"]),
+            span(row["multiplier_vs_text"], row["multiplier_vs_text_ci"]),
+            (row["reason"] or "")[:60],
+        )  # fmt: skip
     console.print(table)
 
 
