@@ -925,3 +925,37 @@ def test_an_admin_api_needs_a_key_store_and_a_strong_key(synthetic, tmp_path):
     with serve_in_thread(app) as url:
         reply = httpx.get(f"{url}/admin/keys", headers={"authorization": f"Bearer {ADMIN}"})
     assert reply.status_code == 404
+
+
+def test_stop_ends_the_answer_before_the_stop_string_streamed_or_not(gateway):
+    """OpenAI's ``stop``: the text up to the first stop string (excluded), ``finish_reason``
+    stop, the logprobs of the tokens before it; the same streamed (text that might begin a stop
+    string is held back, never sent and taken back); the legacy endpoint takes one string."""
+    c = client(gateway, "top20")
+    whole = ask(c, max_tokens=24, logprobs=True, top_logprobs=5)
+    text = whole.choices[0].message.content
+    stop = next(text[i : i + 3] for i in range(6, len(text) - 3) if "\ufffd" not in text[i : i + 3])
+    cut = text.find(stop)
+    stopped = ask(c, max_tokens=24, logprobs=True, top_logprobs=5, stop=[stop, "never there"])
+    choice = stopped.choices[0]
+    assert choice.message.content == text[:cut] and choice.finish_reason == "stop"
+    kept = choice.logprobs.content
+    assert [e.model_dump() for e in kept] == [
+        e.model_dump() for e in whole.choices[0].logprobs.content[: len(kept)]
+    ]
+    assert len(bytes(b for e in kept for b in e.bytes).decode("utf-8", "replace")) <= cut
+    assert len(kept) <= stopped.usage.completion_tokens <= whole.usage.completion_tokens
+    chunks = list(ask(c, max_tokens=24, logprobs=True, top_logprobs=5, stop=stop, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text[:cut]
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for e in ch.choices[0].logprobs.content]  # fmt: skip
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in kept]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    legacy = c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=24, seed=3)
+    free = legacy.choices[0].text
+    if len(free) > 8:
+        short = c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=24,
+                                     seed=3, stop=free[5:8])  # fmt: skip
+        assert short.choices[0].text == free[: free.find(free[5:8])]
+    for bad in (["a", "b", "c", "d", "e"], [""], [3]):
+        assert error_of(lambda b=bad: ask(c, stop=b)).status_code == 400

@@ -68,6 +68,8 @@ class GenerationRequest:
     #: OpenAI's ``logit_bias`` (token id -> bias in [-100, 100]): shifts what is sampled; the
     #: logprobs reported are those before the bias
     logit_bias: dict[int, float] | None = None
+    #: OpenAI's ``stop``: the answer ends before the first of these strings (not included)
+    stop: list[str] | None = None
 
     @property
     def may_call(self) -> bool:
@@ -241,6 +243,8 @@ class TeacherBackend(Backend):
     def _submit(self, request: GenerationRequest, on_step: OnStep | None = None) -> Future:
         if request.encoded is None:
             request.encoded = self._encode(request)
+        if request.stop and not request.may_call:
+            on_step = self._stopping(request.stop, on_step)
         job = _Job(request, on_step, Future(), self._batchable(request))
         with self._starting:
             if self._worker is None:
@@ -360,7 +364,7 @@ class TeacherBackend(Backend):
         prompt_logprobs = None
         if request.prompt_logprobs is not None:
             prompt_logprobs = self._prompt_logprobs(encoded, request.prompt_logprobs)
-        return Generation(
+        generation = Generation(
             text=completion.text,
             finish_reason=completion.finish_reason,
             prompt_tokens=len(encoded),
@@ -369,6 +373,53 @@ class TeacherBackend(Backend):
             prompt_logprobs=prompt_logprobs,
             tool_calls=completion.tool_calls,
         )
+        if request.stop and not generation.tool_calls:
+            self._cut_at_stop(generation, completion.signal.token_ids, request.stop)
+        return generation
+
+    def _decoded(self, ids) -> str:
+        return self.teacher.tokenizer.decode(
+            [int(i) for i in ids if int(i) not in self._stop_ids], skip_special_tokens=True
+        )
+
+    def _stopping(self, stop: list[str], on_step: OnStep | None) -> OnStep:
+        """``on_step`` that also ends the row once its text holds one of ``stop`` (the rest of
+        a batch goes on; the answer is cut in ``_cut_at_stop``)."""
+        ids: list[int] = []
+        longest = max(len(s) for s in stop)
+
+        def step(token_id, logprob, top_ids, top_logprobs) -> None:
+            if on_step is not None:
+                on_step(token_id, logprob, top_ids, top_logprobs)
+            ids.append(int(token_id))
+            # only the tail can hold a stop string that was not there one token ago
+            tail = self._decoded(ids[-(longest + 8) :])
+            if any(s in tail for s in stop) and any(s in self._decoded(ids) for s in stop):
+                raise StopRow
+
+        return step
+
+    def _cut_at_stop(self, generation: Generation, ids, stop: list[str]) -> None:
+        """End ``generation`` before the first of ``stop`` in its text, as OpenAI does: the
+        text up to it, the logprobs of the tokens wholly before it, ``finish_reason`` stop, and
+        the tokens drawn up to the one that completed it counted as completion tokens."""
+        cut = _first_stop(generation.text, stop)
+        if cut is None:
+            return
+        start, end = cut
+        before, drawn = len(ids), len(ids)
+        for t in range(1, len(ids) + 1):
+            text = self._decoded(ids[:t])
+            if len(text) > start and before == len(ids):
+                before = t - 1
+            if len(text) >= end:
+                drawn = t
+                break
+        generation.text = generation.text[:start]
+        generation.finish_reason = "stop"
+        generation.completion_tokens = min(generation.completion_tokens, drawn)
+        if generation.logprobs is not None:
+            generation.logprobs = generation.logprobs[:before]
 
     async def generate(self, request: GenerationRequest) -> Generation:
         return await asyncio.wrap_future(self._submit(request))
@@ -384,6 +435,9 @@ class TeacherBackend(Backend):
             loop.call_soon_threadsafe(steps.put_nowait, (token_id, logprob, top_ids, top_logprobs))
 
         future = self._submit(request, on_step)
+        stop = request.stop if request.stop and not request.may_call else None
+        longest = max((len(x) for x in stop), default=0) if stop else 0
+        pending: list[tuple[int, dict]] = []  # with stop: (end of its token's text, entry)
 
         def finished(done: Future) -> None:
             try:
@@ -403,8 +457,11 @@ class TeacherBackend(Backend):
                     if item.exception() is not None:
                         raise item.exception()
                     generation = item.result()
-                    if generation.text != sent:  # the held-back tail of a split character
-                        yield Piece(generation.text[len(sent) :], [])
+                    # a held-back tail: half a character, or what might have begun a stop string
+                    final = len(generation.text)
+                    flushed = [e for end, e in pending if end <= final]
+                    if generation.text != sent or flushed:
+                        yield Piece(generation.text[len(sent) :], flushed)
                     yield generation
                     return
                 token_id, logprob, top_ids, top_lps = item
@@ -416,6 +473,17 @@ class TeacherBackend(Backend):
                     continue
                 ids.append(token_id)
                 text = self.teacher.tokenizer.decode(ids, skip_special_tokens=True)
+                if stop:
+                    pending += [(len(text.rstrip("\ufffd")), e) for e in entries]
+                    hit = _first_stop(text, stop)
+                    ready = hit[0] if hit else len(text.rstrip("\ufffd")) - (longest - 1)
+                    ready = max(ready, len(sent))
+                    released = [e for end, e in pending if end <= ready]
+                    pending = [(end, e) for end, e in pending if end > ready]
+                    if ready > len(sent) or released:
+                        delta, sent = text[len(sent) : ready], text[:ready]
+                        yield Piece(delta, released)
+                    continue
                 if text.endswith("\ufffd"):  # half a character: wait for the rest
                     if entries:
                         yield Piece("", entries)
@@ -533,6 +601,12 @@ class _Job:
     batchable: bool
 
 
+def _first_stop(text: str, stop: list[str]) -> tuple[int, int] | None:
+    """Where the first of ``stop`` begins and ends in ``text`` (the earliest start), or None."""
+    found = [(text.find(s), text.find(s) + len(s)) for s in stop if s and s in text]
+    return min(found) if found else None
+
+
 def _as_backend_error(exc: Exception) -> Exception:
     if isinstance(exc, TeacherError) and not isinstance(exc, BackendError):
         return BackendError(str(exc))
@@ -602,6 +676,8 @@ class ProxyBackend(Backend):
         }
         if request.logit_bias:
             args["logit_bias"] = {str(t): b for t, b in request.logit_bias.items()}
+        if request.stop:
+            args["stop"] = request.stop
         if request.messages is None:
             args["prompt"] = request.prompt
             if request.top_logprobs is not None:

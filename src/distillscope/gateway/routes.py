@@ -53,7 +53,6 @@ GREEDY_BELOW = 1e-5
 _NEUTRAL: dict[str, tuple] = {
     "n": (None, 1),
     "top_p": (None, 1),
-    "stop": (None, [], ""),
     "frequency_penalty": (None, 0),
     "presence_penalty": (None, 0),
     "tools": (None, []),
@@ -139,6 +138,7 @@ class Serving:
             request.tools, request.tool_choice = body.tool_list(), body.choice()
             exchange.tools = request.tools
         request.logit_bias = _logit_bias(extra.get("logit_bias"))
+        request.stop = _stop(extra.get("stop"))
         exchange.prompt = request.last_user_text
         caller = exchange.caller
         served, prompt_n = apply_policy(caller.tier, asked, body.prompt_logprobs, exchange)
@@ -287,6 +287,22 @@ async def completions(
         prompt = prompt[0]
     generation = serving.request(exchange, body, None, prompt, body.logprobs)
     return await serving.serve(exchange, body, generation, chat=False)
+
+
+#: At most this many stop strings (OpenAI's own limit).
+MAX_STOPS = 4
+
+
+def _stop(value: Any) -> list[str] | None:
+    """OpenAI's ``stop``: a string or up to four, each non-empty."""
+    if value is None or value == "" or value == []:
+        return None
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(x, str) and x for x in stops):
+        raise APIError(400, "stop must be a string or a list of non-empty strings", param="stop")
+    if len(stops) > MAX_STOPS:
+        raise APIError(400, f"stop may hold at most {MAX_STOPS} strings", param="stop")
+    return stops
 
 
 #: At most this many tokens in one ``logit_bias`` (OpenAI's own limit).
