@@ -8,6 +8,7 @@ the real default teacher, where the reconstruction attack has a real distributio
 from __future__ import annotations
 
 import asyncio
+import json
 
 import numpy as np
 import openai
@@ -17,6 +18,7 @@ import torch
 from distillscope.gateway import KeyStore, create_app, serve_in_thread
 from distillscope.gateway.backends import LOGPROB_FLOOR, GenerationRequest, TeacherBackend
 from distillscope.gateway.tiers import BUILTIN_TIERS
+from distillscope.gateway.traffic import open_traffic_log
 from distillscope.teachers import SamplingConfig, load_teacher
 
 TEMPERATURES = [0.0, 0.7, 1.0, 1.3]
@@ -130,12 +132,17 @@ def biased_gateway(default_teacher, tmp_path_factory):
     root = tmp_path_factory.mktemp("bias")
     store = KeyStore(root / "keys.sqlite")
     keys = {tier: store.create(f"acct-{tier}", tier)[1] for tier in ("text", "top5")}
-    app = create_app(default_teacher, model_name="teacher", keys=store, tiers=dict(BUILTIN_TIERS))
+    log = open_traffic_log(root / "traffic.duckdb", max_wait_ms=2)
+    log.start()
+    app = create_app(default_teacher, model_name="teacher", keys=store, tiers=dict(BUILTIN_TIERS),
+                     log=log)  # fmt: skip
     with serve_in_thread(app) as url:
         yield {
-            tier: openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
-            for tier, key in keys.items()
-        }
+            **{tier: openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+               for tier, key in keys.items()},
+            "log": log,
+        }  # fmt: skip
+    log.close()
 
 
 def first_token(client, **kwargs):
@@ -154,6 +161,9 @@ def test_logit_bias_steers_sampling_for_ordinary_use(biased_gateway, default_tea
     forced_id = tokenizer.encode(" purple", add_special_tokens=False)[0]
     forced = first_token(biased_gateway["text"], logit_bias={str(forced_id): 100})
     assert forced.message.content == tokenizer.decode([forced_id])
+    # the log keeps what each request asked for (a reconstruction attack shows there)
+    asked = [json.loads(b) for b in biased_gateway["log"].read()["logit_bias"].to_pylist() if b]
+    assert {str(greedy): -100} in asked and {str(forced_id): 100} in asked
 
 
 def test_top_k_plus_bias_reconstructs_nothing_more_than_the_tier_shows(

@@ -65,6 +65,7 @@ def full_row(exchange_id: str) -> dict:
         "finish_reason": "stop",
         "tools": '[{"type": "function", "function": {"name": "search", "parameters": {}}}]',
         "tool_calls": '[{"id": "call_1", "type": "function", "function": {"name": "search"}}]',
+        "logit_bias": '{"17": -100, "42": 5.5}',
     }
 
 
@@ -362,13 +363,14 @@ def test_a_log_from_before_the_tool_columns_gains_them(tmp_path):
     """A DuckDB log and a journal segment written before ``tools``/``tool_calls`` existed open,
     the table gains the columns, and old rows read them as null."""
     path = tmp_path / "old.duckdb"
-    old = [c for c in EXCHANGE_SCHEMA.names if c not in ("tools", "tool_calls")]
+    later = ("tools", "tool_calls", "logit_bias")
+    old = [c for c in EXCHANGE_SCHEMA.names if c not in later]
     row = full_row("chatcmpl-old")
     with open_traffic_log(path):  # today's table, less the two columns: the old one
         pass
     with duckdb.connect(str(path)) as con:
-        con.execute("ALTER TABLE exchanges DROP COLUMN tools")
-        con.execute("ALTER TABLE exchanges DROP COLUMN tool_calls")
+        for column in later:
+            con.execute(f"ALTER TABLE exchanges DROP COLUMN {column}")
     journal = path.with_name(f"{path.name}.journal")
     journal.mkdir(exist_ok=True)
     values = [row[c].isoformat() if c == "ts" else row[c] for c in old]
@@ -379,6 +381,7 @@ def test_a_log_from_before_the_tool_columns_gains_them(tmp_path):
     assert table.schema.equals(EXCHANGE_SCHEMA)
     by_id = {r["exchange_id"]: r for r in table.to_pylist()}
     assert by_id["chatcmpl-old"]["tools"] is None and by_id["chatcmpl-new"]["tools"]
+    assert by_id["chatcmpl-old"]["logit_bias"] is None and by_id["chatcmpl-new"]["logit_bias"]
 
 
 def test_the_open_hour_is_written_when_the_gateway_stops_and_rewritten_after_a_restart(tmp_path):

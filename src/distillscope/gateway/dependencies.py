@@ -120,6 +120,9 @@ class TrafficRow:
     messages: list[dict[str, Any]] | None = None
     #: the tools the request offered (OpenAI's ``tools``)
     tools: list[dict[str, Any]] | None = None
+    #: OpenAI's ``logit_bias`` as asked (token id -> bias): how a logit-bias reconstruction of
+    #: the hidden distribution shows in the log
+    logit_bias: dict[int, float] | None = None
     prompt: str | None = None
     stream: bool = False
     temperature: float | None = None
@@ -159,6 +162,9 @@ class TrafficRow:
             "tool_calls": json.dumps(generation.tool_calls)
             if generation and generation.tool_calls
             else None,
+            "logit_bias": None
+            if not self.logit_bias
+            else json.dumps({str(t): b for t, b in sorted(self.logit_bias.items())}),
             **extra,
         }
 

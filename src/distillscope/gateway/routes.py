@@ -138,6 +138,7 @@ class Serving:
             request.tools, request.tool_choice = body.tool_list(), body.choice()
             exchange.tools = request.tools
         request.logit_bias = _logit_bias(extra.get("logit_bias"))
+        exchange.logit_bias = request.logit_bias
         request.stop = _stop(extra.get("stop"))
         exchange.prompt = request.last_user_text
         caller = exchange.caller

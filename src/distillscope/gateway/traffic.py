@@ -131,11 +131,12 @@ _COLUMNS = (
     # added after the first release: a table made before gets them (``_ADD_COLUMNS``)
     _Column("tools", "TEXT"),
     _Column("tool_calls", "TEXT"),
+    _Column("logit_bias", "TEXT"),
 )
 _NAMES = frozenset(column.name for column in _COLUMNS)
 #: Columns added after the first release, in order: a log made before gets them on open, and a
 #: journal segment written before is read with nulls for them.
-_ADDED = ("tools", "tool_calls")
+_ADDED = ("tools", "tool_calls", "logit_bias")
 _ADD_COLUMNS = [
     f"ALTER TABLE exchanges ADD COLUMN IF NOT EXISTS {c.name} {c.sql}"
     for c in _COLUMNS
