@@ -338,7 +338,7 @@ def test_generate_inside_a_running_event_loop(remote):
         ({"max_tokens": 0}, "max_tokens"),
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"n": 2}, "n"),
-        ({"stop": ["\n"]}, "stop"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),  # more than OpenAI takes
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "system", "content": "no user"}]}, "messages"),
         ({"messages": MISSING}, "messages"),
