@@ -135,16 +135,13 @@ def test_report_and_plots_are_written(mini_audit, tmp_path):
 
 
 def test_a_finished_audit_resumes_without_training_again(mini_audit):
-    out, results = mini_audit
-    before = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
-    again = run_audit(MINI, out, progress=False)
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == before
-    assert again["runs"] == results["runs"]
-    # another target only re-summarises the same runs (the target is read by the summary alone);
-    # in a copy, so the other tests read this audit as it was
+    """Resumed, a finished audit trains nothing. Asked for another target it re-summarises the
+    same runs (the target is read by the summary alone); in a copy, so the other tests read this
+    audit as it was."""
     import shutil
     from dataclasses import replace
 
+    out, results = mini_audit
     copy = shutil.copytree(out, out.with_name(out.name + "-target"))
     before = {p.name: p.stat().st_mtime_ns for p in (copy / "runs").glob("*.json")}
     other = run_audit(replace(MINI, target_fraction=0.5), copy, progress=False)
