@@ -434,11 +434,13 @@ def _prepare(con: Engine, log, accounts, events, banned, until, config: DetectCo
             # they were, so nothing is rewritten
             stored = []
             notes.append("the state holds days after this cut: it is read, not changed")
-        state.release(stored)
-        for table in TABLES:
-            if con.has(f"d_{table}"):
-                con.write_days(f"d_{table}", state.path(table), stored)
-        state.hold(stored, str(log))
+        if state.log and state.log != str(log):
+            notes.append(f"the state was built from {state.log}, not from this log")
+        if stored:
+            for table in TABLES:
+                if con.has(f"d_{table}"):
+                    con.write_days(f"d_{table}", state.path(table), stored)
+            state.hold(stored, str(log))
         notes.append(
             f"incremental: {len(used)} day(s) from the state in {state.folder}, "
             f"{loaded:,} exchanges read from the log"
@@ -471,6 +473,8 @@ def state_settings(config: DetectConfig) -> str:
             **{k: getattr(config, k) for k in keys},
             "capabilities": _CAPABILITIES,
             "automation": _AUTOMATION_UA,
+            "normalise": _NORM,
+            "catalogue": [_CATALOGUE, _TOOL_NAME],
             "classifier": ELICITATION_VERSION,
         }
     )
@@ -1058,12 +1062,6 @@ def _features(con: Engine, accounts_meta, banned, notes) -> tuple[pa.Table, set[
                  WHERE account_id <> other GROUP BY account_id) bl USING (account_id)"""
         )
         extra["banned_link"] = "CAST(coalesce(bl.links, 0) AS DOUBLE)"
-    for side in ("ips", "cats"):  # a log without addresses or tools: empty, not missing
-        if not con.has(f"a_{side}"):
-            column = "client_ip" if side == "ips" else "catalogue"
-            kind = "STRING" if side == "ips" else "BIGINT"
-            con.create(f"a_{side}", f"SELECT account_id, CAST(NULL AS {kind}) AS {column} "
-                                    "FROM a_activity WHERE false")  # fmt: skip
     con.create(
         "acc",
         f"""WITH

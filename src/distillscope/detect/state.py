@@ -117,12 +117,6 @@ class DetectState:
     def path(self, table: str) -> Path:
         return self.folder / table
 
-    def release(self, days: list[date]) -> None:
-        """Stop listing ``days`` (before their partitions are rewritten)."""
-        if set(days) & set(self.days):
-            self.days = sorted(set(self.days) - set(days))
-            self._save()
-
     def hold(self, days: list[date], log: str) -> None:
         """Record ``days`` as held (after their partitions are written)."""
         self.days = sorted(set(self.days) | set(days))
