@@ -31,7 +31,7 @@ demo: install
 test: install
 	bash scripts/ensure-chromium.sh
 	bash scripts/ensure-services.sh
-	$(PY) -m pytest -q -n 2 --dist loadfile --ignore=tests/test_gateway_fuzz.py
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=30 --ignore=tests/test_gateway_fuzz.py
 	$(PY) -m pytest -q tests/test_gateway_fuzz.py
 
 lint: install
