@@ -103,3 +103,22 @@ def test_a_trained_scorer_round_trips_and_scores_beside_the_detector(worlds, tmp
     assert json.loads(run.stdout)["flagged"] >= 0
     scored = pq.read_table(tmp_path / "alerts" / "accounts.parquet")
     assert {"learned_score", "learned_flagged", "score", "flagged"} <= set(scored.column_names)
+
+
+def test_scored_worlds_are_reused_unless_redetect_is_asked(worlds, cross, cli):
+    from conftest import one_line_error
+
+    kept = worlds / "world-000" / "alerts" / "accounts.parquet"
+    before = kept.stat().st_mtime_ns
+    again = cli("detect-eval", "--cross", worlds, "--json")
+    assert again.exit_code == 0, again.stderr
+    assert kept.stat().st_mtime_ns == before  # a second evaluation reads what is kept
+    redone = cli("detect-eval", "--cross", worlds, "--redetect", "--json")
+    assert redone.exit_code == 0, redone.stderr
+    assert kept.stat().st_mtime_ns > before  # after the detector changed: detected again
+    assert (
+        json.loads(redone.stdout)["cross"]["shapes"] == json.loads(again.stdout)["cross"]["shapes"]
+    )
+    truth = worlds / "world-000" / "truth.parquet"
+    alone = cli("detect-eval", "--redetect", "--alerts", kept.parent, "--truth", truth)
+    one_line_error(alone, "--redetect", "--cross")

@@ -1512,6 +1512,12 @@ def detect_eval(
         "each shape in turn, which is then scored; per-shape rates and the worst case, written "
         "to cross.json there. Worlds not yet scored are detected first (kept in WORLD/alerts).",
     ),
+    redetect: bool = typer.Option(
+        False,
+        "--redetect",
+        help="With --cross: detect every world again instead of reusing WORLD/alerts (after "
+        "the detector or its settings changed).",
+    ),
     scenario: str = typer.Option("default", help="With --robustness: the scenario to sweep."),
     scale: float = typer.Option(
         0.5, min=0.01, help="With --robustness: multiplies the scenario's account counts."
@@ -1537,6 +1543,8 @@ def detect_eval(
         raise DistillscopeError(
             "nothing to evaluate: give --alerts and --truth, --robustness or --cross"
         )
+    if redetect and cross is None:
+        raise DistillscopeError("--redetect re-runs the worlds of --cross: give --cross too")
     result: dict = {}
     if alerts is not None and truth is not None:
         from distillscope.detect.evaluate import evaluate_alerts, format_table, write_evaluation
@@ -1567,7 +1575,7 @@ def detect_eval(
         from distillscope.detect.crosseval import cross_evaluate, format_cross, write_cross
 
         with errors.status("cross-evaluation") as status:
-            result["cross"] = cross_evaluate(cross, progress=status.update)
+            result["cross"] = cross_evaluate(cross, rerun=redetect, progress=status.update)
         write_cross(result["cross"], cross / "cross.json")
         if not as_json:
             console.print(format_cross(result["cross"]))

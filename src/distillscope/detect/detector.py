@@ -330,7 +330,10 @@ def _rank(con, features, measured, reference: Reference, config: DetectConfig, n
     # campaign's accounts each look modest; what ties them is what they ask and where from)
     reasoned = content_reason(z)
     suspects = [a for a, v in zip(ids, scores) if v >= threshold / 2]
-    communities = _communities(con, suspects, [a for a, r in zip(ids, reasoned) if r], config)
+    eliciting = [a for a, e in zip(ids, z["elicitation"]) if e >= ASKS]
+    communities = _communities(
+        con, suspects, [a for a, r in zip(ids, reasoned) if r], config, eliciting
+    )
     return scores, z, null, threshold, communities
 
 
@@ -352,6 +355,7 @@ def _self_referenced(con, features, measured, config: DetectConfig, notes: list[
         scores, _, _, threshold, communities = ranked
         trimmed = set(communities) | communities.fringe
         trimmed |= {a for a, v in zip(ids, scores) if v >= threshold}
+        trimmed |= _intent_companions(con, trimmed)
         if trimmed == excluded or len(trimmed) >= len(ids) / 2:
             break
         excluded = trimmed
@@ -363,6 +367,27 @@ def _self_referenced(con, features, measured, config: DetectConfig, notes: list[
             "communities or flagged (a campaign is not its own reference)"
         )
     return ranked
+
+
+def _intent_companions(con: Engine, found: set[str]) -> set[str]:
+    """Accounts holding an intent most of whose holders are in ``found``: a large campaign's
+    quieter accounts, too loosely tied to join its community, that ask for the same thing. Left
+    out of the reference (never flagged for it): kept there, they make the campaign's own asks
+    look ordinary, and a second campaign's community look like the crowd."""
+    if not found or not con.has("intents"):
+        return set()
+    con.register("found", pa.table({"account_id": pa.array(sorted(found), pa.string())}))
+    rows = con.fetch(
+        """WITH held AS (
+             SELECT intent FROM intents GROUP BY intent
+             HAVING count(*) FILTER (WHERE account_id IN (SELECT account_id FROM found))
+                    > count(*) / 2)
+           SELECT DISTINCT account_id FROM intents
+           WHERE intent IN (SELECT intent FROM held)
+           ORDER BY account_id"""
+    )
+    con.drop("found")
+    return set(rows["account_id"].to_pylist())
 
 
 def fit_reference(
@@ -1171,8 +1196,19 @@ def _settled(values: np.ndarray, digits: int = 9) -> np.ndarray:
     return np.round(values * scale) / scale
 
 
+#: Intents tie only accounts whose elicitation evidence is at least this (p <= 0.5: they ask for
+#: reasoning more than most reference accounts do). An integration whose users' text now and
+#: then reads like a request for reasoning holds a cluster or two of such prompts among
+#: thousands; it asks for reasoning no more than anyone, and what it happens to ask is no tie.
+ASKS = math.log(2)
+
+
 def _communities(
-    con: Engine, suspects: list[str], reasoned: list[str], config: DetectConfig
+    con: Engine,
+    suspects: list[str],
+    reasoned: list[str],
+    config: DetectConfig,
+    eliciting: list[str],
 ) -> Communities:
     """Louvain communities of the coordination graph. What accounts share of infrastructure and
     timing ties ``suspects`` only (accounts with at least half the flag score: an office's
@@ -1186,7 +1222,8 @@ def _communities(
     each intent both hold (``_intents``: accounts asking for reasoning about the same
     kind of task; every account that asks for reasoning is a node, suspect or not, because a
     campaign with no shared infrastructure is found by what it asks, and each is tied to
-    ``intent_degree`` others of its intent), and each (template, day) both hit (a quiet campaign's
+    ``intent_degree`` others of its intent; only ``eliciting`` accounts, which ask for reasoning
+    more than most, hold intents), and each (template, day) both hit (a quiet campaign's
     accounts send a few requests a day, rarely in the same hour) -- the last only for pairs tied
     by one of the others: alone it is what two busy users of one popular prompt share by chance.
     Edges need ``min_edge_weight``.
@@ -1195,6 +1232,7 @@ def _communities(
 
     con.register("suspects", pa.table({"account_id": pa.array(suspects, pa.string())}))
     con.register("reasoned", pa.table({"account_id": pa.array(reasoned, pa.string())}))
+    con.register("eliciting", pa.table({"account_id": pa.array(eliciting, pa.string())}))
     fingerprints = (
         """UNION ALL SELECT a.account_id, b.account_id, false, 2, 'payment fingerprint'
            FROM meta a JOIN meta b ON a.payment_fingerprint = b.payment_fingerprint
@@ -1240,7 +1278,8 @@ def _communities(
                              PARTITION BY intent
                              ORDER BY {{ hash64("account_id || '" ~ seed ~ "'") }}, account_id)
                              AS r
-                           FROM intents),
+                           FROM intents
+                           WHERE account_id IN (SELECT account_id FROM eliciting)),
         edges AS (
           SELECT a.account_id AS u, b.account_id AS v, a.daily, 1 AS w,
                  CASE WHEN a.daily THEN 'template, same day' ELSE 'template, same hour' END
@@ -1277,6 +1316,7 @@ def _communities(
     )  # fmt: skip
     con.drop("suspects")
     con.drop("reasoned")
+    con.drop("eliciting")
     graph = nx.Graph()  # columns, not a dict per row: a campaign's graph has 10^5-10^6 edges
     columns = [pairs[c].to_pylist() for c in ("u", "v", "weight", "ties")]
     graph.add_edges_from(
