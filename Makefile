@@ -25,14 +25,19 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/distillscope audit --teacher default --preset quick --out runs/audit
 
-# Two pytest workers, a file each (conftest.py keeps each worker's torch on one thread); the
-# gateway fuzz runs after them in one process: under xdist schemathesis' parametrized tests do not
-# expand per API operation, and would fuzz /health alone.
+# Two pytest workers, a file each (conftest.py keeps each worker's torch on one thread, and
+# starts the slowest files first); the gateway fuzz runs beside them in its own process (under
+# xdist schemathesis' parametrized tests do not expand per API operation, and would fuzz /health
+# alone): it is light, and run after them it left a core idle for two minutes.
 test: install
 	bash scripts/ensure-chromium.sh
 	bash scripts/ensure-services.sh
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=30 --ignore=tests/test_gateway_fuzz.py
-	$(PY) -m pytest -q tests/test_gateway_fuzz.py
+	@fuzz_log=$$(mktemp); \
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_gateway_fuzz.py > $$fuzz_log 2>&1 & fuzz=$$!; \
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=30 --ignore=tests/test_gateway_fuzz.py; \
+	main=$$?; wait $$fuzz; fuzzed=$$?; \
+	echo "--- tests/test_gateway_fuzz.py (run beside the others)"; cat $$fuzz_log; rm -f $$fuzz_log; \
+	test $$main -eq 0 && test $$fuzzed -eq 0
 
 lint: install
 	$(VENV)/bin/ruff check src tests
