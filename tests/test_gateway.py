@@ -217,12 +217,20 @@ def test_reject_tier_refuses_and_rounding_tier_rounds(gateway):
     values = [alt.logprob for e in content.logprobs.content for alt in [e, *e.top_logprobs]]
     assert values and all(round(v, 2) == v for v in values)
     assert any(v != round(v, 1) for v in values)
-    clean = ask(client(gateway, "top5"), logprobs=True, top_logprobs=5).choices[0]
-    noisy = ask(client(gateway, "noisy"), logprobs=True, top_logprobs=5).choices[0]
+    longer = dict(logprobs=True, top_logprobs=5, max_tokens=40)
+    clean = ask(client(gateway, "top5"), **longer).choices[0]
+    noisy = ask(client(gateway, "noisy"), **longer).choices[0]
     assert noisy.message.content == clean.message.content  # noise hides, never changes, the answer
-    shifts = [n.logprob - c.logprob for n, c in zip(noisy.logprobs.content, clean.logprobs.content)]
     assert all(n.logprob <= 0 for n in noisy.logprobs.content)
-    assert 0.2 < float(np.std(shifts)) < 1.0
+    # each exchange draws its own noise (sd 0.5), cut at 0: measured on the alternatives the
+    # clean answer puts below -2, where the cut almost never binds (over 100 draws: sd 0.5 +- 0.04)
+    shifts = []
+    for n, c in zip(noisy.logprobs.content, clean.logprobs.content, strict=True):
+        served = {alt.token: alt.logprob for alt in n.top_logprobs}
+        shifts += [served[a.token] - a.logprob for a in c.top_logprobs
+                   if a.logprob < -2 and a.token in served]  # fmt: skip
+    assert len(shifts) >= 60, shifts
+    assert 0.3 < float(np.std(shifts)) < 0.75
 
 
 def test_prompt_logprobs_only_on_the_research_tier(tiny_teacher, tmp_path):
