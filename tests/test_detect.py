@@ -494,8 +494,36 @@ def test_the_classifier_gives_the_same_answers_in_several_processes():
     for workers in (1, 2):
         engine = DuckEngine(workers=workers, parallel_rows=100)
         engine.register("t", table)
-        engine.map_batches("out", "SELECT qid, prompt FROM t ORDER BY qid",
-                           functools.partial(_classify, classifier=classifier), _ELICITED_SCHEMA)
+        engine.map_batches(
+            "out",
+            "SELECT qid, prompt FROM t ORDER BY qid",
+            functools.partial(_classify, classifier=classifier),
+            _ELICITED_SCHEMA,
+        )
         answers[workers] = engine.fetch("SELECT * FROM out")
     assert answers[1].equals(answers[2])
     assert 0 < sum(answers[2]["elicits"].to_pylist()) < 300
+
+
+def test_a_script_without_a_main_guard_still_gets_its_answers(tmp_path):
+    """Spawned workers run a guard-less script again, and are refused: the batch function then
+    runs in the script's own process, with a warning that says what to change."""
+    script = tmp_path / "noguard.py"
+    script.write_text(
+        "import functools, pyarrow as pa\n"
+        "from distillscope.detect.detector import _ELICITED_SCHEMA, _classify\n"
+        "from distillscope.detect.elicitation import ElicitationClassifier\n"
+        "from distillscope.detect.engine import DuckEngine\n"
+        "table = pa.table({'qid': list(range(200)),\n"
+        "                  'prompt': [f'think step by step about task {i}' for i in range(200)]})\n"
+        "engine = DuckEngine(workers=2, parallel_rows=100)\n"
+        "engine.register('t', table)\n"
+        "engine.map_batches('out', 'SELECT qid, prompt FROM t ORDER BY qid', functools.partial(\n"
+        "    _classify, classifier=ElicitationClassifier.default()), _ELICITED_SCHEMA)\n"
+        "print('ROWS', engine.fetch('SELECT count(*) AS n FROM out')['n'][0].as_py())\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("ROWS 200") == 1, done.stdout
+    assert 'if __name__ == "__main__":' in done.stderr and "one core" in done.stderr

@@ -219,10 +219,14 @@ def _apply(function: BatchFunction, rows: pa.Table, schema: pa.Schema) -> pa.Tab
 def _in_processes(function, rows: pa.Table, schema: pa.Schema, workers: int) -> pa.Table | None:
     """``function`` over slices of ``rows`` in ``workers`` fresh processes (spawned: this one
     holds DuckDB's threads), in order; None when ``function`` cannot be sent to them (a
-    lambda), and the caller runs it here."""
+    lambda), or when they die starting (a script calling ``detect`` without an ``if __name__ ==
+    "__main__":`` guard: each spawned process runs the script again and is refused), and the
+    caller runs it here."""
     import multiprocessing
     import pickle
+    import warnings
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     try:
         pickle.dumps(function)
@@ -231,9 +235,19 @@ def _in_processes(function, rows: pa.Table, schema: pa.Schema, workers: int) -> 
     size = -(-rows.num_rows // (4 * workers))
     slices = [rows.slice(start, size) for start in range(0, rows.num_rows, size)]
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        parts = list(pool.map(_apply, [function] * len(slices), slices,
-                              [schema] * len(slices)))  # fmt: skip
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            parts = list(pool.map(_apply, [function] * len(slices), slices,
+                                  [schema] * len(slices)))  # fmt: skip
+    except BrokenProcessPool:
+        warnings.warn(
+            "the worker processes died starting (a script calling distillscope without an "
+            '`if __name__ == "__main__":` guard runs again in each of them); running on one '
+            "core instead: put the call under that guard to use every core",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
     return pa.concat_tables(parts)
 
 
