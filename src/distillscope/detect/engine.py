@@ -241,9 +241,10 @@ def _in_processes(function, rows: pa.Table, schema: pa.Schema, workers: int) -> 
                                   [schema] * len(slices)))  # fmt: skip
     except BrokenProcessPool:
         warnings.warn(
-            "the worker processes died starting (a script calling distillscope without an "
-            '`if __name__ == "__main__":` guard runs again in each of them); running on one '
-            "core instead: put the call under that guard to use every core",
+            "the worker processes died (a script calling distillscope without an "
+            '`if __name__ == "__main__":` guard runs again in each of them and is refused; or '
+            "they ran out of memory); running on one core instead: under that guard, every "
+            "core is used",
             RuntimeWarning,
             stacklevel=2,
         )
