@@ -11,6 +11,7 @@ from distillscope.detect.elicitation import (
     ElicitationClassifier,
     char_features,
     held_out_report,
+    sentences,
     training_set,
 )
 from distillscope.detect.signals import (
@@ -135,6 +136,22 @@ def test_elicitation_is_found_in_wordings_and_families_never_trained_on(classifi
     ]
     assert (classifier.predict_proba(asks) >= 0.5).sum() >= 3
     assert (classifier.predict_proba(ordinary) < 0.5).all()
+
+
+def test_sentences_are_the_first_and_last_three_of_two_words_or_more():
+    import re
+
+    def every(prompt):  # the definition: split all, keep those of two words, then the ends
+        parts = [s.strip().lower()[:240] for s in re.split(r"(?<=[.!?])\s+|\n+", prompt or "")]
+        parts = [s for s in parts if len(s.split()) >= 2]
+        return (parts[:3] + parts[-3:] if len(parts) > 6 else parts) or [""]
+
+    rng = np.random.default_rng(0)
+    pieces = ["One two.", "three", "Four five!", "\n\n", "  ", "Six seven?", "x", "Eight nine ten."]
+    prompts = ["", None, "word", "a b", "A.. B c.\n\nd", "x y. " * 7, "x y. " * 6]
+    prompts += [" ".join(rng.choice(pieces, size=rng.integers(1, 20))) for _ in range(300)]
+    for prompt in prompts:
+        assert sentences(prompt) == every(prompt), prompt
 
 
 def test_char_features_are_the_vectorisers_matrix_to_the_last_bit():

@@ -56,12 +56,30 @@ _SENTENCE_CHARS = 240
 
 
 def sentences(prompt: str) -> list[str]:
-    """The first and last ``_EDGE_SENTENCES`` sentences of ``prompt``, lowercased and cut."""
-    parts = [s.strip().lower()[:_SENTENCE_CHARS] for s in _SENTENCE.split(prompt or "")]
-    parts = [s for s in parts if len(s.split()) >= 2]
-    if len(parts) > 2 * _EDGE_SENTENCES:
-        parts = parts[:_EDGE_SENTENCES] + parts[-_EDGE_SENTENCES:]
-    return parts or [""]
+    """The first and last ``_EDGE_SENTENCES`` sentences of ``prompt`` (of at least two words),
+    lowercased and cut; all of them when there are at most twice as many."""
+    pieces = _SENTENCE.split(prompt or "")
+    # read from each end only as far as needed: a long document's middle is never scored, and
+    # lowercasing every sentence of it was most of the classifier's time
+    head: list[str] = []
+    at = 0
+    while at < len(pieces) and len(head) < _EDGE_SENTENCES:
+        if sentence := _sentence(pieces[at]):
+            head.append(sentence)
+        at += 1
+    tail: list[str] = []
+    end = len(pieces)
+    while end > at and len(tail) < _EDGE_SENTENCES:
+        end -= 1
+        if sentence := _sentence(pieces[end]):
+            tail.append(sentence)
+    return head + tail[::-1] or [""]
+
+
+def _sentence(piece: str) -> str | None:
+    """``piece`` lowercased and cut, or None when it has fewer than two words."""
+    text = piece.strip().lower()[:_SENTENCE_CHARS]
+    return text if len(text.split()) >= 2 else None
 
 
 def char_features(texts: Sequence[str], n_features: int = 2**18):
