@@ -66,23 +66,44 @@ async def _admin(request: Request, gateway: GatewayDep) -> KeyStore:
     return gateway.keys
 
 
-async def audit_admin_calls(request: Request, call_next):
-    """Middleware: write every ``/admin`` call to the key store's trail once it is answered,
-    with the status it got and what it changed (``request.state.audit_detail``)."""
-    if not request.url.path.startswith("/admin"):
-        return await call_next(request)
-    gateway = request.app.state.gateway
-    request.state.audit_detail = None
-    response = await call_next(request)
-    if gateway.keys is not None and gateway.admin_digest is not None:
-        gateway.keys.audit(
-            request.client.host if request.client else None,
-            request.method,
-            request.url.path,
-            response.status_code,
-            request.state.audit_detail,
-        )
-    return response
+class AuditAdminCalls:
+    """ASGI middleware: write every ``/admin`` call to the key store's trail once it is
+    answered, with the status it got and what it changed (``request.state.audit_detail``).
+
+    Plain ASGI, not ``BaseHTTPMiddleware``: every other request passes through untouched (no
+    extra task, no wrapped streams), and a call that fails is on the trail too (status 500)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/admin"):
+            await self.app(scope, receive, send)
+            return
+        # ``request.state`` is this dict: the handlers' detail is read back from it
+        state = scope.setdefault("state", {})
+        state["audit_detail"] = None
+        status = 500
+
+        async def answered(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, answered)
+        finally:
+            gateway = scope["app"].state.gateway
+            if gateway.keys is not None and gateway.admin_digest is not None:
+                client = scope.get("client")
+                gateway.keys.audit(
+                    client[0] if client else None,
+                    scope["method"],
+                    scope["path"],
+                    status,
+                    state.get("audit_detail"),
+                )
 
 
 AdminDep = Annotated[KeyStore, Depends(_admin)]

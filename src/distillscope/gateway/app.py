@@ -27,7 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from distillscope.gateway.admin import admin_digest, admin_router, audit_admin_calls
+from distillscope.gateway.admin import AuditAdminCalls, admin_digest, admin_router
 from distillscope.gateway.backends import Backend, TeacherBackend
 from distillscope.gateway.console import ConsoleConfig, console_router
 from distillscope.gateway.dependencies import Gateway, exchange_of
@@ -120,7 +120,7 @@ def create_app(
     app.include_router(console_router)
     app.state.console = console or ConsoleConfig()
     if digest is not None:
-        app.middleware("http")(audit_admin_calls)
+        app.add_middleware(AuditAdminCalls)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(HTTPException, _http_error)
