@@ -17,7 +17,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distillscope.exposure import exposure_name, request_logprobs
@@ -178,18 +177,20 @@ class Log:
 def exchanges_table(rows: list[tuple], start: datetime) -> pa.Table:
     from distillscope.gateway.traffic import EXCHANGE_SCHEMA
 
+    origin = int(start.timestamp() * 1_000_000)
+    # in time order (then by id) before the arrays are built: a column of more than 2 GB of text
+    # (a few million exchanges) comes back from ``pa.array`` in chunks, and ``take`` over
+    # chunks concatenates them first, past a string array's 32-bit offsets
+    rows = sorted(rows, key=lambda row: (round(row[1] * 1_000_000), row[0]))
     columns = list(zip(*rows)) if rows else [()] * len(EXCHANGE_SCHEMA)
     # rows stop before the columns added later (tools, tool_calls: simulated tool catalogues
     # travel in the messages, as a system message), which are null here
     columns += [(None,) * len(rows)] * (len(EXCHANGE_SCHEMA) - len(columns))
-    origin = int(start.timestamp() * 1_000_000)
     columns[1] = [origin + round(t * 1_000_000) for t in columns[1]]
-    table = pa.Table.from_arrays(
+    return pa.Table.from_arrays(
         [pa.array(values, type=f.type) for values, f in zip(columns, EXCHANGE_SCHEMA)],
         schema=EXCHANGE_SCHEMA,
     )
-    order = pc.sort_indices(table, sort_keys=[("ts", "ascending"), ("exchange_id", "ascending")])
-    return table.take(order)
 
 
 #: Columns of ``exchange_truth.parquet``, in the order ``Log`` records them.
