@@ -1369,8 +1369,11 @@ def _communities(
     first = np.full(len(sizes), len(names))
     np.minimum.at(first, membership, np.arange(len(names)))
     order = sorted(range(len(sizes)), key=lambda c: (-sizes[c], first[c]))
+    # each community's rows, ascending: one stable sort, not a scan of every node per community
+    grouped = np.argsort(membership, kind="stable")
+    ends = np.cumsum(sizes)
     for index, community in enumerate(order):
-        rows = np.flatnonzero(membership == community)
+        rows = grouped[ends[community] - sizes[community] : ends[community]]
         core = rows[ties[rows] >= config.min_ties]
         if len(core) >= config.min_community:
             for row in core:
