@@ -922,6 +922,24 @@ def test_the_admin_api_manages_keys_and_blocks_and_audits_every_call(synthetic, 
     assert (newest["path"], newest["status"]) == ("/admin/audit", 200) and rest == trail
 
 
+def test_an_admin_call_that_fails_is_on_the_trail_and_other_calls_are_not(
+    synthetic, tmp_path, monkeypatch
+):
+    store = KeyStore(tmp_path / "keys.sqlite", refresh=0.1)
+    app = create_app(synthetic, model_name=MODEL, keys=store, admin_key=ADMIN)
+
+    def broken(account=None):
+        raise RuntimeError("the key store's disk went away")
+
+    monkeypatch.setattr(store, "list", broken)
+    with serve_in_thread(app) as url:
+        admin = httpx.Client(base_url=f"{url}/admin", headers={"authorization": f"Bearer {ADMIN}"})
+        assert admin.get("/keys").status_code == 500
+        assert httpx.get(f"{url}/health").status_code == 200
+    trail = store.audit_trail(100)
+    assert [(e["method"], e["path"], e["status"]) for e in trail] == [("GET", "/admin/keys", 500)]
+
+
 def test_an_admin_api_needs_a_key_store_and_a_strong_key(synthetic, tmp_path):
     from distillscope.gateway.keys import KeyStoreError
 

@@ -59,8 +59,8 @@ def sentences(prompt: str) -> list[str]:
     """The first and last ``_EDGE_SENTENCES`` sentences of ``prompt`` (of at least two words),
     lowercased and cut; all of them when there are at most twice as many."""
     pieces = _SENTENCE.split(prompt or "")
-    # read from each end only as far as needed: a long document's middle is never scored, and
-    # lowercasing every sentence of it was most of the classifier's time
+    # read from each end only as far as needed: a long document's middle is never scored, so
+    # it is not lowercased or counted either (the split itself remains the larger cost)
     head: list[str] = []
     at = 0
     while at < len(pieces) and len(head) < _EDGE_SENTENCES:
@@ -90,8 +90,8 @@ def char_features(texts: Sequence[str], n_features: int = 2**18):
     A ``char_wb`` n-gram never crosses a word: a text's n-gram counts are the sum of its words'.
     So each distinct word is hashed once, by the vectoriser itself, and a text's counts are its
     word counts times the words' n-gram counts (one sparse product). Texts share most of their
-    words, and generating the n-grams of every word of every text, in Python, was 85% of the
-    classifier's time.
+    words, and generating the n-grams of every word of every text, in Python, was most of the
+    vectorising time.
     """
     from scipy.sparse import csr_matrix
     from sklearn.feature_extraction.text import HashingVectorizer
